@@ -1,0 +1,168 @@
+"""Build the flatopt Cython extensions.
+
+OpenMP is probed with the compiler that builds the package: if a small OpenMP program
+compiles and links, the kernels are built with OpenMP; otherwise a serial build is made
+and a loud warning is printed.
+
+Environment switches:
+  FLATOPT_NO_OPENMP=1       force the serial build
+  FLATOPT_REQUIRE_OPENMP=1  fail the build if OpenMP is not available
+  FLATOPT_CYTHON_DEBUG=1    compile with Cython's bounds/wraparound/initialized checks on
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PKG = os.path.join("src", "flatopt")
+
+OPENMP_TEST = textwrap.dedent(
+    """
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d %d\\n", n, omp_get_max_threads());
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _openmp_flags(compiler):
+    """Compile and link flags for OpenMP with this compiler type (sklearn's table)."""
+    if compiler.compiler_type == "msvc":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        # Apple clang has no -fopenmp driver flag; libomp comes from Homebrew or a wheel.
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def _speed_flags(compiler):
+    if compiler.compiler_type == "msvc":
+        return ["/O2", "/fp:precise"]
+    # -fno-math-errno lets gcc vectorise sqrt; -ffp-contract=off keeps results identical
+    # whatever the ISA (no FMA contraction), so every build and thread count agree bit for bit.
+    return ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+
+
+def _probe_openmp(compiler, compile_flags, link_flags):
+    """True if a small OpenMP program compiles, links and runs with these flags."""
+    tmp = tempfile.mkdtemp(prefix="flatopt-omp-")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)
+        with open("test_openmp.c", "w") as f:
+            f.write(OPENMP_TEST)
+        objects = compiler.compile(["test_openmp.c"], output_dir="objs", extra_postargs=compile_flags)
+        exe = "test_openmp" + (".exe" if sys.platform == "win32" else "")
+        compiler.link_executable(objects, "test_openmp", extra_postargs=link_flags)
+        out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0]) >= 1
+    except Exception as exc:  # any failure means: no usable OpenMP
+        print(f"flatopt: OpenMP probe failed: {exc!r}", file=sys.stderr)
+        return False
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compiler_version(compiler):
+    exe = getattr(compiler, "compiler", None)
+    if not exe:
+        return compiler.compiler_type
+    try:
+        out = subprocess.run([exe[0], "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0].strip()
+    except Exception:
+        return exe[0]
+
+
+class BuildExt(build_ext):
+    """build_ext that probes OpenMP, sets flags, and records what it did."""
+
+    def build_extensions(self):
+        compile_flags, link_flags = _openmp_flags(self.compiler)
+        if _env_flag("FLATOPT_NO_OPENMP"):
+            use_openmp, reason = False, "disabled by FLATOPT_NO_OPENMP"
+        elif _probe_openmp(self.compiler, compile_flags, link_flags):
+            use_openmp, reason = True, "probe succeeded"
+        else:
+            use_openmp, reason = False, "probe failed"
+        if not use_openmp:
+            if _env_flag("FLATOPT_REQUIRE_OPENMP") and not _env_flag("FLATOPT_NO_OPENMP"):
+                raise RuntimeError("flatopt: FLATOPT_REQUIRE_OPENMP=1 but OpenMP is not usable")
+            banner = "*" * 78
+            print(
+                f"\n{banner}\nflatopt: building WITHOUT OpenMP ({reason}).\n"
+                "The kernels will run on one thread. Install an OpenMP runtime (libgomp,\n"
+                f"libomp) to get the parallel build.\n{banner}\n",
+                file=sys.stderr,
+            )
+            compile_flags, link_flags = [], []
+
+        speed = _speed_flags(self.compiler)
+        for ext in self.extensions:
+            ext.extra_compile_args = speed + compile_flags + ext.extra_compile_args
+            ext.extra_link_args = link_flags + ext.extra_link_args
+        self._write_build_config(use_openmp, speed + compile_flags, link_flags)
+        super().build_extensions()
+
+    def _write_build_config(self, use_openmp, cflags, ldflags):
+        info = {
+            "openmp": use_openmp,
+            "compiler": _compiler_version(self.compiler),
+            "compiler_type": self.compiler.compiler_type,
+            "cflags": cflags,
+            "ldflags": ldflags,
+            "cython_debug": _env_flag("FLATOPT_CYTHON_DEBUG"),
+            "platform": sysconfig.get_platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        }
+        text = f'"""Generated by setup.py at build time; do not edit."""\n\nBUILD_CONFIG = {info!r}\n'
+        in_tree = self.inplace or getattr(self, "editable_mode", False)
+        targets = [os.path.join(ROOT, PKG)] if in_tree else []
+        targets.append(os.path.join(self.build_lib, "flatopt"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_config.py"), "w") as f:
+                f.write(text)
+
+
+def extensions():
+    debug = _env_flag("FLATOPT_CYTHON_DEBUG")
+    directives = {
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": debug,
+        "initializedcheck": debug,
+        "cdivision": True,
+        "cpow": True,
+    }
+    names = ["_openmp_helpers", "_kernels"]
+    exts = [
+        Extension(f"flatopt.{name}", [os.path.join(PKG, f"{name}.pyx")])
+        for name in names
+    ]
+    return cythonize(exts, compiler_directives=directives, build_dir="build/cython-debug" if debug else "build/cython")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

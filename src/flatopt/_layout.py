@@ -1,0 +1,157 @@
+"""Flat buffers: pack many arrays into one aligned 1-D buffer and hand back views."""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import FLOAT_DTYPES, check_flat, check_float_dtype, describe
+
+ALIGNMENT = 64  # bytes: a cache line, and the widest SIMD register (AVX-512)
+
+
+def aligned_zeros(n, dtype):
+    """A zeroed, 1-D, C-contiguous array of ``n`` elements whose data is 64-byte aligned."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(n * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+def _as_array(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)  # torch CPU tensors and other array-likes, zero-copy if possible
+    except Exception as exc:
+        raise TypeError(f"{name} must be an array, got {describe(x)}") from exc
+
+
+def resolve_dtype(arrays, dtype, name="arrays"):
+    """The dtype of a packing: ``dtype`` if given, else the one floating dtype of all."""
+    for i, a in enumerate(arrays):
+        kind = a.dtype.kind
+        ok = kind == "f" if dtype is None else kind in "fiu"
+        if not ok or (dtype is None and a.dtype not in FLOAT_DTYPES):
+            expected = "float32 or float64" if dtype is None else "a real (float or integer)"
+            raise TypeError(f"{name}[{i}] must have {expected} dtype, got {a.dtype}")
+    if dtype is not None:
+        return check_float_dtype(dtype)
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) > 1:
+        found = ", ".join(sorted(str(d) for d in dtypes))
+        raise TypeError(f"{name} must share one dtype (or pass dtype=), got {found}")
+    return dtypes.pop() if dtypes else np.dtype(np.float64)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Shapes and dtype of arrays packed back to back in one flat buffer.
+
+    ``offsets[i]`` is where array ``i`` starts; ``size`` is the total element count.
+    """
+
+    shapes: tuple
+    dtype: np.dtype
+    offsets: tuple = field(init=False, repr=False)
+    size: int = field(init=False)
+
+    def __post_init__(self):
+        shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
+        for i, s in enumerate(shapes):
+            if any(d < 0 for d in s):
+                raise ValueError(f"shapes[{i}] must have non-negative dimensions, got {s}")
+        offsets, total = [], 0
+        for s in shapes:
+            offsets.append(total)
+            total += math.prod(s)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "dtype", check_float_dtype(self.dtype))
+        object.__setattr__(self, "offsets", tuple(offsets))
+        object.__setattr__(self, "size", total)
+
+    @classmethod
+    def from_arrays(cls, arrays, dtype=None):
+        """The layout that packs ``arrays`` (in order) with ``dtype`` (see :func:`flatten`)."""
+        arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+        return cls(tuple(a.shape for a in arrays), resolve_dtype(arrays, dtype))
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def zeros(self):
+        """A new zeroed, 64-byte-aligned flat buffer of this layout."""
+        return aligned_zeros(self.size, self.dtype)
+
+    def split(self, flat):
+        """Views of ``flat`` shaped like the layout's arrays, in order."""
+        check_flat(flat, "flat", dtype=self.dtype, size=self.size, writable=False)
+        return [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def pack(self, arrays, out=None):
+        """Copy ``arrays`` into ``out`` (a new buffer if None) and return it."""
+        arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+        if len(arrays) != len(self.shapes):
+            raise ValueError(f"arrays must have {len(self.shapes)} entries, got {len(arrays)}")
+        for i, (a, s) in enumerate(zip(arrays, self.shapes)):
+            if a.shape != s:
+                raise ValueError(f"arrays[{i}] must have shape {s}, got {a.shape}")
+        resolve_dtype(arrays, self.dtype)
+        if out is None:
+            out = self.zeros()
+        for view, a in zip(self.split(out), arrays):
+            np.copyto(view, a, casting="unsafe")
+        return out
+
+    def to_dict(self):
+        """Plain, picklable description: ``{"shapes": [...], "dtype": "float32"}``."""
+        return {"shapes": [list(s) for s in self.shapes], "dtype": self.dtype.name}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or set(d) != {"shapes", "dtype"}:
+            raise ValueError(f"layout must be a dict with keys 'shapes' and 'dtype', got {describe(d)}")
+        return cls(tuple(tuple(s) for s in d["shapes"]), d["dtype"])
+
+
+def flatten(arrays, dtype=None):
+    """Copy ``arrays`` into one new flat buffer; return ``(flat, views)``.
+
+    ``flat`` is 1-D, C-contiguous and 64-byte aligned; ``views`` are arrays shaped like the
+    inputs that view ``flat``, in order and without gaps. Without ``dtype`` all inputs
+    must share one dtype, float32 or float64; ``dtype`` converts real inputs.
+    """
+    if isinstance(arrays, np.ndarray) or not hasattr(arrays, "__iter__"):
+        raise TypeError(f"arrays must be a sequence of arrays, got {describe(arrays)}")
+    arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    layout = FlatLayout.from_arrays(arrays, dtype)
+    flat = layout.pack(arrays)
+    return flat, layout.split(flat)
+
+
+def adopt(arrays, layout):
+    """The flat buffer that ``arrays`` already are views of, or None.
+
+    The arrays must be writable, C-contiguous, of the layout's dtype, and lie back to back
+    in memory, in order, inside one ndarray they descend from.
+    """
+    nonempty = [a for a in arrays if a.size]
+    if not nonempty or any(
+        not isinstance(a, np.ndarray) or a.dtype != layout.dtype
+        or not a.flags.c_contiguous or not a.flags.writeable for a in arrays
+    ):
+        return None
+    start = nonempty[0].ctypes.data
+    end = start
+    for a in nonempty:
+        if a.ctypes.data != end:
+            return None
+        end += a.nbytes
+    base = nonempty[0].base
+    while isinstance(base, np.ndarray):
+        lo = base.ctypes.data
+        if base.flags.c_contiguous and base.flags.writeable and lo <= start and end <= lo + base.nbytes:
+            raw = base.reshape(-1).view(np.uint8)[start - lo:end - lo]
+            return raw.view(layout.dtype)
+        base = base.base
+    return None

@@ -1,0 +1,89 @@
+"""The momentum family: torch.optim.SGD and textbook (moving-average) Momentum."""
+
+from . import _kernels
+from ._optimizer import Optimizer
+from ._validation import check_bool, check_real
+
+
+def check_sgd(group, where="SGD"):
+    """Validate SGD hyperparameters in ``group`` (torch.optim.SGD's rules, plus finiteness)."""
+    check_real(group["lr"], f"{where} lr", low=0.0)
+    momentum = check_real(group["momentum"], f"{where} momentum", low=0.0)
+    dampening = check_real(group["dampening"], f"{where} dampening")
+    check_real(group["weight_decay"], f"{where} weight_decay", low=0.0)
+    nesterov = check_bool(group["nesterov"], f"{where} nesterov")
+    check_bool(group["maximize"], f"{where} maximize")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            f"{where}: Nesterov momentum requires a momentum > 0 and zero dampening, "
+            f"got momentum={momentum}, dampening={dampening}")
+
+
+def check_momentum(group, where="Momentum"):
+    """Validate Momentum hyperparameters: lr >= 0, beta in [0, 1), weight_decay >= 0."""
+    check_real(group["lr"], f"{where} lr", low=0.0)
+    check_real(group["beta"], f"{where} beta", low=0.0, high=1.0, high_open=True)
+    check_real(group["weight_decay"], f"{where} weight_decay", low=0.0)
+    check_bool(group["maximize"], f"{where} maximize")
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with torch.optim.SGD's exact semantics.
+
+    Coupled (L2) weight decay, heavy-ball momentum with dampening, Nesterov momentum and
+    ``maximize``. As in torch, the momentum buffer starts as the first gradient it sees
+    (undampened); after that ``buf = momentum*buf + (1-dampening)*g``.
+    """
+
+    _hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _all_state_names = ("momentum_buffer",)
+    _plain_state = ("momentum_buffer_initialized",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, n_threads=None, dtype=None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+        self.state["momentum_buffer_initialized"] = [False] * len(self.param_groups)
+
+    def _check(self, group, where="SGD"):
+        check_sgd(group, where)
+
+    def _state_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        momentum = group["momentum"]
+        initialized = self.state["momentum_buffer_initialized"]
+        buf = seg["momentum_buffer"] if momentum != 0 else seg["param"][:0]
+        _kernels.sgd(seg["param"], grad, buf, group["lr"], momentum, group["dampening"],
+                     group["weight_decay"], group["nesterov"], group["maximize"],
+                     momentum != 0 and not initialized[gi], grad_scale, n_threads)
+        if momentum != 0:
+            initialized[gi] = True
+
+
+class Momentum(Optimizer):
+    """Textbook momentum: ``v = beta*v + (1-beta)*g; p -= lr*v``, ``v`` starting at zero.
+
+    ``g`` includes coupled weight decay (``g + weight_decay*p``) and is negated when
+    ``maximize``.
+    """
+
+    _hyperparameters = ("lr", "beta", "weight_decay", "maximize")
+    _all_state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *,
+                 n_threads=None, dtype=None):
+        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    def _check(self, group, where="Momentum"):
+        check_momentum(group, where)
+
+    def _state_names(self, group):
+        return ("momentum_buffer",)
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        _kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"], group["beta"],
+                          group["weight_decay"], group["maximize"], grad_scale, n_threads)

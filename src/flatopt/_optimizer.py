@@ -1,0 +1,324 @@
+"""The Optimizer base class: flat buffers, parameter groups, state, state_dict.
+
+A subclass declares its hyperparameters and their defaults, how to check them, which
+state buffers a group needs, and how to run its kernel over one group's segment. This
+class does the rest once, at construction: normalise parameter groups, pack (or adopt)
+the parameters into one flat buffer, allocate gradients and state with the same layout,
+and cache the per-group slices, so that ``step()`` is a few attribute reads and one
+kernel call per group.
+"""
+
+import numbers
+
+import numpy as np
+
+from ._layout import FlatLayout, adopt, resolve_dtype
+from ._threads import check_n_threads, effective_n_threads
+from ._validation import check_flat, check_real, describe
+
+STATE_DICT_VERSION = 1
+
+
+def _normalize_groups(params):
+    """``params`` as a list of (arrays, overrides) pairs, with arrays as ndarrays."""
+    if isinstance(params, np.ndarray) or isinstance(params, dict):
+        raise TypeError(
+            "params must be a sequence of arrays or of parameter-group dicts, "
+            f"got {describe(params)}")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"params must be a sequence of arrays, got {describe(params)}") from None
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    if not all(isinstance(p, dict) for p in params):
+        if any(isinstance(p, dict) for p in params):
+            raise TypeError("params must be all arrays or all parameter-group dicts, not a mix")
+        params = [{"params": params}]
+    groups = []
+    for gi, group in enumerate(params):
+        if "params" not in group:
+            raise ValueError(f"param_groups[{gi}] must have a 'params' key")
+        arrays = group["params"]
+        if isinstance(arrays, np.ndarray):
+            arrays = [arrays]
+        arrays = list(arrays)
+        if not arrays:
+            raise ValueError(f"param_groups[{gi}]['params'] is empty")
+        for i, a in enumerate(arrays):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(
+                    f"param_groups[{gi}]['params'][{i}] must be a numpy array, got {describe(a)}")
+        overrides = {k: v for k, v in group.items() if k != "params"}
+        groups.append((arrays, overrides))
+    return groups
+
+
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # NumPy < 2
+    _byte_bounds = np.byte_bounds
+
+
+def _check_disjoint(arrays):
+    """Raise if two parameter arrays share memory (a parameter listed twice)."""
+    spans = sorted(
+        (_byte_bounds(a) + (i,) for i, a in enumerate(arrays) if a.size), key=lambda s: s[0])
+    for (lo_a, hi_a, i), (lo_b, hi_b, j) in zip(spans, spans[1:]):
+        if lo_b < hi_a:
+            i, j = sorted((i, j))
+            raise ValueError(f"params[{i}] and params[{j}] share memory; each parameter must appear once")
+
+
+class Optimizer:
+    """Base class of flatopt's NumPy optimizers.
+
+    Subclasses set ``_hyperparameters`` (names in constructor order) and implement
+    ``_check(group)``, ``_state_names(group)`` and ``_update(...)``.
+    """
+
+    _hyperparameters = ()
+
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None):
+        self._n_threads = check_n_threads(n_threads)
+        self.defaults = dict(defaults)
+        self._check(self.defaults)
+        groups = _normalize_groups(params)
+
+        arrays = [a for group_arrays, _ in groups for a in group_arrays]
+        self.layout = FlatLayout(tuple(a.shape for a in arrays), resolve_dtype(arrays, dtype, "params"))
+        self.param_groups = []
+        for gi, (_, overrides) in enumerate(groups):
+            group = {**self.defaults, **overrides}
+            self._check(group, f"param_groups[{gi}]")
+            self.param_groups.append(group)
+
+        flat = adopt(arrays, self.layout)
+        if flat is None:
+            _check_disjoint(arrays)
+            flat = self.layout.pack(arrays)
+        self.flat_params = flat
+        self.flat_grads = self.layout.zeros()
+        self.params = self.layout.split(self.flat_params)
+        self.grads = self.layout.split(self.flat_grads)
+
+        self._segments, first, start = [], 0, 0
+        for group, (group_arrays, _) in zip(self.param_groups, groups):
+            group["params"] = self.params[first:first + len(group_arrays)]
+            stop = start + sum(a.size for a in group_arrays)
+            self._segments.append((start, stop))
+            first, start = first + len(group_arrays), stop
+
+        self.state = {"step": 0}
+        self._validated = [None] * len(self.param_groups)
+        self._prepare()
+
+    # -- subclass interface -------------------------------------------------------------
+    def _check(self, group, where="defaults"):
+        """Validate the hyperparameters in ``group`` (a dict); raise naming ``where``."""
+        raise NotImplementedError
+
+    def _state_names(self, group):
+        """The state buffers a group with these hyperparameters needs."""
+        return ()
+
+    def _init_state(self, name, buffer):
+        """Fill a newly allocated state buffer (zeros by default)."""
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        """Run the kernel on group ``gi``: ``seg`` holds its param and state views."""
+        raise NotImplementedError
+
+    # -- hot path -------------------------------------------------------------------------
+    def _prepare(self):
+        """Validate groups whose hyperparameters changed and allocate missing state.
+
+        Runs before any write; cheap when nothing changed (a tuple compare per group).
+        """
+        changed = False
+        for gi, group in enumerate(self.param_groups):
+            values = tuple(group[k] for k in self._hyperparameters)
+            if values != self._validated[gi]:
+                self._check(group, f"param_groups[{gi}]")
+                self._validated[gi] = values
+                changed = True
+        if not changed:
+            return
+        needed = set()
+        for group in self.param_groups:
+            needed.update(self._state_names(group))
+        new = [name for name in sorted(needed) if name not in self.state]
+        for name in new:
+            self.state[name] = self.layout.zeros()
+            self._init_state(name, self.state[name])
+        self._segment_views = [
+            {"param": self.flat_params[a:b], "grad": self.flat_grads[a:b],
+             **{name: buf[a:b] for name, buf in self.state.items() if isinstance(buf, np.ndarray)}}
+            for a, b in self._segments
+        ]
+
+    def _resolve_grads(self, grads):
+        """The flat gradient for a step (see :meth:`step`), validated before any write."""
+        if grads is None or grads is self.grads:
+            return None
+        if isinstance(grads, np.ndarray):
+            check_flat(grads, "grads", dtype=self.layout.dtype, size=self.layout.size, writable=False)
+            if grads is not self.flat_grads:
+                for name, buf in self._buffers().items():
+                    if np.may_share_memory(grads, buf):
+                        raise ValueError(f"grads must not share memory with {name}")
+            return grads
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"grads must be None, a list of arrays or a flat array, got {describe(grads)}")
+        if len(grads) != len(self.grads):
+            raise ValueError(f"grads must have {len(self.grads)} arrays (one per parameter), got {len(grads)}")
+        if all(g is v for g, v in zip(grads, self.grads)):
+            return None
+        for i, (g, shape) in enumerate(zip(grads, self.layout.shapes)):
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"grads[{i}] must be a numpy array, got {describe(g)}")
+            if g.dtype.kind not in "fiu":
+                raise TypeError(f"grads[{i}] must have a real dtype, got {g.dtype}")
+            if g.shape != shape:
+                raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
+        self.layout.pack(grads, out=self.flat_grads)
+        return None
+
+    def _buffers(self):
+        return {"params": self.flat_params,
+                **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
+
+    def step(self, grads=None, *, grad_scale=1.0):
+        """Take one optimization step over every parameter: one kernel call per group.
+
+        ``grads``: None uses :attr:`flat_grads`; a list of arrays shaped like the
+        parameters is copied into :attr:`flat_grads` (unless it is :attr:`grads` itself);
+        a 1-D array of the flat length and dtype is read directly (it may be read-only).
+        ``grad_scale`` multiplies every gradient on the fly (loss-scale unscaling,
+        averaging, clipping) without an extra pass.
+        """
+        if grad_scale != 1.0:
+            grad_scale = check_real(grad_scale, "grad_scale")
+        self._prepare()
+        flat = self._resolve_grads(grads)
+        n_threads = effective_n_threads(self._n_threads)
+        step = self.state["step"] + 1
+        for gi, (group, seg) in enumerate(zip(self.param_groups, self._segment_views)):
+            if flat is None:
+                grad = seg["grad"]
+            else:
+                a, b = self._segments[gi]
+                grad = flat[a:b]
+            self._update(gi, group, seg, grad, step, grad_scale, n_threads)
+        self.state["step"] = step
+
+    def zero_grad(self, set_to_none=False):
+        """Zero :attr:`flat_grads` in place (the grad views stay valid).
+
+        ``set_to_none`` is accepted for torch compatibility; flat gradients cannot be
+        None, so they are zeroed either way.
+        """
+        self.flat_grads.fill(0)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self):
+        """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout."""
+        return {
+            "optimizer": type(self).__name__,
+            "version": STATE_DICT_VERSION,
+            "layout": self.layout.to_dict(),
+            "segments": [list(s) for s in self._segments],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "state": {k: (v.copy() if isinstance(v, np.ndarray) else _copy_plain(v))
+                      for k, v in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict`. Everything is checked before anything changes."""
+        d = state_dict
+        if not isinstance(d, dict):
+            raise TypeError(f"state_dict must be a dict, got {describe(d)}")
+        expected = {"optimizer", "version", "layout", "segments", "param_groups", "state"}
+        if set(d) != expected:
+            raise ValueError(f"state_dict must have keys {sorted(expected)}, got {sorted(d)}")
+        if d["optimizer"] != type(self).__name__:
+            raise ValueError(f"state_dict is for optimizer {d['optimizer']!r}, not {type(self).__name__!r}")
+        if d["version"] != STATE_DICT_VERSION:
+            raise ValueError(f"state_dict version must be {STATE_DICT_VERSION}, got {d['version']!r}")
+        layout = FlatLayout.from_dict(d["layout"])
+        if layout != self.layout:
+            raise ValueError(
+                f"state_dict layout ({layout.dtype}, {len(layout)} arrays, {layout.size} elements) "
+                f"does not match this optimizer's ({self.layout.dtype}, {len(self.layout)} arrays, "
+                f"{self.layout.size} elements)")
+        if [tuple(s) for s in d["segments"]] != self._segments:
+            raise ValueError(f"state_dict segments {d['segments']} do not match this optimizer's parameter groups")
+        groups = d["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict must have {len(self.param_groups)} param_groups, got {describe(groups)}")
+        for gi, group in enumerate(groups):
+            if not isinstance(group, dict) or "params" in group:
+                raise ValueError(f"state_dict param_groups[{gi}] must be a dict of hyperparameters")
+            missing = set(self._hyperparameters) - set(group)
+            if missing:
+                raise ValueError(f"state_dict param_groups[{gi}] lacks {sorted(missing)}")
+            self._check(group, f"state_dict param_groups[{gi}]")
+        state = d["state"]
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict['state'] must be a dict, got {describe(state)}")
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"state_dict['state']['step'] must be an int >= 0, got {step!r}")
+        allowed = self._state_keys()
+        for key, value in state.items():
+            if key == "step":
+                continue
+            if key not in allowed:
+                raise ValueError(f"state_dict['state'] has unknown entry {key!r} for {type(self).__name__}")
+            if key in self._plain_state:
+                self._check_plain_state(key, value, len(groups))
+            else:
+                check_flat(value, f"state_dict['state'][{key!r}]", dtype=self.layout.dtype,
+                           size=self.layout.size, writable=False)
+
+        # Everything is valid: apply.
+        for gi, group in enumerate(groups):
+            self.param_groups[gi].update(group)
+        for key in [k for k in self.state if k != "step"]:
+            if key not in state:
+                del self.state[key]
+        for key, value in state.items():
+            if key == "step":
+                self.state["step"] = int(value)
+            elif key in self._plain_state:
+                self.state[key] = _copy_plain(value)
+            else:
+                if key not in self.state:
+                    self.state[key] = self.layout.zeros()
+                np.copyto(self.state[key], value)
+        self._validated = [None] * len(self.param_groups)
+        self._prepare()
+
+    # Non-array state entries (per-group flags), declared by subclasses.
+    _plain_state = ()
+
+    def _state_keys(self):
+        return set(self._all_state_names) | set(self._plain_state)
+
+    _all_state_names = ()
+
+    def _check_plain_state(self, key, value, n_groups):
+        if not isinstance(value, list) or len(value) != n_groups or not all(isinstance(v, bool) for v in value):
+            raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} bools, got {value!r}")
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ({self.layout.size} {self.layout.dtype} elements "
+                 f"in {len(self.layout)} arrays)"]
+        for gi, group in enumerate(self.param_groups):
+            lines.append(f"  group {gi}: " + ", ".join(
+                f"{k}={group[k]!r}" for k in self._hyperparameters))
+        return "\n".join(lines)
+
+
+def _copy_plain(value):
+    return list(value) if isinstance(value, list) else value

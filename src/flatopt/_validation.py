@@ -1,0 +1,102 @@
+"""Argument checks shared by the whole Python layer.
+
+Every public entry point validates here, before any buffer is written, and raises a
+TypeError or ValueError that names the argument, what was expected and what was given.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(x):
+    """A short description of ``x`` for error messages."""
+    if isinstance(x, np.ndarray):
+        return f"array of dtype {x.dtype} and shape {x.shape}"
+    return f"{type(x).__name__} {x!r}" if np.isscalar(x) else type(x).__name__
+
+
+def check_float_dtype(dtype, name="dtype"):
+    """Return ``dtype`` as np.float32 or np.float64, or raise."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if resolved not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {resolved}")
+    return resolved
+
+
+def check_real(value, name, *, low=None, high=None, low_open=False, high_open=False):
+    """Return ``value`` as a float after checking it is a finite real number in range.
+
+    ``low``/``high`` bound it, inclusive unless ``low_open``/``high_open``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value} (must be finite)")
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"Invalid {name}: {value} (must be in {interval})")
+    return value
+
+
+def check_bool(value, name):
+    """Return ``value`` as a bool; only real booleans are accepted."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return bool(value)
+
+
+def check_step(step, name="step"):
+    """Return the (1-based) step number as an int >= 1."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {describe(step)}")
+    if step < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {step}")
+    return int(step)
+
+
+def check_flat(array, name, *, dtype=None, size=None, writable=True):
+    """Check that ``array`` is a 1-D C-contiguous float32/float64 ndarray.
+
+    With ``dtype``/``size`` it must match them; with ``writable`` it must be writable.
+    Returns the array unchanged.
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a 1-D numpy array, got {describe(array)}")
+    if array.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
+    if dtype is not None and array.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if size is not None and array.shape[0] != size:
+        raise ValueError(f"{name} must have length {size}, got {array.shape[0]}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {array.strides}")
+    if writable and not array.flags.writeable:
+        raise ValueError(f"{name} must be writable, got a read-only array")
+    return array
+
+
+def check_no_overlap(buffers):
+    """Raise if any two of the named 1-D buffers share memory.
+
+    ``buffers`` maps names to contiguous arrays (or None, skipped); for contiguous arrays
+    the bounds test of ``np.may_share_memory`` is exact.
+    """
+    items = [(k, v) for k, v in buffers.items() if v is not None and v.size]
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{name_a} and {name_b} must not share memory, but they overlap")
