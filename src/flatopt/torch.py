@@ -102,15 +102,21 @@ class _AttachGrad:
     """Gradient hook: give a parameter whose ``grad`` is None its flat-buffer view back,
     zeroed, just before autograd accumulates into it."""
 
-    __slots__ = ("param", "view", "dirty", "index")
+    __slots__ = ("param", "view", "dirty", "sparse", "index")
 
-    def __init__(self, param, view, dirty, index):
+    def __init__(self, param, view, dirty, sparse, index):
         self.param = weakref.ref(param)
         self.view = view
         self.dirty = dirty
+        self.sparse = sparse
         self.index = index
 
     def __call__(self, grad):
+        if grad.layout != torch.strided:
+            # Leave sparse gradients alone (a dense view would silently absorb them);
+            # step() rejects them.
+            self.sparse[self.index] = True
+            return
         p = self.param()
         if p is not None and p.grad is None:
             if self.dirty[self.index]:
@@ -145,6 +151,8 @@ class _Bucket:
         self.counts = np.zeros(len(params), dtype=np.int64)
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.
         self.dirty = np.zeros(len(params), dtype=bool)
+        # sparse[i]: a sparse gradient reached parameter i since the last zero_grad().
+        self.sparse = np.zeros(len(params), dtype=bool)
         self.data_ptrs = []
         self.hooks = {}
 
@@ -282,7 +290,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _attach_hook(self, bucket, i):
         p = bucket.params[i]
         if p.requires_grad and i not in bucket.hooks:
-            bucket.hooks[i] = p.register_hook(_AttachGrad(p, bucket.grad_views[i], bucket.dirty, i))
+            bucket.hooks[i] = p.register_hook(_AttachGrad(p, bucket.grad_views[i], bucket.dirty, bucket.sparse, i))
 
     def __del__(self):
         for bucket in getattr(self, "_buckets", ()):
@@ -307,6 +315,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _gather(self, bucket):
         """Which parameters take part in this step, validated; non-view grads to copy in."""
         name = type(self).__name__
+        if bucket.sparse.any():
+            raise RuntimeError(f"{name} does not support sparse gradients")
         taking_part = np.empty(len(bucket.params), dtype=bool)
         copies = []
         for i, (p, view, ptr) in enumerate(zip(bucket.params, bucket.grad_views, bucket.data_ptrs)):
@@ -394,6 +404,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.flat_grad.zero_()
             bucket.dirty[:] = False
+            bucket.sparse[:] = False
             for p, view in zip(bucket.params, bucket.grad_views):
                 if set_to_none:
                     p.grad = None
