@@ -2,7 +2,7 @@
 
 import sys
 
-from . import _kernels
+from . import _dispatch
 from ._openmp_helpers import openmp_enabled, openmp_version
 from ._threads import get_num_threads
 from ._version import __version__
@@ -28,7 +28,12 @@ def _openmp_runtime():
 
 
 def build_info():
-    """A dict describing this build: version, OpenMP, compiler, flags, default threads."""
+    """A dict describing this build and how it runs here.
+
+    Keys: version, OpenMP (compiled in, version, runtime library), compiler and flags,
+    the ISA level in use with the levels built and those this CPU supports, the serial
+    threshold and the default thread count.
+    """
     return {
         "version": __version__,
         "openmp": openmp_enabled(),
@@ -39,7 +44,10 @@ def build_info():
         "ldflags": BUILD_CONFIG.get("ldflags"),
         "cython_debug": BUILD_CONFIG.get("cython_debug"),
         "platform": BUILD_CONFIG.get("platform"),
-        "parallel_threshold": _kernels.PARALLEL_THRESHOLD,
+        "isa": _dispatch.ISA,
+        "isa_available": _dispatch.available_levels(),
+        "isa_supported": _dispatch.supported_levels(),
+        "parallel_threshold": _dispatch.kernels.PARALLEL_THRESHOLD,
         "default_n_threads": get_num_threads(),
         "python": sys.version.split()[0],
     }

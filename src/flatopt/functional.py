@@ -6,7 +6,7 @@ kernel. ``grad`` is only read (it may be read-only or memory-mapped); ``grad_sca
 multiplies it on the fly. Nothing is written unless every check passes.
 """
 
-from . import _kernels
+from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_flat, check_no_overlap, check_real, check_step
@@ -45,7 +45,7 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, step, momentum=0.0, dampening
     else:
         _check_buffers(param, grad)
         momentum_buffer = param[:0]
-    _kernels.sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
+    kernels.sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
                  nesterov, maximize, step == 1, grad_scale, n_threads)
 
 
@@ -55,7 +55,7 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
     check_momentum(dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), "momentum_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, momentum_buffer=momentum_buffer)
-    _kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
+    kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
                       grad_scale, n_threads)
 
 
