@@ -73,7 +73,14 @@ import weakref
 
 import numpy as np
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # torch < 2.1
+    def _get_scalar_dtype(is_fused=None):
+        if is_fused:
+            return torch.float32
+        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 from . import _momentum
 from ._threads import check_n_threads, effective_n_threads
@@ -174,6 +181,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
     _torch_class = None
     _torch_step = False
     _eager_state = False
+    _fixed = {}
+    _unsupported_defaults = {}
 
     def __init__(self, params, defaults, *, n_threads=None):
         self._n_threads = check_n_threads(n_threads)
@@ -479,7 +488,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
             missing = set(self._numpy_class._hyperparameters) - set(saved)
             if missing:
                 raise ValueError(f"{name}: loaded param_groups[{gi}] lacks {sorted(missing)}")
-            self._check_group(saved, f"loaded param_groups[{gi}]")
+            self._check_group({**saved, **self._fixed}, f"loaded param_groups[{gi}]")
         where = {p: (bucket, i) for bucket in self._buckets for i, p in enumerate(bucket.params)}
         loaded = []  # (bucket, i, entry)
         allowed = set(self._numpy_class._all_state_names) | ({"step"} if self._torch_step else set())
@@ -489,6 +498,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 entry = saved_state.get(pid, {})
                 if not isinstance(entry, dict):
                     raise ValueError(f"{name}: state for parameter {pid} must be a dict")
+                # Old torch versions stored momentum_buffer=None for momentum=0.
+                entry = {k: v for k, v in entry.items() if v is not None}
                 unknown = set(entry) - allowed
                 if unknown:
                     raise ValueError(f"{name}: state for parameter {pid} has unknown entries {sorted(unknown)}")
@@ -509,6 +520,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
             params = group["params"]
             group.clear()
             group.update({k: v for k, v in saved.items() if k != "params"})
+            group.update(self._fixed)  # as torch's AdamW.__setstate__ does
             group["params"] = params
         for bucket in self._buckets:
             self._sync_groups(bucket)
@@ -516,17 +528,21 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 bucket.opt.state[key] = bucket.opt.layout.zeros()
                 bucket.opt._validated = [None] * len(bucket.opt.param_groups)
             bucket.opt._prepare()
+        initial = {}  # (bucket, key) -> a full buffer in its initial state, made on demand
         for bucket, i, entry in loaded:
             lo, hi = bucket.starts[i], bucket.stops[i]
             for key, buf in bucket.opt.state.items():
                 if not isinstance(buf, np.ndarray):
                     continue
-                view = torch.from_numpy(buf[lo:hi]).view(bucket.shapes[i])
                 if key in entry:
-                    view.copy_(entry[key].detach())
-                else:
-                    view.zero_()
-                    bucket.opt._init_state(key, buf[lo:hi])
+                    torch.from_numpy(buf[lo:hi]).view(bucket.shapes[i]).copy_(entry[key].detach())
+                    continue
+                # No saved state: the parameter starts afresh (its count becomes 0).
+                if (id(bucket), key) not in initial:
+                    fresh = bucket.opt.layout.zeros()
+                    bucket.opt._init_state(key, fresh)
+                    initial[id(bucket), key] = fresh
+                buf[lo:hi] = initial[id(bucket), key][lo:hi]
             if self._torch_step:
                 step = entry.get("step", 0)
                 bucket.counts[i] = int(step.item() if isinstance(step, torch.Tensor) else step)
@@ -536,13 +552,16 @@ class _FlatOptimizer(torch.optim.Optimizer):
             hook(self)
 
 
-def _wrap(numpy_class, doc, **attributes):
+def _wrap(numpy_class, doc, fixed=None, **attributes):
     """Make the flatopt.torch optimizer for ``numpy_class``.
 
     Its signature is that of the torch.optim class of the same name (plus keyword-only
     ``n_threads``), or the NumPy class's when torch has no such optimizer. torch arguments
-    that the NumPy class does not implement must keep their default.
+    that the NumPy class does not implement must keep their default. ``fixed`` gives
+    hyperparameters that torch sets itself rather than taking as arguments (AdamW's
+    ``decoupled_weight_decay=True``); they are in every group, as in torch.
     """
+    fixed = dict(fixed or {})
     name = numpy_class.__name__
     torch_class = getattr(torch.optim, name, None)
     source = inspect.signature((torch_class or numpy_class).__init__)
@@ -550,7 +569,7 @@ def _wrap(numpy_class, doc, **attributes):
     parameters.append(inspect.Parameter("n_threads", inspect.Parameter.KEYWORD_ONLY, default=None))
     signature = source.replace(parameters=parameters)
     hyper = numpy_class._hyperparameters
-    missing = [k for k in hyper if k not in signature.parameters]
+    missing = [k for k in hyper if k not in signature.parameters and k not in fixed]
     if missing:
         raise TypeError(f"torch.optim.{name} has no argument(s) {missing} of flatopt.{name}")
     unsupported = {p.name: p.default for p in parameters[2:-1]
@@ -563,14 +582,14 @@ def _wrap(numpy_class, doc, **attributes):
         del arguments["self"]
         params = arguments.pop("params")
         n_threads = arguments.pop("n_threads")
-        _FlatOptimizer.__init__(self, params, arguments, n_threads=n_threads)
+        _FlatOptimizer.__init__(self, params, {**arguments, **fixed}, n_threads=n_threads)
 
     __init__.__signature__ = signature
     __init__.__doc__ = doc
     return type(name, (_FlatOptimizer,), {
         "__init__": __init__, "__doc__": doc, "__module__": __name__,
         "_numpy_class": numpy_class, "_torch_class": torch_class,
-        "_unsupported_defaults": unsupported, **attributes,
+        "_unsupported_defaults": unsupported, "_fixed": fixed, **attributes,
     })
 
 
