@@ -278,8 +278,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
         for dtype, groups in by_dtype.items():
             numpy_groups = [{"params": [p.detach().numpy() for p in ps],
                              **self._hyperparameters(self.param_groups[gi])} for gi, ps in groups.items()]
-            numpy_opt = self._numpy_class(numpy_groups, n_threads=self._n_threads,
-                                          **self._hyperparameters(self.defaults))
+            accepted = inspect.signature(self._numpy_class).parameters
+            defaults = {k: v for k, v in self._hyperparameters(self.defaults).items() if k in accepted}
+            numpy_opt = self._numpy_class(numpy_groups, n_threads=self._n_threads, **defaults)
             params = [p for ps in groups.values() for p in ps]
             bucket = _Bucket(numpy_opt, params, list(groups))
             for i, p in enumerate(params):
