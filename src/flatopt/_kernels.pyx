@@ -164,3 +164,14 @@ def count_nonfinite(const floating[::1] x, int n_threads):
                     use_threads_if=_use_threads(n, n_threads)):
         count += (x[i] - x[i]) != 0
     return count
+
+
+# ---- benchmark reference -------------------------------------------------------------------
+
+def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
+    """``a_out += b``: the simplest in-place streaming pass (2 reads, 1 write per element),
+    timed by ``flatopt.bench`` as the memory-bandwidth reference."""
+    cdef Py_ssize_t i, n = a_out.shape[0]
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        a_out[i] = a_out[i] + b[i]
