@@ -1,10 +1,12 @@
 """Optimizer step of a 168-tensor transformer-shaped model: torch.optim vs flatopt.torch.
 
-The model is 14 pre-norm transformer blocks of 12 tensors each (attention in/out
-projections, two layer norms and the two MLP layers, each with a bias), d_model=256 and
-an MLP width of 1024 by default: 11.1 M parameters in 168 tensors. Gradients are set once
-and every variant times ``opt.step()`` alone, median over ``--repeats`` steps after a
-warm-up. Variants:
+The parameters are those of ``python -m flatopt.bench``'s model cases
+(:func:`flatopt.bench.transformer_shapes`): 12 transformer layers of 14 tensors (q, k, v, o
+weights and biases, two MLP matrices of 4x the width with biases, two LayerNorm weights),
+168 tensors; width 256 by default, 9.5 M parameters. Gradients are set once
+and every variant times ``opt.step()`` alone: the variants take turns, one step each, for
+``--repeats`` rounds after a warm-up, and the median is reported (taking turns spreads
+the noise of a shared machine evenly over the variants). Variants:
 
 * ``torch for-loop``: torch.optim's default on the CPU (one kernel per tensor and op);
 * ``torch foreach`` and ``torch fused``: torch's multi-tensor and fused CPU paths;
@@ -14,7 +16,7 @@ The optimizer is torch.optim.Adam with default hyperparameters when flatopt.torc
 Adam, otherwise SGD with momentum 0.9 (``--optimizer`` picks). ``GB/s`` counts the bytes a
 one-pass update must move (param and state read and written, grad read).
 
-Run: ``PYTHONPATH=src python benchmarks/bench_torch.py`` (about 20 s). The machine's
+Run: ``PYTHONPATH=src python benchmarks/bench_torch.py`` (about 30 s). The machine's
 threads are shared by torch (``torch.set_num_threads``) and flatopt (``n_threads``); both
 use the same count.
 """
@@ -27,19 +29,7 @@ import torch
 
 import flatopt
 import flatopt.torch as ft
-
-
-def transformer_shapes(n_layers=14, d_model=256, d_mlp=1024):
-    """Parameter shapes of ``n_layers`` transformer blocks: 12 tensors per block."""
-    block = [
-        (3 * d_model, d_model), (3 * d_model,),   # attention in-projection (q, k, v)
-        (d_model, d_model), (d_model,),           # attention out-projection
-        (d_model,), (d_model,),                   # layer norm 1
-        (d_model,), (d_model,),                   # layer norm 2
-        (d_mlp, d_model), (d_mlp,),               # MLP up
-        (d_model, d_mlp), (d_model,),             # MLP down
-    ]
-    return block * n_layers
+from flatopt.bench import transformer_shapes
 
 
 OPTIMIZERS = {
@@ -56,15 +46,18 @@ def make_params(shapes, dtype, seed=0):
     return params, grads
 
 
-def time_steps(opt, repeats, warmup=3):
-    for _ in range(warmup):
-        opt.step()
-    times = []
+def time_steps(opts, repeats, warmup=3):
+    """Median seconds per ``step()`` of each optimizer in ``opts``, taking turns."""
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    times = {label: [] for label in opts}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for label, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main(argv=None):
@@ -74,9 +67,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and flatopt (default: torch.get_num_threads())")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--layers", type=int, default=14)
-    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--width", type=int, default=256, help="model width (768: 85 M parameters)")
     args = parser.parse_args(argv)
 
     name = args.optimizer or ("Adam" if hasattr(ft, "Adam") else "SGD")
@@ -84,7 +76,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    shapes = transformer_shapes(args.layers, args.d_model, 4 * args.d_model)
+    shapes = transformer_shapes(args.width)
     n = sum(torch.Size(s).numel() for s in shapes)
     nbytes = (2 * (1 + n_state) + 1) * n * dtype.itemsize
 
@@ -97,17 +89,16 @@ def main(argv=None):
     print(f"{name}{kwargs} step, {len(shapes)} tensors, {n / 1e6:.1f} M {args.dtype} parameters, "
           f"{threads} thread(s), flatopt {flatopt.__version__}, torch {torch.__version__}")
     print(f"{'variant':<16} {'ms/step':>9} {'GB/s':>7} {'vs fused':>9}")
-    results = {}
+    opts = {}
     for label, make in variants.items():
         params, grads = make_params(shapes, dtype)
-        opt = make(params)
+        opts[label] = make(params)
         for p, g in zip(params, grads):
             p.grad = g  # flatopt.torch copies these in at its first step, then uses its views
-        results[label] = t = time_steps(opt, args.repeats)
-        del opt, params, grads
-        fused = results.get("torch fused")
-        ratio = f"{fused / t:8.2f}x" if fused else ""
-        print(f"{label:<16} {t * 1e3:9.2f} {nbytes / t / 1e9:7.1f} {ratio:>9}", flush=True)
+    results = time_steps(opts, args.repeats)
+    fused = results["torch fused"]
+    for label, t in results.items():
+        print(f"{label:<16} {t * 1e3:9.2f} {nbytes / t / 1e9:7.1f} {fused / t:8.2f}x")
     return results
 
 
