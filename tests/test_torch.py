@@ -248,6 +248,23 @@ def test_lr_scheduler(name, kwargs):
 
 
 @pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_one_cycle_scheduler_edits_momentum(name, kwargs):
+    """OneCycleLR also cycles 'momentum' (or 'betas'); for SGD without momentum that
+    turns momentum on mid-training, so the buffers start then, as in torch."""
+    m1, m2 = make_models(MLP, torch.float64)
+    flat, ref = make_pair(name, list(m1.parameters()), list(m2.parameters()), kwargs)
+    if "momentum" not in flat.defaults and "betas" not in flat.defaults:
+        pytest.skip(f"{name} has no momentum or betas to cycle")
+    lr0 = flat.defaults["lr"]
+    sched = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr0, total_steps=STEPS) for o in (flat, ref)]
+    data = batches(torch.float64)
+    l1 = train(m1, flat, data, scheduler=sched[0], sign=sign_of(kwargs))
+    l2 = train(m2, ref, data, scheduler=sched[1], sign=sign_of(kwargs))
+    assert_same(l1, l2, 1e-12)
+    assert_models_same(m1, m2, 1e-12)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
 def test_param_groups(name, kwargs):
     m1, m2 = make_models(MLP, torch.float64)
 

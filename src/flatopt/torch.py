@@ -60,6 +60,9 @@ Differences from torch.optim
   old ``p.data`` go stale, and replacing ``p.data`` later (``module.to(dtype)``) is
   detected and rejected at the next ``step()``.
 * ``add_param_group`` after construction is not supported (the buffers are packed once).
+* State buffers span every parameter given, frozen ones included (torch allocates state
+  only for parameters that received a gradient): pass only trainable parameters to save
+  that memory.
 * ``foreach`` and ``fused`` are accepted and kept in the parameter groups (so state dicts
   interchange) but have no effect: the step is always fused. ``differentiable`` and
   ``capturable`` must be False.
@@ -319,7 +322,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
             numpy_group = bucket.opt.param_groups[ngi]
             for key in self._numpy_class._hyperparameters:
                 value = group[key]
-                numpy_group[key] = value.item() if isinstance(value, torch.Tensor) else value
+                numpy_group[key] = value if type(value) in (float, int, bool) else _as_python(value)
         bucket.opt._prepare()
 
     def _gather(self, bucket):
@@ -352,9 +355,11 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _runs(taking_part, counts, first, stop):
         """Maximal runs ``(a, b, count)`` of consecutive participating parameters in
         ``[first, stop)`` that share a step count."""
+        if stop <= first:
+            return []
         part, cnt = taking_part[first:stop], counts[first:stop]
         if part.all() and (cnt == cnt[0]).all():
-            return [(first, stop, int(cnt[0]))] if stop > first else []
+            return [(first, stop, int(cnt[0]))]
         runs, start = [], None
         for j in range(first, stop + 1):
             if start is not None and (j == stop or not taking_part[j] or counts[j] != counts[start]):
