@@ -541,8 +541,10 @@ def test_errors():
         ft.SGD(p, lr=0.1)
     with pytest.raises(ValueError, match="empty parameter list"):
         ft.SGD([], lr=0.1)
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="appears twice"), pytest.warns(UserWarning, match="duplicate"):
         ft.SGD([p, p], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        ft.SGD([{"params": {p}}], lr=0.1)
     with pytest.raises(ValueError, match="more than one parameter group"):
         ft.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
     with pytest.raises(ValueError, match="non-leaf"):

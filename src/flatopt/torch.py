@@ -234,16 +234,10 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} packs its parameters into flat buffers at construction and "
                 "cannot add a parameter group later; create a new optimizer with all groups "
                 "(load_state_dict() carries the state over)")
-        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), torch.Tensor):
-            param_group["params"] = list(param_group.get("params", ()))
-            seen = set()
-            for p in param_group["params"]:
-                if isinstance(p, torch.Tensor):
-                    if p in seen:
-                        raise ValueError(
-                            f"{type(self).__name__}: a parameter appears twice in one parameter group")
-                    seen.add(p)
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # torch's checks; params become a list of tensors
+        params = param_group["params"]
+        if len({id(p) for p in params}) != len(params):  # torch only warns
+            raise ValueError(f"{type(self).__name__}: a parameter appears twice in one parameter group")
 
     def _hyperparameters(self, group):
         return {k: _as_python(group[k]) for k in self._numpy_class._hyperparameters}
