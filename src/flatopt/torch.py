@@ -5,6 +5,18 @@ subclasses with the constructor arguments and defaults of the ``torch.optim`` cl
 the same name, plus a keyword-only ``n_threads``. They are thin adapters over flatopt's
 NumPy optimizers (``flatopt.SGD``, ...): no update formula lives here.
 
+Example::
+
+    import flatopt.torch
+    opt = flatopt.torch.SGD(model.parameters(), lr=0.1, momentum=0.9)  # was torch.optim.SGD
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()   # accumulates into the flat gradient buffer
+        opt.step()                        # one fused kernel call
+        sched.step()
+    torch.save(opt.state_dict(), "opt.pt")  # loads into torch.optim.SGD too
+
 How it works
 ------------
 At construction the parameters (CPU, float32 or float64) are copied into one flat,
