@@ -592,3 +592,21 @@ def test_unfrozen_parameter_joins_training():
     assert_models_same(m1, m2, 1e-12)
     assert m1.net[0].bias.grad is flat._buckets[0].grad_views[1]
 
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_clip_grad_norm_and_create_graph_backward():
+    """torch.nn.utils.clip_grad_norm_ edits the grad views in place; a create_graph=True
+    backward makes grads out of place, which step() copies in."""
+    m1, m2 = make_models(MLP, torch.float64)
+    flat, ref = make_pair("SGD", list(m1.parameters()), list(m2.parameters()), dict(lr=0.05, momentum=0.9))
+    x, y = batches(torch.float64)
+    for s in range(20):
+        for m, o in ((m1, flat), (m2, ref)):
+            o.zero_grad(set_to_none=s % 2 == 0)
+            ((m(x[s], s) - y[s]) ** 2).mean().backward(create_graph=s % 5 == 4)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.05)
+            o.step()
+            for p in m.parameters():
+                p.grad = p.grad.detach()  # drop the graph kept by create_graph
+    assert_models_same(m1, m2, 1e-12)

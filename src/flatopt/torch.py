@@ -296,7 +296,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 p.data = bucket.param_views[i]
                 if grad is not None:
-                    bucket.grad_views[i].copy_(grad)
+                    bucket.grad_views[i].copy_(grad.detach())
                     bucket.dirty[i] = True
                     p.grad = bucket.grad_views[i]
                 bucket.data_ptrs.append(p.data_ptr())
@@ -394,7 +394,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         for bucket, (taking_part, copies) in zip(self._buckets, plans):
             for i, grad in copies:
                 view = bucket.grad_views[i]
-                view.copy_(grad)
+                view.copy_(grad.detach())  # detached: a create_graph grad must not enter the buffer's history
                 bucket.dirty[i] = True
                 bucket.params[i].grad = view
                 self._attach_hook(bucket, i)
