@@ -12,6 +12,7 @@ Environment switches:
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,13 @@ def _probe_openmp(compiler, compile_flags, link_flags):
             f.write(OPENMP_TEST)
         objects = compiler.compile(["test_openmp.c"], output_dir="objs", extra_postargs=compile_flags)
         exe = "test_openmp" + (".exe" if sys.platform == "win32" else "")
-        compiler.link_executable(objects, "test_openmp", extra_postargs=link_flags)
+        # distutils links executables without $LDFLAGS; the probe needs them where the
+        # OpenMP runtime lives outside the default paths (macOS wheels: -L/-rpath to libomp).
+        env_ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+        if compiler.compiler_type == "msvc":
+            env_ldflags = []
+        compiler.link_executable(objects, "test_openmp", extra_preargs=env_ldflags,
+                                 extra_postargs=link_flags)
         out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[0]) >= 1
     except Exception as exc:  # any failure means: no usable OpenMP
