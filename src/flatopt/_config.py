@@ -59,7 +59,7 @@ def _wheel_tag():
         for seen, part in zip(parts, tag.split("-")):
             if part not in seen:
                 seen.append(part)
-    return "-".join(".".join(seen) for seen in parts)
+    return "-".join(".".join(sorted(seen)) for seen in parts)
 
 
 def build_info():
