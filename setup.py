@@ -132,6 +132,14 @@ class BuildExt(build_ext):
         self._write_build_config(use_openmp, speed + compile_flags, link_flags)
         super().build_extensions()
 
+    def copy_extensions_to_source(self):
+        # setuptools builds in-place (and editable) extensions in build_lib with
+        # self.inplace cleared, then copies them into the tree: the build record goes along.
+        super().copy_extensions_to_source()
+        record = os.path.join(self.build_lib, "flatopt", "_build_config.py")
+        if os.path.exists(record):
+            shutil.copyfile(record, os.path.join(ROOT, PKG, "_build_config.py"))
+
     def _write_build_config(self, use_openmp, cflags, ldflags):
         info = {
             "openmp": use_openmp,
