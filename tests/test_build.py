@@ -160,7 +160,7 @@ COEXIST = textwrap.dedent(
 )
 
 # What an OpenMP runtime, threadpoolctl or torch says when two thread pools collide.
-BAD_WORDS = ("oversubscri", "omp: error", "omp: warning", "omp: info",
+BAD_WORDS = ("oversubscri", "omp: error", "omp: warning", "omp: info", "libgomp:",
              "known to be incompatible", "duplicate_lib")
 
 
