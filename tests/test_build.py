@@ -153,8 +153,12 @@ COEXIST = textwrap.dedent(
             pools = []
     for w in caught:
         print(f"WARNING {w.category.__name__}: {w.message}", file=sys.stderr)
-    print("openmp pools:", [(p["internal_api"], p["num_threads"]) for p in pools
-                            if p["user_api"] == "openmp"])
+    runtimes = sorted({p["filepath"] for p in pools if p["user_api"] == "openmp"})
+    print("openmp runtimes:", runtimes)
+    # Two copies of LLVM's libomp abort a process sooner or later; the macOS wheel shares
+    # torch's (tools/macos_share_libomp.py). Two libgomp copies on Linux are harmless.
+    if sys.platform == "darwin" and len(runtimes) > 1:
+        sys.exit("two OpenMP runtimes loaded")
     print("OK")
     """
 )
