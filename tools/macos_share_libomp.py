@@ -18,6 +18,7 @@ rewritten in place, RECORD included, each patched binary re-signed ad hoc).
 
 import glob
 import os
+import subprocess
 import sys
 
 from delocate.tools import (add_rpath, get_install_names, get_rpaths, replace_signature,
@@ -34,10 +35,13 @@ def share_libomp(extension):
     if BUNDLED not in get_install_names(extension):
         return False
     set_install_name(extension, BUNDLED, SHARED, ad_hoc_sign=False)
-    present = get_rpaths(extension)
+    # The search order is the order of the LC_RPATH commands: drop build-machine paths
+    # (delocate normally has already) and our own, then append ours in order.
+    for rpath in get_rpaths(extension):
+        if rpath in RPATHS or not rpath.startswith(("@loader_path/", "@executable_path/")):
+            subprocess.run(["install_name_tool", "-delete_rpath", rpath, extension], check=True)
     for rpath in RPATHS:
-        if rpath not in present:
-            add_rpath(extension, rpath, ad_hoc_sign=False)
+        add_rpath(extension, rpath, ad_hoc_sign=False)
     replace_signature(extension, "-")
     return True
 
