@@ -42,6 +42,22 @@ OPENMP_TEST = textwrap.dedent(
 )
 
 
+# Extra builds of _kernels.pyx for wider SIMD, chosen at import time by flatopt._dispatch.
+# Only for x86-64 compilers that accept the flags; elsewhere the baseline build is all.
+ISA_VARIANTS = {
+    "flatopt._kernels_avx2": ["-mavx2", "-mfma"],
+    "flatopt._kernels_avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw",
+                                "-mprefer-vector-width=512"],
+}
+
+ISA_TEST = textwrap.dedent(
+    """
+    #include <immintrin.h>
+    int main(void) { return 0; }
+    """
+)
+
+
 def _env_flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -91,6 +107,33 @@ def _probe_openmp(compiler, compile_flags, link_flags):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _compiles(compiler, source, flags):
+    """True if ``source`` compiles and links with ``flags`` (it is not run)."""
+    tmp = tempfile.mkdtemp(prefix="flatopt-probe-")
+    try:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(source)
+        objects = compiler.compile([path], output_dir=tmp, extra_postargs=flags)
+        compiler.link_executable(objects, os.path.join(tmp, "probe"), extra_postargs=flags)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _isa_variants(compiler):
+    """The ISA variant builds this compiler and target support: {ext name: flags}."""
+    target = (os.environ.get("ARCHFLAGS", "") + " " + sysconfig.get_platform()).lower()
+    if compiler.compiler_type == "msvc" or not any(a in target for a in ("x86_64", "amd64")):
+        return {}
+    if "arm64" in target:  # macOS cross-compilation: ARCHFLAGS names the real target
+        return {}
+    return {name: flags for name, flags in ISA_VARIANTS.items()
+            if _compiles(compiler, ISA_TEST, flags)}
+
+
 def _compiler_version(compiler):
     exe = getattr(compiler, "compiler", None)
     if not exe:
@@ -126,10 +169,18 @@ class BuildExt(build_ext):
             compile_flags, link_flags = [], []
 
         speed = _speed_flags(self.compiler)
+        variants = _isa_variants(self.compiler)
+        skipped = [e.name for e in self.extensions if e.name in ISA_VARIANTS and e.name not in variants]
+        if skipped:
+            print(f"flatopt: not building {', '.join(skipped)} (compiler or target lacks the ISA)",
+                  file=sys.stderr)
+        self.extensions = [e for e in self.extensions if e.name not in skipped]
         for ext in self.extensions:
-            ext.extra_compile_args = speed + compile_flags + ext.extra_compile_args
+            isa = variants.get(ext.name, [])
+            ext.extra_compile_args = speed + compile_flags + isa + ext.extra_compile_args
             ext.extra_link_args = link_flags + ext.extra_link_args
-        self._write_build_config(use_openmp, speed + compile_flags, link_flags)
+        isa_levels = ["baseline"] + [name.rsplit("_", 1)[1] for name in variants]
+        self._write_build_config(use_openmp, speed + compile_flags, link_flags, isa_levels)
         super().build_extensions()
 
     def copy_extensions_to_source(self):
@@ -140,7 +191,7 @@ class BuildExt(build_ext):
         if os.path.exists(record):
             shutil.copyfile(record, os.path.join(ROOT, PKG, "_build_config.py"))
 
-    def _write_build_config(self, use_openmp, cflags, ldflags):
+    def _write_build_config(self, use_openmp, cflags, ldflags, isa_levels):
         info = {
             "openmp": use_openmp,
             "compiler": _compiler_version(self.compiler),
@@ -148,6 +199,8 @@ class BuildExt(build_ext):
             "cflags": cflags,
             "ldflags": ldflags,
             "cython_debug": _env_flag("FLATOPT_CYTHON_DEBUG"),
+            "isa_built": isa_levels,
+            "isa_flags": {name.rsplit("_", 1)[1]: flags for name, flags in ISA_VARIANTS.items()},
             "platform": sysconfig.get_platform(),
             "machine": platform.machine(),
             "python": platform.python_version(),
@@ -172,7 +225,8 @@ def extensions():
         "cdivision": True,
         "cpow": True,
     }
-    names = ["_openmp_helpers", "_kernels"]
+    names = ["_openmp_helpers", "_cpu_features", "_kernels"]
+    names += [name.split(".")[1] for name in ISA_VARIANTS]
     exts = [
         Extension(f"flatopt.{name}", [os.path.join(PKG, f"{name}.pyx")])
         for name in names

@@ -132,6 +132,8 @@ assert info["openmp"] is expect, f"openmp_enabled() is {info['openmp']}, expecte
 assert info["wheel_tag"] and "manylinux" in info["wheel_tag"], info["wheel_tag"]
 if expect:  # the runtime in use is the copy auditwheel bundled, not the system's
     assert "flatopt.libs" in (info["openmp_runtime"] or ""), info["openmp_runtime"]
+if info.get("isa_built") is not None:  # every kernel build made it into the wheel
+    assert sorted(info["isa_built"]) == sorted(info["isa_available"]), info
 EOF
     step "$name: test suite (FLATOPT_EXPECT_OPENMP=$expect)"
     (cd "$run" && FLATOPT_EXPECT_OPENMP=$expect "$venv/bin/python" -m pytest \

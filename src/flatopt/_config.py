@@ -3,7 +3,7 @@
 import os
 import sys
 
-from . import _kernels
+from . import _dispatch
 from ._openmp_helpers import openmp_enabled, openmp_version
 from ._threads import get_num_threads
 from ._version import __version__
@@ -63,7 +63,13 @@ def _wheel_tag():
 
 
 def build_info():
-    """A dict describing this build: version, OpenMP, compiler, flags, default threads."""
+    """A dict describing this build and how it runs here.
+
+    Keys: version, OpenMP (compiled in, version, runtime library), compiler and flags,
+    the tag of the wheel it was installed from (None otherwise), the ISA level in use with
+    the levels built, installed and supported by this CPU, the serial threshold and the
+    default thread count.
+    """
     return {
         "version": __version__,
         "openmp": openmp_enabled(),
@@ -75,7 +81,11 @@ def build_info():
         "cython_debug": BUILD_CONFIG.get("cython_debug"),
         "platform": BUILD_CONFIG.get("platform"),
         "wheel_tag": _wheel_tag(),
-        "parallel_threshold": _kernels.PARALLEL_THRESHOLD,
+        "isa": _dispatch.ISA,
+        "isa_built": BUILD_CONFIG.get("isa_built"),
+        "isa_available": _dispatch.available_levels(),
+        "isa_supported": _dispatch.supported_levels(),
+        "parallel_threshold": _dispatch.kernels.PARALLEL_THRESHOLD,
         "default_n_threads": get_num_threads(),
         "python": sys.version.split()[0],
     }

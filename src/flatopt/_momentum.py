@@ -1,6 +1,6 @@
 """The momentum family: torch.optim.SGD and textbook (moving-average) Momentum."""
 
-from . import _kernels
+from ._dispatch import kernels
 from ._optimizer import Optimizer
 from ._validation import check_bool, check_real
 
@@ -56,7 +56,7 @@ class SGD(Optimizer):
         momentum = group["momentum"]
         initialized = self.state["momentum_buffer_initialized"]
         buf = seg["momentum_buffer"] if momentum != 0 else seg["param"][:0]
-        _kernels.sgd(seg["param"], grad, buf, group["lr"], momentum, group["dampening"],
+        kernels.sgd(seg["param"], grad, buf, group["lr"], momentum, group["dampening"],
                      group["weight_decay"], group["nesterov"], group["maximize"],
                      momentum != 0 and not initialized[gi], grad_scale, n_threads)
         if momentum != 0:
@@ -85,5 +85,5 @@ class Momentum(Optimizer):
         return ("momentum_buffer",)
 
     def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
-        _kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"], group["beta"],
+        kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"], group["beta"],
                           group["weight_decay"], group["maximize"], grad_scale, n_threads)

@@ -6,8 +6,9 @@ kernel. ``grad`` is only read (it may be read-only or memory-mapped); ``grad_sca
 multiplies it on the fly. Nothing is written unless every check passes.
 """
 
-from . import _kernels
+from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
+from ._norms import check_norm_type, flat_norm
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_flat, check_no_overlap, check_real, check_step
 
@@ -45,7 +46,7 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, step, momentum=0.0, dampening
     else:
         _check_buffers(param, grad)
         momentum_buffer = param[:0]
-    _kernels.sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
+    kernels.sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
                  nesterov, maximize, step == 1, grad_scale, n_threads)
 
 
@@ -55,8 +56,26 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
     check_momentum(dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), "momentum_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, momentum_buffer=momentum_buffer)
-    _kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
+    kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
                       grad_scale, n_threads)
 
 
-__all__ = ["sgd_", "momentum_"]
+def grad_norm(grad, norm_type=2.0, *, grad_scale=1.0, n_threads=None):
+    """The ``norm_type``-norm of ``grad_scale * grad`` in one read-only pass.
+
+    Accumulated in double over fixed blocks, so the result is bit-identical for any
+    thread count; ``inf`` or ``nan`` when any element is not finite.
+    """
+    check_flat(grad, "grad", writable=False)
+    norm_type = check_norm_type(norm_type)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    return abs(grad_scale) * flat_norm(grad, norm_type, n_threads)
+
+
+def count_nonfinite(x, *, n_threads=None):
+    """How many elements of the 1-D float buffer ``x`` are inf or NaN."""
+    check_flat(x, "x", writable=False)
+    return kernels.count_nonfinite(x, effective_n_threads(check_n_threads(n_threads)))
+
+
+__all__ = ["sgd_", "momentum_", "grad_norm", "count_nonfinite"]

@@ -1,0 +1,42 @@
+"""Shared test parameters: the awkward sizes, dtypes and thread counts every kernel meets."""
+
+import numpy as np
+import pytest
+
+from flatopt._kernels import PARALLEL_THRESHOLD
+
+SIZES = [0, 1, 7, 4097, PARALLEL_THRESHOLD - 1, PARALLEL_THRESHOLD + 1, 2**17 + 3]
+DTYPES = [np.float32, np.float64]
+THREADS = [1, 2]
+
+
+@pytest.fixture(params=SIZES, ids=lambda n: f"n{n}")
+def size(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"t{t}")
+def n_threads(request):
+    return request.param
+
+
+def readonly_memmap(tmp_path, array, name="grad.bin"):
+    """A read-only memory-mapped copy of ``array``."""
+    path = tmp_path / name
+    array.tofile(path)
+    return np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+
+
+def snapshot(*arrays):
+    """Copies of ``arrays``, to check later that nothing was written."""
+    return [np.array(a, copy=True) for a in arrays]
+
+
+def assert_unchanged(arrays, copies):
+    for a, c in zip(arrays, copies):
+        np.testing.assert_array_equal(np.asarray(a), c, strict=True)

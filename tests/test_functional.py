@@ -1,0 +1,82 @@
+"""flatopt.functional: buffer and hyperparameter validation before any write."""
+
+import numpy as np
+import pytest
+
+import flatopt.functional as F
+from conftest import assert_unchanged, snapshot
+
+
+def buffers(n=8, dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype), np.ones(n, dtype)
+
+
+def readonly(a):
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+SGD_KW = dict(lr=0.1, momentum=0.9, step=2)
+
+BAD_SGD = [
+    (lambda p, g, b: (p.astype(np.float32), g, b), {}, TypeError, "grad must have dtype float32"),
+    (lambda p, g, b: (p.astype(np.int64), g, b), {}, TypeError, "param must have dtype float32 or float64"),
+    (lambda p, g, b: (p.astype(np.float16), g, b), {}, TypeError, "float16"),
+    (lambda p, g, b: (p, g[:-1], b), {}, ValueError, "grad must have length 8, got 7"),
+    (lambda p, g, b: (p, g, b[:-1]), {}, ValueError, "momentum_buffer must have length 8"),
+    (lambda p, g, b: (p.reshape(2, 4), g, b), {}, ValueError, "param must be 1-D"),
+    (lambda p, g, b: (p, np.repeat(g, 2)[::2], b), {}, ValueError, "grad must be C-contiguous"),
+    (lambda p, g, b: (readonly(p), g, b), {}, ValueError, "param must be writable"),
+    (lambda p, g, b: (p, g, readonly(b)), {}, ValueError, "momentum_buffer must be writable"),
+    (lambda p, g, b: (p, p, b), {}, ValueError, "param and grad must not share memory"),
+    (lambda p, g, b: (p, g, g), {}, ValueError, "grad and momentum_buffer"),
+    (lambda p, g, b: (p, g, None), {}, ValueError, "momentum_buffer is required"),
+    (lambda p, g, b: (list(p), g, b), {}, TypeError, "param must be a 1-D numpy array"),
+    (lambda p, g, b: (p, g, b), dict(lr=-1.0), ValueError, "lr"),
+    (lambda p, g, b: (p, g, b), dict(step=0), ValueError, "step must be an int >= 1"),
+    (lambda p, g, b: (p, g, b), dict(step=1.0), TypeError, "step"),
+    (lambda p, g, b: (p, g, b), dict(grad_scale=float("nan")), ValueError, "grad_scale"),
+    (lambda p, g, b: (p, g, b), dict(n_threads=0), ValueError, "n_threads"),
+    (lambda p, g, b: (p, g, b), dict(nesterov=True, dampening=0.5), ValueError, "Nesterov"),
+]
+
+
+@pytest.mark.parametrize("make, kwargs, exc, match", BAD_SGD)
+def test_sgd_rejects_before_writing(make, kwargs, exc, match):
+    p, g, b = buffers()
+    args = make(p, g, b)
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    before = snapshot(*arrays)
+    with pytest.raises(exc, match=match):
+        F.sgd_(*args, **{**SGD_KW, **kwargs})
+    assert_unchanged(arrays, before)
+
+
+def test_overlapping_views_of_one_buffer_rejected():
+    buf = np.zeros(16)
+    with pytest.raises(ValueError, match="param and grad must not share memory"):
+        F.momentum_(buf[:8], buf[4:12], np.zeros(8), lr=0.1)
+    # adjacent but disjoint views are fine
+    F.momentum_(buf[:8], buf[8:], np.zeros(8), lr=0.1)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(beta=1.0), ValueError, "beta"), (dict(beta=float("nan")), ValueError, "beta"),
+    (dict(lr=None), TypeError, "lr must be a real number"), (dict(maximize=0), TypeError, "maximize"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+])
+def test_momentum_rejects_bad_hyperparameters(kwargs, exc, match):
+    p, g, v = buffers(dtype=np.float32)
+    before = snapshot(p, g, v)
+    with pytest.raises(exc, match=match):
+        F.momentum_(p, g, v, **{"lr": 0.1, **kwargs})
+    assert_unchanged([p, g, v], before)
+
+
+def test_sgd_without_momentum_needs_no_buffer():
+    p, g, _ = buffers()
+    expected = p - 0.1 * g
+    F.sgd_(p, g, lr=0.1, step=1)
+    np.testing.assert_array_equal(p, expected)
