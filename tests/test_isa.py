@@ -74,3 +74,18 @@ def test_forced_level_rejected():
     for level in unsupported:
         out = _isa_in_subprocess(level)
         assert out.returncode != 0 and f"FLATOPT_ISA={level}" in out.stderr
+
+
+@pytest.mark.parametrize("level", SUPPORTED)
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, float("inf")])
+def test_norm_bit_identical_across_levels(level, norm_type):
+    base = importlib.import_module(_dispatch.MODULES["baseline"])
+    variant = importlib.import_module(_dispatch.MODULES[level])
+    x = np.random.default_rng(1).standard_normal(5 * base.NORM_BLOCK + 3).astype(np.float32)
+    want = np.empty(6)
+    base.norm_partials(x, norm_type, want, 1)
+    for n_threads in (1, 2):
+        got = np.empty(6)
+        variant.norm_partials(x, norm_type, got, n_threads)
+        np.testing.assert_array_equal(got, want)
+        assert variant.count_nonfinite(x, n_threads) == 0

@@ -8,13 +8,16 @@ and cache the per-group slices, so that ``step()`` is a few attribute reads and 
 kernel call per group.
 """
 
+import math
 import numbers
 
 import numpy as np
 
+from ._dispatch import kernels
 from ._layout import FlatLayout, adopt, resolve_dtype
+from ._norms import check_norm_type, flat_norm, norm_partials_buffer
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_fits, check_flat, check_real, describe
+from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
 STATE_DICT_VERSION = 1
 
@@ -113,6 +116,9 @@ class Optimizer:
             first, start = first + len(group_arrays), stop
 
         self.state = {"step": 0}
+        self.skipped_steps = 0            # steps skipped by step(skip_if_nonfinite=True)
+        self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
+        self._norm_partials = None        # scratch for grad_norm, allocated once
         self._validated = [None] * len(self.param_groups)
         self._prepare()
 
@@ -219,21 +225,34 @@ class Optimizer:
         return {"params": self.flat_params,
                 **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
 
-    def step(self, grads=None, *, grad_scale=1.0):
+    def step(self, grads=None, *, grad_scale=1.0, skip_if_nonfinite=False):
         """Take one optimization step over every parameter: one kernel call per group.
 
         ``grads``: None uses :attr:`flat_grads`; a list of arrays shaped like the
         parameters is copied into :attr:`flat_grads` (unless it is :attr:`grads` itself);
         a 1-D array of the flat length and dtype is read directly (it may be read-only).
         ``grad_scale`` multiplies every gradient on the fly (loss-scale unscaling,
-        averaging, clipping) without an extra pass.
+        averaging, clipping) without an extra pass; a factor set by
+        :meth:`clip_grad_norm_` multiplies it once more.
+
+        With ``skip_if_nonfinite``, a gradient holding inf or NaN skips the step: params
+        and state stay bit-identical, :attr:`skipped_steps` counts it. Returns True when
+        the step was taken, False when it was skipped.
         """
         if type(grad_scale) is not float or grad_scale != 1.0:
             grad_scale = check_real(grad_scale, "grad_scale")
             check_fits({"grad_scale": grad_scale}, self.layout.dtype, "step")
+        if skip_if_nonfinite is not False:
+            check_bool(skip_if_nonfinite, "skip_if_nonfinite")
         self._prepare()
         flat = self._resolve_grads(grads)
+        flat_grad = self.flat_grads if flat is None else flat
         n_threads = effective_n_threads(self._n_threads)
+        grad_scale *= self._pending_grad_scale
+        self._pending_grad_scale = 1.0
+        if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
+            self.skipped_steps += 1
+            return False
         step = self.state["step"] + 1
         for gi, (group, seg) in enumerate(zip(self.param_groups, self._segment_views)):
             if flat is None:
@@ -243,6 +262,35 @@ class Optimizer:
                 grad = flat[a:b]
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         self.state["step"] = step
+        return True
+
+    def grad_norm(self, norm_type=2.0):
+        """The ``norm_type``-norm of :attr:`flat_grads` in one read-only pass.
+
+        Accumulated in double over fixed blocks: bit-identical for any thread count;
+        ``inf`` or ``nan`` when any gradient is not finite.
+        """
+        norm_type = check_norm_type(norm_type)
+        if self._norm_partials is None:
+            self._norm_partials = norm_partials_buffer(self.layout.size)
+        return flat_norm(self.flat_grads, norm_type, effective_n_threads(self._n_threads),
+                         self._norm_partials)
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """Clip the gradients' global norm to ``max_norm`` at no extra write pass.
+
+        Computes the norm of :attr:`flat_grads` (as :meth:`grad_norm`) and folds
+        torch's clip factor ``min(1, max_norm / (norm + 1e-6))`` into the next
+        :meth:`step`'s ``grad_scale``. With loss scaling by ``S``, clip to
+        ``max_norm * S`` and pass ``grad_scale=1/S`` to the step. A non-finite norm
+        leaves the factor at 1: combine with ``step(skip_if_nonfinite=True)``.
+        Returns the norm before clipping.
+        """
+        max_norm = check_real(max_norm, "max_norm", low=0.0)
+        total = self.grad_norm(norm_type)
+        if math.isfinite(total):
+            self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))
+        return total
 
     def zero_grad(self, set_to_none=False):
         """Zero :attr:`flat_grads` in place (the grad views stay valid).

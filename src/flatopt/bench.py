@@ -1,81 +1,226 @@
-"""``python -m flatopt.bench``: time flatopt's fused step against the best plain NumPy.
+"""``python -m flatopt.bench``: time flatopt's fused step against NumPy, PyTorch and memory.
 
-For each optimizer, dtype and size, the same step runs three ways on the same data:
+For each optimizer, dtype and case, the same step runs several ways on the same data:
 
-* ``flatopt``: the optimizer's fused kernel on its flat buffers (one call);
-* ``numpy``:   the same update written as well as NumPy allows: in-place ufuncs with
-  ``out=``, one preallocated scratch array, no avoidable temporaries. Each element still
-  crosses memory once per ufunc, which is the cost flatopt removes;
-* ``torch``:   torch.optim on the same data (``foreach`` and ``fused`` where it has them),
-  when PyTorch is installed.
+* ``flatopt``:        the optimizer's fused kernel on its flat buffers (one call);
+* ``numpy``:          the same update written as well as NumPy allows, on the same flat
+  buffers: in-place ufuncs with ``out=``, one preallocated scratch array, no avoidable
+  temporaries. Each ufunc still streams whole arrays through memory: the cost flatopt
+  removes;
+* ``torch-forloop``, ``torch-foreach``, ``torch-fused``: torch.optim on the same tensors
+  (one per parameter), when PyTorch is installed and has that implementation;
+* ``bandwidth``:      an in-place streaming pass (``a += b``) over a working set of the same
+  size: what the memory system delivers, the ceiling for a one-pass update.
 
-Times are medians of many repeats; ``GB/s`` counts the bytes a one-pass update must move
-(each of param, grad and state read once, param and state written once), so it is
-comparable across implementations and against the machine's memory bandwidth.
+Times are medians of repeated samples. ``GB/s`` counts the bytes a one-pass update must
+move (each of param, grad and state read once, param and state written once), so it is
+comparable across implementations and with the bandwidth line; ``%bw`` is that share.
 
-Benchmark commands on this project's CI machines unset OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE (they slow NumPy on some CPUs); flatopt does not use BLAS.
+On this project's machines, run benchmarks as
+``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m flatopt.bench``
+(those variables slow NumPy on some CPUs; flatopt itself does not use BLAS).
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import flatopt
+from flatopt._dispatch import ISA, kernels
 from flatopt._threads import effective_n_threads
 
-
-def _numpy_sgd_momentum(p, g, buf, scratch, lr, momentum):
-    """torch.optim.SGD(momentum=m) after its first step: buf = m*buf + g; p -= lr*buf."""
-    np.multiply(buf, momentum, out=buf)
-    np.add(buf, g, out=buf)
-    np.multiply(buf, lr, out=scratch)
-    np.subtract(p, scratch, out=p)
+LR = 1e-3
 
 
-def _numpy_momentum(p, g, v, scratch, lr, beta):
-    """Textbook momentum: v = beta*v + (1-beta)*g; p -= lr*v."""
-    np.multiply(v, beta, out=v)
-    np.multiply(g, 1.0 - beta, out=scratch)
-    np.add(v, scratch, out=v)
-    np.multiply(v, lr, out=scratch)
-    np.subtract(p, scratch, out=p)
+# ---- NumPy baselines: the best in-place NumPy for each update ----------------------------
+# Each returns a step function over flat arrays. They are competitors, checked against
+# flatopt in tests/test_bench.py, not references.
+
+def numpy_sgd_momentum(p, g, momentum=0.9):
+    """SGD with momentum after its first step: buf = m*buf + g; p -= lr*buf."""
+    buf, tmp = np.zeros_like(p), np.empty_like(p)
+
+    def step():
+        np.multiply(buf, momentum, out=buf)
+        np.add(buf, g, out=buf)
+        np.multiply(buf, LR, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
 
 
+def numpy_momentum(p, g, beta=0.9):
+    """v = beta*v + (1-beta)*g; p -= lr*v."""
+    v, tmp = np.zeros_like(p), np.empty_like(p)
+
+    def step():
+        np.multiply(v, beta, out=v)
+        np.multiply(g, 1.0 - beta, out=tmp)
+        np.add(v, tmp, out=v)
+        np.multiply(v, LR, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_adam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
+    """torch.optim.Adam/AdamW (no amsgrad) with in-place ufuncs."""
+    m, v, tmp = np.zeros_like(p), np.zeros_like(p), np.empty_like(p)
+    t = [0]
+
+    def step():
+        t[0] += 1
+        bc1, bc2 = 1 - beta1 ** t[0], 1 - beta2 ** t[0]
+        if weight_decay and decoupled:
+            np.multiply(p, 1 - LR * weight_decay, out=p)
+        np.multiply(m, beta1, out=m)
+        np.multiply(g, 1 - beta1, out=tmp)
+        np.add(m, tmp, out=m)
+        np.multiply(v, beta2, out=v)
+        np.multiply(g, g, out=tmp)
+        np.multiply(tmp, 1 - beta2, out=tmp)
+        np.add(v, tmp, out=v)
+        np.sqrt(v, out=tmp)
+        np.divide(tmp, math.sqrt(bc2), out=tmp)
+        np.add(tmp, eps, out=tmp)
+        np.divide(m, tmp, out=tmp)
+        np.multiply(tmp, LR / bc1, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_rmsprop(p, g, alpha=0.99, eps=1e-8):
+    """torch.optim.RMSprop (plain): v = a*v + (1-a)*g*g; p -= lr*g/(sqrt(v)+eps)."""
+    v, tmp = np.zeros_like(p), np.empty_like(p)
+
+    def step():
+        np.multiply(v, alpha, out=v)
+        np.multiply(g, g, out=tmp)
+        np.multiply(tmp, 1 - alpha, out=tmp)
+        np.add(v, tmp, out=v)
+        np.sqrt(v, out=tmp)
+        np.add(tmp, eps, out=tmp)
+        np.divide(g, tmp, out=tmp)
+        np.multiply(tmp, LR, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_adagrad(p, g, eps=1e-10):
+    """torch.optim.Adagrad (no lr decay): s += g*g; p -= lr*g/(sqrt(s)+eps)."""
+    s, tmp = np.zeros_like(p), np.empty_like(p)
+
+    def step():
+        np.multiply(g, g, out=tmp)
+        np.add(s, tmp, out=s)
+        np.sqrt(s, out=tmp)
+        np.add(tmp, eps, out=tmp)
+        np.divide(g, tmp, out=tmp)
+        np.multiply(tmp, LR, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_adadelta(p, g, rho=0.9, eps=1e-6, lr=1.0):
+    """torch.optim.Adadelta: v = rho*v + (1-rho)*g*g;
+    d = sqrt(u+eps)/sqrt(v+eps)*g; u = rho*u + (1-rho)*d*d; p -= lr*d."""
+    v, u, d, tmp = (np.zeros_like(p) for _ in range(4))
+
+    def step():
+        np.multiply(v, rho, out=v)
+        np.multiply(g, g, out=tmp)
+        np.multiply(tmp, 1 - rho, out=tmp)
+        np.add(v, tmp, out=v)
+        np.add(v, eps, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.add(u, eps, out=d)
+        np.sqrt(d, out=d)
+        np.divide(d, tmp, out=d)
+        np.multiply(d, g, out=d)
+        np.multiply(u, rho, out=u)
+        np.multiply(d, d, out=tmp)
+        np.multiply(tmp, 1 - rho, out=tmp)
+        np.add(u, tmp, out=u)
+        np.multiply(d, lr, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+@dataclass
+class Optim:
+    """One optimizer configuration, built three ways."""
+
+    name: str
+    n_state: int                      # state arrays of the parameters' size
+    flatopt: callable                 # (params, n_threads) -> flatopt optimizer
+    numpy: callable                   # (flat p, flat g) -> step()
+    torch: callable = None            # (torch, tensors, **variant kw) -> torch optimizer
+    torch_variants: tuple = ("forloop", "foreach", "fused")
+
+    def bytes_per_step(self, n_elements, itemsize):
+        # param and state read and written once, grad read once: the one-pass minimum.
+        return (2 * (1 + self.n_state) + 1) * n_elements * itemsize
+
+
+def _optims():
+    F = flatopt
+    out = [
+        Optim("sgd-momentum", 1, lambda ps, t: F.SGD(ps, lr=LR, momentum=0.9, n_threads=t),
+              numpy_sgd_momentum, lambda torch, ps, **kw: torch.optim.SGD(ps, lr=LR, momentum=0.9, **kw)),
+        Optim("momentum", 1, lambda ps, t: F.Momentum(ps, lr=LR, beta=0.9, n_threads=t), numpy_momentum),
+    ]
+    if hasattr(F, "Adam"):
+        out += [
+            Optim("adam", 2, lambda ps, t: F.Adam(ps, lr=LR, n_threads=t), numpy_adam,
+                  lambda torch, ps, **kw: torch.optim.Adam(ps, lr=LR, **kw)),
+            Optim("adamw", 2, lambda ps, t: F.AdamW(ps, lr=LR, n_threads=t),
+                  lambda p, g: numpy_adam(p, g, weight_decay=1e-2, decoupled=True),
+                  lambda torch, ps, **kw: torch.optim.AdamW(ps, lr=LR, **kw)),
+            Optim("rmsprop", 1, lambda ps, t: F.RMSprop(ps, lr=LR, n_threads=t), numpy_rmsprop,
+                  lambda torch, ps, **kw: torch.optim.RMSprop(ps, lr=LR, **kw), ("forloop", "foreach")),
+            Optim("adagrad", 1, lambda ps, t: F.Adagrad(ps, lr=LR, n_threads=t), numpy_adagrad,
+                  lambda torch, ps, **kw: torch.optim.Adagrad(ps, lr=LR, **kw)),
+            Optim("adadelta", 2, lambda ps, t: F.Adadelta(ps, n_threads=t), numpy_adadelta,
+                  lambda torch, ps, **kw: torch.optim.Adadelta(ps, **kw), ("forloop", "foreach")),
+        ]
+    return {o.name: o for o in out}
+
+
+OPTIMIZERS = _optims()
+
+
+# ---- cases: what the parameters look like ------------------------------------------------
+
+def transformer_shapes(width, layers=12):
+    """168 tensors for 12 layers: q, k, v, o weights and biases, two MLP matrices (4x width)
+    with biases, two LayerNorm weights: 12*width**2 + 11*width elements per layer."""
+    d = width
+    layer = [(d, d), (d,)] * 4 + [(4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,)]
+    return layer * layers
+
+
+@dataclass
 class Case:
-    """One optimizer configuration: how to build it in flatopt, NumPy and torch."""
+    name: str
+    shapes: list = field(repr=False)
 
-    def __init__(self, name, make_flatopt, numpy_step, n_state, torch_make=None):
-        self.name = name
-        self.make_flatopt = make_flatopt   # (param, n_threads) -> optimizer
-        self.numpy_step = numpy_step       # (p, g, state_list, scratch) -> None
-        self.n_state = n_state             # state arrays of the param's size
-        self.torch_make = torch_make       # (params, variant) -> torch optimizer, or None
-
-    def bytes_per_step(self, n, itemsize):
-        # param and state read and written, grad read: the one-pass minimum.
-        return (2 * (1 + self.n_state) + 1) * n * itemsize
+    @property
+    def size(self):
+        return sum(math.prod(s) for s in self.shapes)
 
 
-CASES = {
-    "sgd-momentum": Case(
-        "sgd-momentum",
-        lambda p, t: flatopt.SGD([p], lr=1e-3, momentum=0.9, n_threads=t),
-        lambda p, g, s, scratch: _numpy_sgd_momentum(p, g, s[0], scratch, 1e-3, 0.9),
-        1,
-        lambda torch, params, **kw: torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kw),
-    ),
-    "momentum": Case(
-        "momentum",
-        lambda p, t: flatopt.Momentum([p], lr=1e-3, beta=0.9, n_threads=t),
-        lambda p, g, s, scratch: _numpy_momentum(p, g, s[0], scratch, 1e-3, 0.9),
-        1,
-    ),
-}
+def flat_case(n):
+    return Case(f"flat 2**{int(math.log2(n))}" if n & (n - 1) == 0 else f"flat {n}", [(n,)])
 
+
+def model_case(width):
+    return Case(f"model w{width} ({len(transformer_shapes(width))} tensors)", transformer_shapes(width))
+
+
+# ---- timing ----------------------------------------------------------------------------------
 
 def time_call(fn, min_time=0.3, max_samples=200):
     """Median seconds per call of ``fn()``: samples of several calls, ~``min_time`` in all."""
@@ -94,26 +239,70 @@ def time_call(fn, min_time=0.3, max_samples=200):
     return statistics.median(samples)
 
 
-def _torch_variants(case, torch, p, g, n_threads):
-    """torch.optim variants for ``case`` on a copy of ``p``: name -> step function."""
-    if case.torch_make is None or torch is None:
+def _torch_impls(optim, torch, arrays, grads, n_threads):
+    """torch.optim variants of ``optim`` on copies of ``arrays``: name -> step function."""
+    if optim.torch is None or torch is None:
         return {}
     torch.set_num_threads(n_threads)
+    kws = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     out = {}
-    for variant, kw in (("torch-foreach", {"foreach": True}), ("torch-fused", {"fused": True})):
-        tp = torch.tensor(p.copy(), requires_grad=False)
-        tp.grad = torch.from_numpy(g)
+    for variant in optim.torch_variants:
+        tensors = [torch.tensor(a) for a in arrays]
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g)
         try:
-            opt = case.torch_make(torch, [tp], **kw)
+            opt = optim.torch(torch, tensors, **kws[variant])
             opt.step()
         except (RuntimeError, TypeError, ValueError):
-            continue  # this torch has no such variant for this optimizer/dtype
-        out[variant] = opt.step
+            continue  # this torch has no such implementation for this optimizer/dtype
+        out[f"torch-{variant}"] = opt.step
     return out
 
 
-def run(cases, sizes, dtypes, n_threads, min_time, use_torch=True, out=sys.stdout):
-    """Time every case; print a table; return the rows as dicts."""
+def bandwidth_step(working_set_elements, dtype, n_threads):
+    """An in-place streaming pass over ``working_set_elements`` (two arrays, a += b) and the
+    bytes it moves."""
+    half = max(1, working_set_elements // 2)
+    a, b = np.zeros(half, dtype), np.ones(half, dtype)
+    return (lambda: kernels.stream_add(a, b, n_threads)), 3 * half * np.dtype(dtype).itemsize
+
+
+def run_case(optim, case, dtype, n_threads, min_time, torch=None):
+    """Time every implementation of ``optim`` on ``case``; return result rows."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in case.shapes]
+    grads = [(rng.standard_normal(s) * 1e-3).astype(dtype) for s in case.shapes]
+    opt = optim.flatopt([a.copy() for a in arrays], n_threads)
+    for view, g in zip(opt.grads, grads):
+        view[...] = g
+    p_np, g_np = opt.flat_params.copy(), opt.flat_grads.copy()
+    impls = {"numpy": optim.numpy(p_np, g_np), "flatopt": opt.step,
+             **_torch_impls(optim, torch, arrays, grads, n_threads)}
+    nbytes = optim.bytes_per_step(case.size, np.dtype(dtype).itemsize)
+    bw_fn, bw_bytes = bandwidth_step((2 + optim.n_state) * case.size, dtype, n_threads)
+    bw_gbps = bw_bytes / time_call(bw_fn, min_time) / 1e9
+    rows = []
+    times = {name: time_call(fn, min_time) for name, fn in impls.items()}
+    for name, t in times.items():
+        gbps = nbytes / t / 1e9
+        rows.append(dict(optimizer=optim.name, case=case.name, size=case.size,
+                         dtype=np.dtype(dtype).name, threads=n_threads, impl=name, seconds=t,
+                         speedup=times["numpy"] / t, gbps=gbps, bandwidth_gbps=bw_gbps,
+                         bandwidth_share=gbps / bw_gbps))
+    return rows
+
+
+def format_rows(rows):
+    lines = [f"  {'impl':<15}{'median':>12}{'vs numpy':>10}{'GB/s':>8}{'%bw':>7}"]
+    for r in rows:
+        lines.append(f"  {r['impl']:<15}{r['seconds'] * 1e3:>10.4f}ms{r['speedup']:>9.2f}x"
+                     f"{r['gbps']:>8.1f}{100 * r['bandwidth_share']:>6.0f}%")
+    lines.append(f"  {'bandwidth':<15}{'':>22}{rows[0]['bandwidth_gbps']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run(optims, cases, dtypes, n_threads, min_time, use_torch=True, out=sys.stdout):
+    """Time every (optimizer, dtype, case); print a table per case; return all rows."""
     torch = None
     if use_torch:
         try:
@@ -121,53 +310,72 @@ def run(cases, sizes, dtypes, n_threads, min_time, use_torch=True, out=sys.stdou
         except ImportError:
             torch = None
     threads = effective_n_threads(n_threads)
-    print(f"flatopt {flatopt.__version__}, {threads} thread(s), OpenMP "
-          f"{'on' if flatopt.openmp_enabled() else 'off'}, numpy {np.__version__}"
-          + (f", torch {torch.__version__}" if torch else ", torch not installed"), file=out)
-    header = f"{'optimizer':<14}{'dtype':<9}{'size':>10}  {'impl':<14}{'median':>11}{'vs numpy':>10}{'GB/s':>8}"
-    print(header, file=out)
-    print("-" * len(header), file=out)
+    print(f"flatopt {flatopt.__version__} ({ISA}, OpenMP {'on' if flatopt.openmp_enabled() else 'off'}), "
+          f"{threads} thread(s), numpy {np.__version__}, "
+          + (f"torch {torch.__version__}" if torch else "torch not installed"), file=out)
     rows = []
-    rng = np.random.default_rng(0)
-    for case in cases:
+    for optim in optims:
         for dtype in dtypes:
-            for n in sizes:
-                p = rng.standard_normal(n).astype(dtype)
-                g = (rng.standard_normal(n) * 1e-3).astype(dtype)
-                opt = case.make_flatopt(p.copy(), threads)
-                opt.flat_grads[:] = g
-                state = [np.zeros(n, dtype) for _ in range(case.n_state)]
-                p_np, scratch = p.copy(), np.empty(n, dtype)
-                impls = {
-                    "numpy": lambda: case.numpy_step(p_np, g, state, scratch),
-                    "flatopt": opt.step,
-                    **_torch_variants(case, torch, p, g, threads),
-                }
-                times = {name: time_call(fn, min_time) for name, fn in impls.items()}
-                nbytes = case.bytes_per_step(n, np.dtype(dtype).itemsize)
-                for name, t in times.items():
-                    row = dict(optimizer=case.name, dtype=np.dtype(dtype).name, size=n, impl=name,
-                               seconds=t, speedup=times["numpy"] / t, gbps=nbytes / t / 1e9)
-                    rows.append(row)
-                    print(f"{row['optimizer']:<14}{row['dtype']:<9}{n:>10}  {name:<14}"
-                          f"{t * 1e3:>9.3f}ms{row['speedup']:>9.2f}x{row['gbps']:>8.1f}", file=out)
+            for case in cases:
+                case_rows = run_case(optim, case, dtype, threads, min_time, torch)
+                rows += case_rows
+                print(f"\n{optim.name}, {np.dtype(dtype).name}, {case.name}, "
+                      f"{case.size:,} elements", file=out)
+                print(format_rows(case_rows), file=out, flush=True)
     return rows
 
 
+def plot(rows, path):
+    """GB/s against size for each implementation, with the bandwidth reference as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'flatopt[plot]'") from None
+    keys = sorted({(r["optimizer"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, (name, dtype) in zip(axes[0], keys):
+        sel = [r for r in rows if r["optimizer"] == name and r["dtype"] == dtype]
+        for impl in dict.fromkeys(r["impl"] for r in sel):
+            pts = sorted((r["size"], r["gbps"]) for r in sel if r["impl"] == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        bw = sorted({(r["size"], r["bandwidth_gbps"]) for r in sel})
+        ax.plot(*zip(*bw), "k--", label="bandwidth (a += b)")
+        ax.set(xscale="log", xlabel="elements", ylabel="GB/s", title=f"{name}, {dtype}, {sel[0]['threads']} threads")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m flatopt.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizers", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[2**16, 2**20, 2**23])
+    parser = argparse.ArgumentParser(prog="python -m flatopt.bench",
+                                     description=__doc__.split("\n\n")[0].strip('`'))
+    parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
+                        default=[n for n in ("sgd-momentum", "momentum", "adam") if n in OPTIMIZERS])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[2**16, 2**20, 2**23],
+                        help="flat buffer sizes (elements)")
+    parser.add_argument("--models", nargs="*", type=int, default=[128],
+                        help="transformer widths for 168-tensor model cases (768 is 85M elements)")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="default: flatopt.get_num_threads()")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    parser.add_argument("--large", action="store_true", help="add 2**25 elements and the width-768 model")
     parser.add_argument("--quick", action="store_true", help="small sizes and short timings (a smoke run)")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
+    parser.add_argument("--plot", metavar="PNG", help="draw GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.min_time = [2**10, 2**16], 0.02
-    run([CASES[name] for name in args.optimizers], args.sizes, args.dtypes, args.threads,
-        args.min_time, use_torch=not args.no_torch)
+        args.sizes, args.models, args.min_time = [2**10, 2**16], [], 0.02
+    if args.large:
+        args.sizes = sorted(set(args.sizes) | {2**25})
+        args.models = sorted(set(args.models) | {768})
+    cases = [flat_case(n) for n in args.sizes] + [model_case(w) for w in args.models]
+    rows = run([OPTIMIZERS[name] for name in args.optimizers], cases, args.dtypes, args.threads,
+               args.min_time, use_torch=not args.no_torch)
+    if args.plot:
+        plot([r for r in rows if r["case"].startswith("flat")], args.plot)
+        print(f"\nplot written to {args.plot}")
 
 
 if __name__ == "__main__":

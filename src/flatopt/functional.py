@@ -8,6 +8,7 @@ multiplies it on the fly. Nothing is written unless every check passes.
 
 from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
+from ._norms import check_norm_type, flat_norm
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_fits, check_flat, check_no_overlap, check_real, check_step
 
@@ -62,4 +63,22 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
                       grad_scale, n_threads)
 
 
-__all__ = ["sgd_", "momentum_"]
+def grad_norm(grad, norm_type=2.0, *, grad_scale=1.0, n_threads=None):
+    """The ``norm_type``-norm of ``grad_scale * grad`` in one read-only pass.
+
+    Accumulated in double over fixed blocks, so the result is bit-identical for any
+    thread count; ``inf`` or ``nan`` when any element is not finite.
+    """
+    check_flat(grad, "grad", writable=False)
+    norm_type = check_norm_type(norm_type)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    return abs(grad_scale) * flat_norm(grad, norm_type, n_threads)
+
+
+def count_nonfinite(x, *, n_threads=None):
+    """How many elements of the 1-D float buffer ``x`` are inf or NaN."""
+    check_flat(x, "x", writable=False)
+    return kernels.count_nonfinite(x, effective_n_threads(check_n_threads(n_threads)))
+
+
+__all__ = ["sgd_", "momentum_", "grad_norm", "count_nonfinite"]
