@@ -240,8 +240,60 @@ def step_cases(cls, kwargs):
         Case("grad_scale-array", lambda o: dict(grad_scale=np.array([1.0, 2.0])), TypeError, "grad_scale"),
         Case("grad_scale-hugeint", lambda o: dict(grad_scale=10**400), ValueError, "grad_scale"),
         Case("grad_scale-f32overflow", lambda o: dict(grad_scale=1e39), ValueError, "grad_scale"),
+        Case("skip_if_nonfinite-int", lambda o: dict(skip_if_nonfinite=1), TypeError, "skip_if_nonfinite"),
+        Case("skip_if_nonfinite-str", lambda o: dict(skip_if_nonfinite="yes"), TypeError, "skip_if_nonfinite"),
+        Case("skip_if_nonfinite-none", lambda o: dict(skip_if_nonfinite=None), TypeError, "skip_if_nonfinite"),
     ]
     return rows
+
+
+# ---- gradient hygiene: grad_norm and clip_grad_norm_ ---------------------------------------
+
+def hygiene_cases(cls, kwargs):
+    return [
+        Case("grad_norm-str", lambda o: o.grad_norm("2"), TypeError, "norm_type"),
+        Case("grad_norm-inf-str", lambda o: o.grad_norm("inf"), TypeError, "norm_type"),
+        Case("grad_norm-none", lambda o: o.grad_norm(None), TypeError, "norm_type"),
+        Case("grad_norm-zero", lambda o: o.grad_norm(0), ValueError, "norm_type"),
+        Case("grad_norm-negative", lambda o: o.grad_norm(-2.0), ValueError, "norm_type"),
+        Case("grad_norm-neginf", lambda o: o.grad_norm(-float("inf")), ValueError, "norm_type"),
+        Case("grad_norm-nan", lambda o: o.grad_norm(float("nan")), ValueError, "norm_type"),
+        Case("grad_norm-array", lambda o: o.grad_norm(np.array([1.0, 2.0])), TypeError, "norm_type"),
+        Case("grad_norm-bool", lambda o: o.grad_norm(True), TypeError, "norm_type"),
+        Case("clip-nan", lambda o: o.clip_grad_norm_(float("nan")), ValueError, "max_norm"),
+        Case("clip-negative", lambda o: o.clip_grad_norm_(-1.0), ValueError, "max_norm"),
+        Case("clip-str", lambda o: o.clip_grad_norm_("1.0"), TypeError, "max_norm"),
+        Case("clip-none", lambda o: o.clip_grad_norm_(None), TypeError, "max_norm"),
+        Case("clip-hugeint", lambda o: o.clip_grad_norm_(10**400), ValueError, "max_norm"),
+        Case("clip-norm_type-zero", lambda o: o.clip_grad_norm_(1.0, norm_type=0.0), ValueError, "norm_type"),
+        Case("clip-norm_type-list", lambda o: o.clip_grad_norm_(1.0, norm_type=[2]), TypeError, "norm_type"),
+    ]
+
+
+@pytest.mark.parametrize("cls, case", optimizer_params(hygiene_cases))
+def test_grad_hygiene_rejects(cls, case):
+    """A rejected norm or clip call writes nothing and leaves no clip factor behind."""
+    opt, twin = build(cls), build(cls)
+    opt.grads[0][...] = 1e3  # large enough that a clip factor would show
+    twin.grads[0][...] = 1e3
+    before, plain = snapshot(*arrays_of(opt)), plain_of(opt)
+    with pytest.raises(case.exc, match=case.match):
+        case.make(opt)
+    assert_unchanged(arrays_of(opt), before)
+    assert plain_of(opt) == plain
+    opt.step()
+    twin.step()
+    assert_unchanged(arrays_of(opt), arrays_of(twin))
+
+
+@pytest.mark.parametrize("norm_type", [1e-300, 0.001])
+def test_grad_norm_of_a_small_norm_type_is_inf_not_overflow_error(norm_type):
+    """(sum |g|**p) ** (1/p) overflows a double for small p: the norm is inf, and
+    clip_grad_norm_ then leaves the gradients alone (a non-finite norm)."""
+    opt = build(flatopt.SGD)
+    opt.flat_grads[:] = 3.0
+    assert opt.grad_norm(norm_type) == np.inf
+    assert opt.clip_grad_norm_(1.0, norm_type) == np.inf
 
 
 def _twin_continues_identically(opt, twin, dtype):
@@ -633,6 +685,24 @@ FUNCTIONAL_CASES = [
     ("n_threads-negative", "momentum_", SAME, dict(n_threads=-4), np.float64, ValueError, "n_threads"),
 ]
 FUNCTIONAL_DEFAULTS = {"sgd_": dict(lr=0.1, momentum=0.9, step=2), "momentum_": dict(lr=0.1, beta=0.9)}
+# grad_norm and count_nonfinite take one buffer
+FUNCTIONAL_CASES += [
+    ("norm-grad-int", "grad_norm", lambda b, t: [b[1].astype(np.int16)], {}, np.float64, TypeError, "grad"),
+    ("norm-grad-2d", "grad_norm", lambda b, t: [b[1].reshape(2, 4)], {}, np.float64, ValueError, "grad must be 1-D"),
+    ("norm-grad-strided", "grad_norm", lambda b, t: [b[1][::2]], {}, np.float32, ValueError, "grad must be C-contig"),
+    ("norm-grad-list", "grad_norm", lambda b, t: [list(b[1])], {}, np.float64, TypeError, "grad"),
+    ("norm-type-zero", "grad_norm", lambda b, t: [b[1]], dict(norm_type=0), np.float64, ValueError, "norm_type"),
+    ("norm-type-str", "grad_norm", lambda b, t: [b[1]], dict(norm_type="fro"), np.float64, TypeError, "norm_type"),
+    ("norm-grad_scale-nan", "grad_norm", lambda b, t: [b[1]], dict(grad_scale=float("nan")), np.float64,
+     ValueError, "grad_scale"),
+    ("norm-n_threads-zero", "grad_norm", lambda b, t: [b[1]], dict(n_threads=0), np.float64, ValueError, "n_threads"),
+    ("nonfinite-x-bool", "count_nonfinite", lambda b, t: [b[1] > 0], {}, np.float64, TypeError, r"\bx\b"),
+    ("nonfinite-x-2d", "count_nonfinite", lambda b, t: [b[1].reshape(4, 2)], {}, np.float32, ValueError, r"\bx\b"),
+    ("nonfinite-x-none", "count_nonfinite", lambda b, t: [None], {}, np.float64, TypeError, r"\bx\b"),
+    ("nonfinite-n_threads-str", "count_nonfinite", lambda b, t: [b[1]], dict(n_threads="2"), np.float64,
+     TypeError, "n_threads"),
+]
+FUNCTIONAL_DEFAULTS.update(grad_norm={}, count_nonfinite={})
 
 
 @pytest.mark.parametrize("cid, fn, transform, kwargs, dtype, exc, match", FUNCTIONAL_CASES,
@@ -669,7 +739,7 @@ def distinct_bad_inputs():
     ids = set()
     for cls in OPTIMIZERS:
         if cls.__name__ in VALID_KWARGS:
-            for cases in (construction_cases, step_cases, edit_cases, load_cases):
+            for cases in (construction_cases, step_cases, edit_cases, load_cases, hygiene_cases):
                 ids.update(f"{cases.__name__}:{c.id}" for c in cases(cls, VALID_KWARGS[cls.__name__]))
     ids.update(f"layout:{c.id}" for c in LAYOUT_CASES)
     ids.update(f"functional:{c[0]}" for c in FUNCTIONAL_CASES)
