@@ -14,6 +14,7 @@ import pytest
 import flatopt
 import flatopt.functional as F
 import reference as ref
+from test_adversarial import OPTIMIZERS, VALID_KWARGS
 from flatopt._kernels import PARALLEL_THRESHOLD
 
 BIG = PARALLEL_THRESHOLD * 8 + 5  # large enough for the kernels to open a parallel region
@@ -211,31 +212,41 @@ def _peak_growth(fn, repeats=100):
 
 
 def _alloc_cases():
+    """name -> a call to repeat: every optimizer in the adversarial table, several ways."""
     rng = np.random.default_rng(0)
     p = rng.standard_normal(N_ALLOC).astype(np.float32)
     g = rng.standard_normal(N_ALLOC).astype(np.float32)
-    sgd = flatopt.SGD([p.copy()], lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    mom = flatopt.Momentum([p[: N_ALLOC // 2].copy(), p[N_ALLOC // 2:].copy()], lr=1e-3)
-    sgd.flat_grads[:] = g
-    mom.flat_grads[:] = g
     ro = g.copy()
     ro.setflags(write=False)
     v = np.zeros_like(p)
-    return {
-        "sgd-step": lambda: sgd.step(),
-        "sgd-step-flat-readonly-grad-scaled": lambda: sgd.step(ro, grad_scale=0.5),
-        "sgd-step-grads-views": lambda: sgd.step(sgd.grads),
-        "momentum-step-two-params": lambda: mom.step(),
-        "momentum-zero-grad": lambda: mom.zero_grad(),
+    cases = {
         "functional-momentum": lambda: F.momentum_(p, g, v, lr=1e-3, n_threads=2),
         "functional-sgd": lambda: F.sgd_(p, g, v, lr=1e-3, momentum=0.9, step=2, n_threads=1),
     }
+    for cls in OPTIMIZERS:
+        if cls.__name__ not in VALID_KWARGS:
+            continue
+        # two groups; tiny lr so that 100 steps stay finite whatever the optimizer
+        half = N_ALLOC // 2
+        opt = cls([{"params": [p[:half].copy()]}, {"params": [p[half:].copy()]}],
+                  n_threads=1, **{**VALID_KWARGS[cls.__name__], "lr": 1e-6})
+        opt.flat_grads[:] = g
+        name = cls.__name__
+        cases[f"{name}-step"] = opt.step
+        cases[f"{name}-step-flat-readonly-scaled"] = lambda opt=opt: opt.step(ro, grad_scale=0.5)
+        cases[f"{name}-step-grad-views"] = lambda opt=opt: opt.step(opt.grads)
+        if hasattr(opt, "clip_grad_norm_"):
+            cases[f"{name}-clip-skip-step"] = lambda opt=opt: (opt.clip_grad_norm_(1.0),
+                                                               opt.step(skip_if_nonfinite=True))
+    return cases
 
 
-@pytest.mark.parametrize("name", list(_alloc_cases()))
+ALLOC_CASES = _alloc_cases()
+
+
+@pytest.mark.parametrize("name", list(ALLOC_CASES))
 def test_step_does_not_allocate_per_element(name):
-    fn = _alloc_cases()[name]
-    growth = _peak_growth(fn)
+    growth = _peak_growth(ALLOC_CASES[name])
     assert growth < ALLOC_LIMIT, f"{name}: peak grew by {growth} bytes over 100 calls"
 
 
@@ -265,7 +276,8 @@ def _mem_available():
 @pytest.mark.parametrize("n_threads", [2])
 def test_momentum_past_2_31_elements(n_threads):
     """Step a float32 buffer of more than 2**31 elements and check the elements on both
-    sides of 2**31 and at the very end (an int32 index would wrap to negative)."""
+    sides of 2**31 and at the very end (an int32 index would wrap to negative); then the
+    norm and non-finite count over it."""
     n = 2**31 + 2**16 + 3
     need = 2 * n * 4 + 2**30  # param and velocity are written; grad stays mostly zero pages
     available = _mem_available()
@@ -287,3 +299,10 @@ def test_momentum_past_2_31_elements(n_threads):
     # elements in between were zero and stay zero (nothing written out of place)
     for i in (2**30, 2**31 - 9, 2**31 + 8, n - 9):
         assert param[i] == 0 and velocity[i] == 0
+    # the read-only reductions index past 2**31 too (blocks, partial sums, counts)
+    grad[[2**31 + 1, n - 1]] = [-7.5, 9.25]
+    assert F.grad_norm(grad, float("inf"), n_threads=n_threads) == 9.25
+    expected_sq = float(np.sum([np.sum(grad[idx].astype(np.float64) ** 2) for idx in spots]))
+    assert F.grad_norm(grad, 2.0, n_threads=n_threads) == pytest.approx(np.sqrt(expected_sq), rel=1e-12)
+    velocity[[2**31, n - 1]] = [np.nan, np.inf]
+    assert F.count_nonfinite(velocity, n_threads=n_threads) == 2
