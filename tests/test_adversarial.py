@@ -165,7 +165,8 @@ def construction_cases(cls, kwargs):
         Case("dtype-arg-object", lambda: ([_f64(3)], dict(dtype=object)), TypeError, "dtype"),
         Case("dtype-arg-nonsense", lambda: ([_f64(3)], dict(dtype="nonsense")), TypeError, "dtype"),
         Case("dtype-arg-complex", lambda: ([_f64(3)], dict(dtype=np.complex64)), TypeError, "dtype"),
-        Case("overlap-partial", lambda: ([a[:5], a[3:8]], {}), ValueError, r"params\[0\] and params\[1\] share memory"),
+        Case("overlap-partial", lambda: ([a[:5], a[3:8]], {}), ValueError,
+             r"params\[0\] and params\[1\] share memory"),
         Case("overlap-reshaped", lambda: ([a[:4], a[:4].reshape(2, 2)], {}), ValueError, "share memory"),
         Case("group-params-none", lambda: ([{"params": None}], {}), TypeError, r"param_groups\[0\]\['params'\]"),
         Case("group-params-int", lambda: ([{"params": [_f64(2)]}, {"params": 5}], {}), TypeError,
@@ -215,17 +216,19 @@ def step_cases(cls, kwargs):
         Case("grads-flat-object", lambda o: dict(grads=np.ones(SIZE, object)), TypeError, "grads"),
         Case("grads-flat-bool", lambda o: dict(grads=np.ones(SIZE, bool)), TypeError, "grads"),
         Case("grads-flat-empty", lambda o: dict(grads=np.ones(0)), ValueError, "grads must have length"),
-        Case("grads-flat-reversed", lambda o: dict(grads=np.ones(SIZE)[::-1]), ValueError, "grads must be C-contiguous"),
+        Case("grads-flat-reversed", lambda o: dict(grads=np.ones(SIZE)[::-1]), ValueError,
+             "grads must be C-contiguous"),
         Case("grads-flat-0d", lambda o: dict(grads=np.array(1.0)), ValueError, "grads must be 1-D"),
-        Case("grads-flat-state-view", lambda o: dict(grads=[v for v in o.state.values() if isinstance(v, np.ndarray)][0]),
-             ValueError, "grads must not share memory with state"),
+        Case("grads-flat-state-view", lambda o: dict(grads=arrays_of(o)[2]), ValueError,
+             "grads must not share memory with state"),
         Case("grads-scalar", lambda o: dict(grads=np.float64(1.0)), TypeError, "grads must be None"),
         Case("grads-dict", lambda o: dict(grads={"w": np.ones(3)}), TypeError, "grads must be None"),
         Case("grads-list-empty", lambda o: dict(grads=[]), ValueError, "grads must have 5 arrays"),
         Case("grads-list-none", lambda o: dict(grads=[np.ones(s) for s in SHAPES[:-1]] + [None]), TypeError,
              r"grads\[4\]"),
         Case("grads-list-bool", lambda o: dict(grads=[np.ones(s, bool) for s in SHAPES]), TypeError, r"grads\[0\]"),
-        Case("grads-list-object", lambda o: dict(grads=[np.ones(s, object) for s in SHAPES]), TypeError, r"grads\[0\]"),
+        Case("grads-list-object", lambda o: dict(grads=[np.ones(s, object) for s in SHAPES]), TypeError,
+             r"grads\[0\]"),
         Case("grads-list-transposed", lambda o: dict(grads=[np.ones(s) for s in SHAPES[1:]] + [np.ones((3, 4))]),
              ValueError, r"grads\[0\] must have shape"),
         Case("grads-list-swapped-views", lambda o: dict(grads=[o.grads[0], o.grads[2], o.grads[1]] + o.grads[3:]),
@@ -331,7 +334,8 @@ def _replace_group(o):
 
 def edit_cases(cls, kwargs):
     rows = [
-        Case("edit-delete-lr", lambda o: o.param_groups[1].pop("lr"), ValueError, r"param_groups\[1\] lacks \['lr'\]"),
+        Case("edit-delete-lr", lambda o: o.param_groups[1].pop("lr"), ValueError,
+             r"param_groups\[1\] lacks \['lr'\]"),
         Case("edit-append-group", _append_group, ValueError, "param_groups"),
         Case("edit-group-not-dict", _replace_group, TypeError, r"param_groups\[1\]"),
     ]
@@ -533,6 +537,10 @@ def _pack_swapped():
     return lambda: layout.pack([b, a], out=out), [out]
 
 
+def _pack_into(out):
+    return (lambda: _layout().pack([np.ones((2, 3)), np.ones(4)], out=out)), [out]
+
+
 def _call(f, *arrays):
     """A case's ``make`` result: the call and the arrays it must leave alone."""
     return f, list(arrays)
@@ -556,15 +564,19 @@ LAYOUT_CASES = [
     Case("flatten-dtype-float16", lambda: _call(lambda: flatopt.flatten([np.ones(2)], dtype="float16")),
          TypeError, "dtype"),
     Case("flatten-dtype-int", lambda: _call(lambda: flatopt.flatten([np.ones(2)], dtype=5)), TypeError, "dtype"),
-    Case("flatten-dtype-bool", lambda: _call(lambda: flatopt.flatten([np.ones(2)], dtype=np.bool_)), TypeError, "dtype"),
+    Case("flatten-dtype-bool", lambda: _call(lambda: flatopt.flatten([np.ones(2)], dtype=np.bool_)), TypeError,
+         "dtype"),
     Case("flatten-dtype-nonsense", lambda: _call(lambda: flatopt.flatten([np.ones(2)], dtype="nonsense")),
          TypeError, "dtype"),
     Case("layout-shapes-int", lambda: _call(lambda: flatopt.FlatLayout(5, np.float32)), TypeError, "shapes"),
-    Case("layout-shapes-str", lambda: _call(lambda: flatopt.FlatLayout(["ab"], np.float32)), TypeError, r"shapes\[0\]"),
-    Case("layout-shape-none", lambda: _call(lambda: flatopt.FlatLayout([None], np.float32)), TypeError, r"shapes\[0\]"),
+    Case("layout-shapes-str", lambda: _call(lambda: flatopt.FlatLayout(["ab"], np.float32)), TypeError,
+         r"shapes\[0\]"),
+    Case("layout-shape-none", lambda: _call(lambda: flatopt.FlatLayout([None], np.float32)), TypeError,
+         r"shapes\[0\]"),
     Case("layout-dim-float", lambda: _call(lambda: flatopt.FlatLayout([(3,), (2.5,)], np.float32)), TypeError,
          r"shapes\[1\]"),
-    Case("layout-dim-bool", lambda: _call(lambda: flatopt.FlatLayout([(True,)], np.float32)), TypeError, r"shapes\[0\]"),
+    Case("layout-dim-bool", lambda: _call(lambda: flatopt.FlatLayout([(True,)], np.float32)), TypeError,
+         r"shapes\[0\]"),
     Case("layout-dim-none", lambda: _call(lambda: flatopt.FlatLayout([(None, 2)], np.float32)), TypeError,
          r"shapes\[0\]"),
     Case("layout-too-big", lambda: _call(lambda: flatopt.FlatLayout([(2**62, 2**62)], np.float32)), ValueError,
@@ -582,14 +594,10 @@ LAYOUT_CASES = [
     Case("pack-count", lambda: _call(lambda: _layout().pack([np.zeros((2, 3))])), ValueError, "arrays"),
     Case("pack-complex", lambda: _call(lambda: _layout().pack([np.zeros((2, 3), complex), np.zeros(4)])), TypeError,
          r"arrays\[0\]"),
-    Case("pack-out-readonly", lambda: (lambda o: _call(lambda: _layout().pack([np.ones((2, 3)), np.ones(4)], out=o), o))(
-        _readonly(np.zeros(10))), ValueError, "out must be writable"),
-    Case("pack-out-float32", lambda: (lambda o: _call(lambda: _layout().pack([np.ones((2, 3)), np.ones(4)], out=o), o))(
-        np.zeros(10, np.float32)), TypeError, "out must have dtype"),
-    Case("pack-out-short", lambda: (lambda o: _call(lambda: _layout().pack([np.ones((2, 3)), np.ones(4)], out=o), o))(
-        np.zeros(9)), ValueError, "out must have length"),
-    Case("pack-out-strided", lambda: (lambda o: _call(lambda: _layout().pack([np.ones((2, 3)), np.ones(4)], out=o), o))(
-        np.zeros(20)[::2]), ValueError, "out must be C-contiguous"),
+    Case("pack-out-readonly", lambda: _pack_into(_readonly(np.zeros(10))), ValueError, "out must be writable"),
+    Case("pack-out-float32", lambda: _pack_into(np.zeros(10, np.float32)), TypeError, "out must have dtype"),
+    Case("pack-out-short", lambda: _pack_into(np.zeros(9)), ValueError, "out must have length"),
+    Case("pack-out-strided", lambda: _pack_into(np.zeros(20)[::2]), ValueError, "out must be C-contiguous"),
     Case("pack-swapped-views-of-out", _pack_swapped, ValueError, r"arrays\[0\] shares memory with out"),
 ]
 
