@@ -120,16 +120,7 @@ class FlatLayout:
             out = self.zeros()
         else:
             check_flat(out, "out", dtype=self.dtype, size=self.size)
-        views = self.split(out)
-        for i, (view, a) in enumerate(zip(views, arrays)):
-            # Copying one array at a time, an input that overlaps a later destination
-            # would be overwritten before it is read: refuse (an array that already is
-            # its own destination is fine, and left as it is).
-            if np.may_share_memory(a, out) and not _same_view(a, view) and np.shares_memory(a, out):
-                raise ValueError(f"arrays[{i}] shares memory with out at another place")
-        for view, a in zip(views, arrays):
-            if not _same_view(a, view):
-                np.copyto(view, a, casting="unsafe")
+        copy_into(self.split(out), arrays, out)
         return out
 
     def to_dict(self):
@@ -141,6 +132,26 @@ class FlatLayout:
         if not isinstance(d, dict) or set(d) != {"shapes", "dtype"}:
             raise ValueError(f"layout must be a dict with keys 'shapes' and 'dtype', got {describe(d)}")
         return cls(d["shapes"], d["dtype"])
+
+
+def copy_into(views, arrays, out, name="arrays"):
+    """Copy each of ``arrays`` into the matching view of the flat buffer ``out``.
+
+    Copying one array at a time, an input that views ``out`` at another place (swapped
+    views, say) would be overwritten before it is read: that raises, before any write.
+    An input that already is its own destination is left as it is. The common case (no
+    input inside ``out``) costs one ``np.may_share_memory`` per array.
+    """
+    in_place = set()
+    for i, a in enumerate(arrays):
+        if np.may_share_memory(a, out):
+            if _same_view(a, views[i]):
+                in_place.add(i)
+            elif np.shares_memory(a, out):
+                raise ValueError(f"{name}[{i}] shares memory with out at another place")
+    for i, (view, a) in enumerate(zip(views, arrays)):
+        if i not in in_place:
+            np.copyto(view, a, casting="unsafe")
 
 
 def _same_view(a, b):

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from ._dispatch import kernels
-from ._layout import FlatLayout, adopt, resolve_dtype
+from ._layout import FlatLayout, adopt, copy_into, resolve_dtype
 from ._norms import check_norm_type, flat_norm, norm_partials_buffer
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_fits, check_flat, check_real, describe
@@ -210,15 +210,8 @@ class Optimizer:
                 raise TypeError(f"grads[{i}] must have a real dtype, got {g.dtype}")
             if g.shape != shape:
                 raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
-            # Copied one by one into flat_grads, a view of flat_grads elsewhere than its
-            # own place would be read after being overwritten (swapped grads views).
-            if (np.may_share_memory(g, self.flat_grads) and g is not self.grads[i]
-                    and np.shares_memory(g, self.flat_grads)
-                    and not (g.strides == self.grads[i].strides
-                             and g.ctypes.data == self.grads[i].ctypes.data)):
-                raise ValueError(f"grads[{i}] is a view of flat_grads at the place of another "
-                                 "parameter; pass opt.grads itself, or copies")
-        self.layout.pack(grads, out=self.flat_grads)
+        # A view of flat_grads at another parameter's place (swapped views) is refused.
+        copy_into(self.grads, grads, self.flat_grads, "grads")
         return None
 
     def _buffers(self):
