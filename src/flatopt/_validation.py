@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_LARGEST = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
 
 
 def describe(x):
@@ -63,7 +64,7 @@ def check_fits(values, dtype, where):
     element into inf or nan. Bools and non-numbers are left to the other checks; tuples
     (such as ``betas``) are checked element by element.
     """
-    largest = float(np.finfo(dtype).max)
+    largest = _LARGEST[np.dtype(dtype)]
     for key, value in values.items():
         items = value if isinstance(value, tuple) else (value,)
         for v in items:
