@@ -341,3 +341,32 @@ def test_broken_steps_raise_and_write_nothing(case):
         opt.step(**call)
     assert_unchanged(arrays, before)
     assert opt.state["step"] == step
+
+
+# ---- read-only reductions: grad_norm and count_nonfinite -------------------------------------
+
+def numpy_norm(x, p):
+    x = np.abs(x.astype(np.float64))
+    if p == np.inf:
+        return x.max(initial=0.0)
+    return (x ** p).sum() ** (1.0 / p)
+
+
+@SETTINGS
+@given(bufs=buffers(n_buffers=2), p=st.sampled_from([1.0, 2.0, 3.0, 0.5, np.inf]),
+       scale=st.one_of(st.just(1.0), finite(-4, 4)))
+def test_grad_norm_and_count_nonfinite_match_numpy(bufs, p, scale):
+    """Any placement, NaN and inf included: the norm matches NumPy (to rounding, in
+    double), is bit-identical for 1 and 2 threads, and nothing is written."""
+    _, g = bufs
+    before = snapshot(g)
+    with np.errstate(all="ignore"):
+        expected = abs(scale) * numpy_norm(g, p)
+        got = {t: F.grad_norm(g, p, grad_scale=scale, n_threads=t) for t in (1, 2)}
+    if np.isnan(expected):
+        assert all(np.isnan(v) for v in got.values())
+    else:
+        assert got[1] == pytest.approx(expected, rel=1e-12, abs=1e-300)
+        assert got[1] == got[2]
+    assert F.count_nonfinite(g, n_threads=2) == np.count_nonzero(~np.isfinite(g))
+    assert_unchanged([g], before)
