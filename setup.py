@@ -12,6 +12,7 @@ Environment switches:
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,13 @@ def _probe_openmp(compiler, compile_flags, link_flags):
             f.write(OPENMP_TEST)
         objects = compiler.compile(["test_openmp.c"], output_dir="objs", extra_postargs=compile_flags)
         exe = "test_openmp" + (".exe" if sys.platform == "win32" else "")
-        compiler.link_executable(objects, "test_openmp", extra_postargs=link_flags)
+        # distutils links executables without $LDFLAGS; the probe needs them where the
+        # OpenMP runtime lives outside the default paths (macOS wheels: -L/-rpath to libomp).
+        env_ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+        if compiler.compiler_type == "msvc":
+            env_ldflags = []
+        compiler.link_executable(objects, "test_openmp", extra_preargs=env_ldflags,
+                                 extra_postargs=link_flags)
         out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[0]) >= 1
     except Exception as exc:  # any failure means: no usable OpenMP
@@ -175,6 +182,14 @@ class BuildExt(build_ext):
         isa_levels = ["baseline"] + [name.rsplit("_", 1)[1] for name in variants]
         self._write_build_config(use_openmp, speed + compile_flags, link_flags, isa_levels)
         super().build_extensions()
+
+    def copy_extensions_to_source(self):
+        # setuptools builds in-place (and editable) extensions in build_lib with
+        # self.inplace cleared, then copies them into the tree: the build record goes along.
+        super().copy_extensions_to_source()
+        record = os.path.join(self.build_lib, "flatopt", "_build_config.py")
+        if os.path.exists(record):
+            shutil.copyfile(record, os.path.join(ROOT, PKG, "_build_config.py"))
 
     def _write_build_config(self, use_openmp, cflags, ldflags, isa_levels):
         info = {

@@ -1,5 +1,6 @@
 """build_info() and show_config(): what this installation of flatopt is made of."""
 
+import os
 import sys
 
 from . import _dispatch
@@ -27,12 +28,47 @@ def _openmp_runtime():
     return "; ".join(f"{i['internal_api']} ({i['filepath']})" for i in libs)
 
 
+def _wheel_tag():
+    """The compressed tag set of the wheel this copy of flatopt was installed from.
+
+    For example ``cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64``, read from the
+    ``WHEEL`` file of the installed distribution. None when this copy was not installed from
+    a wheel: a source tree on ``sys.path``, an editable install, or a distribution whose
+    files are not the ones imported here.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("flatopt")
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        ours = os.path.realpath(__file__)
+        theirs = os.path.realpath(dist.locate_file(os.path.join("flatopt", "_config.py")))
+    except (OSError, TypeError, ValueError):  # pragma: no cover - exotic finders
+        return None
+    if os.path.normcase(ours) != os.path.normcase(theirs):
+        return None
+    wheel = dist.read_text("WHEEL") or ""
+    tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines()
+            if line.startswith("Tag:")]
+    if not tags:
+        return None
+    parts = [[], [], []]
+    for tag in tags:
+        for seen, part in zip(parts, tag.split("-")):
+            if part not in seen:
+                seen.append(part)
+    return "-".join(".".join(sorted(seen)) for seen in parts)
+
+
 def build_info():
     """A dict describing this build and how it runs here.
 
     Keys: version, OpenMP (compiled in, version, runtime library), compiler and flags,
-    the ISA level in use with the levels built and those this CPU supports, the serial
-    threshold and the default thread count.
+    the tag of the wheel it was installed from (None otherwise), the ISA level in use with
+    the levels built, installed and supported by this CPU, the serial threshold and the
+    default thread count.
     """
     return {
         "version": __version__,
@@ -44,7 +80,9 @@ def build_info():
         "ldflags": BUILD_CONFIG.get("ldflags"),
         "cython_debug": BUILD_CONFIG.get("cython_debug"),
         "platform": BUILD_CONFIG.get("platform"),
+        "wheel_tag": _wheel_tag(),
         "isa": _dispatch.ISA,
+        "isa_built": BUILD_CONFIG.get("isa_built"),
         "isa_available": _dispatch.available_levels(),
         "isa_supported": _dispatch.supported_levels(),
         "parallel_threshold": _dispatch.kernels.PARALLEL_THRESHOLD,
