@@ -25,8 +25,22 @@ cdef Py_ssize_t _PARALLEL_THRESHOLD = 32768
 PARALLEL_THRESHOLD = _PARALLEL_THRESHOLD
 
 
+# Set once a kernel has opened a parallel region: flatopt._threads reads it in a forked
+# child (GNU libgomp's thread pool does not survive fork, so that child must stay serial).
+cdef bint _parallel_used = False
+
+
+def parallel_used():
+    """True once any kernel of this module has run on more than one thread."""
+    return _parallel_used
+
+
 cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
-    return n_threads > 1 and n >= _PARALLEL_THRESHOLD
+    global _parallel_used
+    if n_threads > 1 and n >= _PARALLEL_THRESHOLD:
+        _parallel_used = True
+        return True
+    return False
 
 
 cdef inline floating _direction(floating g, floating p, floating scale,

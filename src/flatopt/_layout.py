@@ -1,6 +1,7 @@
 """Flat buffers: pack many arrays into one aligned 1-D buffer and hand back views."""
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,24 @@ def resolve_dtype(arrays, dtype, name="arrays"):
     return dtypes.pop() if dtypes else np.dtype(np.float64)
 
 
+def _check_shapes(shapes):
+    """``shapes`` as a tuple of tuples of non-negative ints, or raise naming the culprit."""
+    if isinstance(shapes, (str, bytes, np.ndarray)) or not hasattr(shapes, "__iter__"):
+        raise TypeError(f"shapes must be a sequence of shapes, got {describe(shapes)}")
+    result = []
+    for i, s in enumerate(shapes):
+        if isinstance(s, (str, bytes)) or not hasattr(s, "__iter__"):
+            raise TypeError(f"shapes[{i}] must be a sequence of ints, got {describe(s)}")
+        s = tuple(s)
+        for d in s:
+            if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+                raise TypeError(f"shapes[{i}] must be a sequence of ints, got {s!r}")
+            if d < 0:
+                raise ValueError(f"shapes[{i}] must have non-negative dimensions, got {s}")
+        result.append(tuple(int(d) for d in s))
+    return tuple(result)
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Shapes and dtype of arrays packed back to back in one flat buffer.
@@ -57,16 +76,16 @@ class FlatLayout:
     size: int = field(init=False)
 
     def __post_init__(self):
-        shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
-        for i, s in enumerate(shapes):
-            if any(d < 0 for d in s):
-                raise ValueError(f"shapes[{i}] must have non-negative dimensions, got {s}")
+        shapes = _check_shapes(self.shapes)
+        dtype = check_float_dtype(self.dtype)
         offsets, total = [], 0
         for s in shapes:
             offsets.append(total)
             total += math.prod(s)
+        if total * dtype.itemsize > np.iinfo(np.intp).max - ALIGNMENT:
+            raise ValueError(f"shapes describe {total} elements, too many to allocate")
         object.__setattr__(self, "shapes", shapes)
-        object.__setattr__(self, "dtype", check_float_dtype(self.dtype))
+        object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "offsets", tuple(offsets))
         object.__setattr__(self, "size", total)
 
@@ -99,8 +118,9 @@ class FlatLayout:
         resolve_dtype(arrays, self.dtype)
         if out is None:
             out = self.zeros()
-        for view, a in zip(self.split(out), arrays):
-            np.copyto(view, a, casting="unsafe")
+        else:
+            check_flat(out, "out", dtype=self.dtype, size=self.size)
+        copy_into(self.split(out), arrays, out)
         return out
 
     def to_dict(self):
@@ -111,7 +131,33 @@ class FlatLayout:
     def from_dict(cls, d):
         if not isinstance(d, dict) or set(d) != {"shapes", "dtype"}:
             raise ValueError(f"layout must be a dict with keys 'shapes' and 'dtype', got {describe(d)}")
-        return cls(tuple(tuple(s) for s in d["shapes"]), d["dtype"])
+        return cls(d["shapes"], d["dtype"])
+
+
+def copy_into(views, arrays, out, name="arrays"):
+    """Copy each of ``arrays`` into the matching view of the flat buffer ``out``.
+
+    Copying one array at a time, an input that views ``out`` at another place (swapped
+    views, say) would be overwritten before it is read: that raises, before any write.
+    An input that already is its own destination is left as it is. The common case (no
+    input inside ``out``) costs one ``np.may_share_memory`` per array.
+    """
+    in_place = set()
+    for i, a in enumerate(arrays):
+        if np.may_share_memory(a, out):
+            if _same_view(a, views[i]):
+                in_place.add(i)
+            elif np.shares_memory(a, out):
+                raise ValueError(f"{name}[{i}] shares memory with out at another place")
+    for i, (view, a) in enumerate(zip(views, arrays)):
+        if i not in in_place:
+            np.copyto(view, a, casting="unsafe")
+
+
+def _same_view(a, b):
+    """True if ``a`` and ``b`` are the same elements of memory, in the same order."""
+    return (a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def flatten(arrays, dtype=None):

@@ -52,6 +52,13 @@ class SGD(Optimizer):
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
+    def _check_loaded_state(self, groups, state):
+        # The buffer is created by the first step that uses momentum: it must be there
+        # exactly when a group's flag says it was initialised.
+        if any(state["momentum_buffer_initialized"]) and "momentum_buffer" not in state:
+            raise ValueError("state_dict['state'] lacks 'momentum_buffer', but "
+                             "'momentum_buffer_initialized' says it was initialised")
+
     def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
         momentum = group["momentum"]
         initialized = self.state["momentum_buffer_initialized"]

@@ -10,7 +10,7 @@ from ._validation import check_real
 
 def check_norm_type(norm_type):
     """``norm_type`` as a float > 0 (``inf`` allowed)."""
-    if norm_type == math.inf:
+    if isinstance(norm_type, (float, np.floating)) and norm_type == math.inf:
         return math.inf
     return check_real(norm_type, "norm_type", low=0.0, low_open=True)
 
@@ -36,4 +36,9 @@ def flat_norm(flat, norm_type, n_threads, partials=None):
     total = float(partials.sum())
     if norm_type == 2.0:
         return math.sqrt(total)
-    return total if norm_type == 1.0 else total ** (1.0 / norm_type)
+    if norm_type == 1.0:
+        return total
+    try:
+        return total ** (1.0 / norm_type)
+    except OverflowError:  # a small norm_type (p < 1): the norm is beyond the double range
+        return math.inf

@@ -14,10 +14,10 @@ import numbers
 import numpy as np
 
 from ._dispatch import kernels
-from ._layout import FlatLayout, adopt, resolve_dtype
+from ._layout import FlatLayout, adopt, copy_into, resolve_dtype
 from ._norms import check_norm_type, flat_norm, norm_partials_buffer
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_bool, check_flat, check_real, describe
+from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
 STATE_DICT_VERSION = 1
 
@@ -45,6 +45,9 @@ def _normalize_groups(params):
         arrays = group["params"]
         if isinstance(arrays, np.ndarray):
             arrays = [arrays]
+        if isinstance(arrays, (str, bytes, dict)) or not hasattr(arrays, "__iter__"):
+            raise TypeError(f"param_groups[{gi}]['params'] must be a sequence of arrays, "
+                            f"got {describe(arrays)}")
         arrays = list(arrays)
         if not arrays:
             raise ValueError(f"param_groups[{gi}]['params'] is empty")
@@ -93,7 +96,7 @@ class Optimizer:
         self.param_groups = []
         for gi, (_, overrides) in enumerate(groups):
             group = {**self.defaults, **overrides}
-            self._check(group, f"param_groups[{gi}]")
+            self._check_group(group, f"param_groups[{gi}]")
             self.param_groups.append(group)
 
         flat = adopt(arrays, self.layout)
@@ -119,6 +122,11 @@ class Optimizer:
         self._validated = [None] * len(self.param_groups)
         self._prepare()
 
+    def _check_group(self, group, where):
+        """Validate ``group``'s hyperparameters, then check they fit the buffers' dtype."""
+        self._check(group, where)
+        check_fits({k: group[k] for k in self._hyperparameters}, self.layout.dtype, where)
+
     # -- subclass interface -------------------------------------------------------------
     def _check(self, group, where="defaults"):
         """Validate the hyperparameters in ``group`` (a dict); raise naming ``where``."""
@@ -142,10 +150,25 @@ class Optimizer:
         Runs before any write; cheap when nothing changed (a tuple compare per group).
         """
         changed = False
+        if len(self.param_groups) != len(self._segments):
+            raise ValueError(f"param_groups must keep its {len(self._segments)} groups; "
+                             f"got {len(self.param_groups)} (groups cannot be added or removed)")
         for gi, group in enumerate(self.param_groups):
-            values = tuple(group[k] for k in self._hyperparameters)
-            if values != self._validated[gi]:
-                self._check(group, f"param_groups[{gi}]")
+            try:
+                # A list, not tuple(genexpr): CPython sizes that tuple by guessing and
+                # resizing, and the resized tuples pile up on its free list (88 bytes a
+                # step, up to 2000 steps, seen by tracemalloc in test_safety.py).
+                values = [group[k] for k in self._hyperparameters]
+                same = values == self._validated[gi]
+            except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
+                values, same = None, False
+            if not same:
+                if not isinstance(group, dict):
+                    raise TypeError(f"param_groups[{gi}] must be a dict, got {describe(group)}")
+                missing = [k for k in self._hyperparameters if k not in group]
+                if missing:
+                    raise ValueError(f"param_groups[{gi}] lacks {missing}")
+                self._check_group(group, f"param_groups[{gi}]")
                 self._validated[gi] = values
                 changed = True
         if not changed:
@@ -187,7 +210,8 @@ class Optimizer:
                 raise TypeError(f"grads[{i}] must have a real dtype, got {g.dtype}")
             if g.shape != shape:
                 raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
-        self.layout.pack(grads, out=self.flat_grads)
+        # A view of flat_grads at another parameter's place (swapped views) is refused.
+        copy_into(self.grads, grads, self.flat_grads, "grads")
         return None
 
     def _buffers(self):
@@ -208,8 +232,9 @@ class Optimizer:
         and state stay bit-identical, :attr:`skipped_steps` counts it. Returns True when
         the step was taken, False when it was skipped.
         """
-        if grad_scale != 1.0:
+        if type(grad_scale) is not float or grad_scale != 1.0:
             grad_scale = check_real(grad_scale, "grad_scale")
+            check_fits({"grad_scale": grad_scale}, self.layout.dtype, "step")
         if skip_if_nonfinite is not False:
             check_bool(skip_if_nonfinite, "skip_if_nonfinite")
         self._prepare()
@@ -289,17 +314,26 @@ class Optimizer:
         expected = {"optimizer", "version", "layout", "segments", "param_groups", "state"}
         if set(d) != expected:
             raise ValueError(f"state_dict must have keys {sorted(expected)}, got {sorted(d)}")
-        if d["optimizer"] != type(self).__name__:
+        if not isinstance(d["optimizer"], str) or d["optimizer"] != type(self).__name__:
             raise ValueError(f"state_dict is for optimizer {d['optimizer']!r}, not {type(self).__name__!r}")
-        if d["version"] != STATE_DICT_VERSION:
-            raise ValueError(f"state_dict version must be {STATE_DICT_VERSION}, got {d['version']!r}")
-        layout = FlatLayout.from_dict(d["layout"])
+        version = d["version"]
+        if type(version) is not int or version != STATE_DICT_VERSION:
+            raise ValueError(f"state_dict version must be {STATE_DICT_VERSION}, got {version!r}")
+        try:
+            layout = FlatLayout.from_dict(d["layout"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"state_dict layout is invalid: {exc}") from None
         if layout != self.layout:
             raise ValueError(
                 f"state_dict layout ({layout.dtype}, {len(layout)} arrays, {layout.size} elements) "
                 f"does not match this optimizer's ({self.layout.dtype}, {len(self.layout)} arrays, "
                 f"{self.layout.size} elements)")
-        if [tuple(s) for s in d["segments"]] != self._segments:
+        segments = d["segments"]
+        try:
+            same = [tuple(int(x) for x in s) for s in segments] == self._segments
+        except (TypeError, ValueError):  # not a list of pairs of ints
+            same = False
+        if not isinstance(segments, list) or not same:
             raise ValueError(f"state_dict segments {d['segments']} do not match this optimizer's parameter groups")
         groups = d["param_groups"]
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
@@ -310,13 +344,16 @@ class Optimizer:
             missing = set(self._hyperparameters) - set(group)
             if missing:
                 raise ValueError(f"state_dict param_groups[{gi}] lacks {sorted(missing)}")
-            self._check(group, f"state_dict param_groups[{gi}]")
+            self._check_group(group, f"state_dict param_groups[{gi}]")
         state = d["state"]
         if not isinstance(state, dict):
             raise TypeError(f"state_dict['state'] must be a dict, got {describe(state)}")
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"state_dict['state']['step'] must be an int >= 0, got {step!r}")
+        missing = [k for k in self._plain_state if k not in state]
+        if missing:
+            raise ValueError(f"state_dict['state'] lacks {missing}")
         allowed = self._state_keys()
         for key, value in state.items():
             if key == "step":
@@ -328,6 +365,8 @@ class Optimizer:
             else:
                 check_flat(value, f"state_dict['state'][{key!r}]", dtype=self.layout.dtype,
                            size=self.layout.size, writable=False)
+
+        self._check_loaded_state(groups, state)
 
         # Everything is valid: apply.
         for gi, group in enumerate(groups):
@@ -346,6 +385,21 @@ class Optimizer:
                 np.copyto(self.state[key], value)
         self._validated = [None] * len(self.param_groups)
         self._prepare()
+
+    def _check_loaded_state(self, groups, state):
+        """Raise if a state buffer the loaded groups need is missing from ``state``.
+
+        After the first step every buffer a group's hyperparameters need exists; one
+        missing from a checkpoint would silently restart from zeros. Subclasses whose
+        buffers are legitimately created later (SGD's momentum) override this.
+        """
+        if state["step"] == 0:
+            return
+        for gi, group in enumerate(groups):
+            missing = [k for k in self._state_names(group) if k not in state]
+            if missing:
+                raise ValueError(f"state_dict['state'] lacks {missing}, needed by param_groups[{gi}] "
+                                 f"at step {state['step']}")
 
     # Non-array state entries (per-group flags), declared by subclasses.
     _plain_state = ()

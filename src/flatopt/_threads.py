@@ -2,10 +2,30 @@
 
 import contextlib
 import numbers
+import os
+import sys
 
 from ._openmp_helpers import omp_max_threads, openmp_enabled
 
 _default_n_threads = None  # set by set_num_threads(); None follows OpenMP
+MAX_THREADS = 2**31 - 1    # the kernels take a C int
+
+# True in a child created by os.fork() after this process ran a parallel region. GNU
+# libgomp keeps its thread pool across fork() although the threads do not survive it, so
+# the child's next parallel region waits forever for them; such a child runs serially.
+_serial_after_fork = False
+
+
+def _after_fork_in_child():
+    global _serial_after_fork
+    kernel_modules = [m for name, m in list(sys.modules.items())
+                      if name.startswith("flatopt._kernels") and hasattr(m, "parallel_used")]
+    if any(m.parallel_used() for m in kernel_modules):
+        _serial_after_fork = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def check_n_threads(n_threads, name="n_threads"):
@@ -14,8 +34,9 @@ def check_n_threads(n_threads, name="n_threads"):
         return None
     if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
         raise TypeError(f"{name} must be None or a positive int, got {n_threads!r}")
-    if n_threads < 1:
-        raise ValueError(f"{name} must be None or a positive int, got {n_threads!r}")
+    if not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"{name} must be None or a positive int (at most {MAX_THREADS}), "
+                         f"got {n_threads!r}")
     return int(n_threads)
 
 
@@ -25,9 +46,11 @@ def effective_n_threads(n_threads=None):
     ``None`` means the default: the value of :func:`set_num_threads` if one was set,
     otherwise ``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS`` and
     threadpoolctl limits. A serial build always uses 1 thread. ``n_threads`` must already
-    be validated (see :func:`check_n_threads`).
+    be validated (see :func:`check_n_threads`). In a child forked after a parallel
+    region the answer is 1 (see ``_serial_after_fork``); results are the same for any
+    thread count.
     """
-    if not openmp_enabled():
+    if not openmp_enabled() or _serial_after_fork:
         return 1
     if n_threads is None:
         n_threads = _default_n_threads

@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_LARGEST = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
 
 
 def describe(x):
@@ -37,7 +38,12 @@ def check_real(value, name, *, low=None, high=None, low_open=False, high_open=Fa
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int (or Fraction) beyond the double range
+        text = repr(value)
+        text = text if len(text) <= 24 else text[:12] + "..." + text[-6:]
+        raise ValueError(f"Invalid {name}: {text} (too large to be finite)") from None
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
     below = low is not None and (value <= low if low_open else value < low)
@@ -48,6 +54,29 @@ def check_real(value, name, *, low=None, high=None, low_open=False, high_open=Fa
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise ValueError(f"Invalid {name}: {value} (must be in {interval})")
     return value
+
+
+def check_fits(values, dtype, where):
+    """Raise if a real hyperparameter in ``values`` (a dict) overflows ``dtype``.
+
+    The kernels cast their scalars to the buffer's dtype, so a value that is finite as a
+    double but beyond float32's range (about 3.4e38) would become inf and turn every
+    element into inf or nan. Bools and non-numbers are left to the other checks; tuples
+    (such as ``betas``) are checked element by element.
+    """
+    largest = _LARGEST[np.dtype(dtype)]
+    for key, value in values.items():
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                continue
+            try:
+                too_big = abs(float(v)) > largest
+            except OverflowError:
+                too_big = True
+            if too_big:
+                raise ValueError(f"Invalid {where} {key}: {v!r} (overflows {np.dtype(dtype).name}, "
+                                 f"whose largest value is {largest:.7g})")
 
 
 def check_bool(value, name):

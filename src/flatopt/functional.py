@@ -10,7 +10,7 @@ from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
 from ._norms import check_norm_type, flat_norm
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_flat, check_no_overlap, check_real, check_step
+from ._validation import check_fits, check_flat, check_no_overlap, check_real, check_step
 
 
 def _check_buffers(param, grad, **state):
@@ -46,6 +46,8 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, step, momentum=0.0, dampening
     else:
         _check_buffers(param, grad)
         momentum_buffer = param[:0]
+    check_fits(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    grad_scale=grad_scale), param.dtype, "sgd_")
     kernels.sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
                  nesterov, maximize, step == 1, grad_scale, n_threads)
 
@@ -56,6 +58,7 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
     check_momentum(dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), "momentum_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, momentum_buffer=momentum_buffer)
+    check_fits(dict(lr=lr, weight_decay=weight_decay, grad_scale=grad_scale), param.dtype, "momentum_")
     kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
                       grad_scale, n_threads)
 
