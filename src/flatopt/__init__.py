@@ -15,6 +15,6 @@ from ._version import __version__
 
 __all__ = [
     "Adadelta", "Adagrad", "Adam", "AdamW", "FlatLayout", "Momentum", "Optimizer", "RMSprop",
-    "SGD", "__version__", "build_info", "flatten", "functional", "get_num_threads", "num_threads", "openmp_enabled", "set_num_threads",
-    "show_config",
+    "SGD", "__version__", "build_info", "flatten", "functional", "get_num_threads",
+    "num_threads", "openmp_enabled", "set_num_threads", "show_config",
 ]
