@@ -7,7 +7,7 @@ group needs; the :class:`~flatopt.Optimizer` base does the rest. The formulas li
 
 from ._dispatch import kernels
 from ._optimizer import Optimizer
-from ._validation import check_bool, check_real, describe
+from ._validation import check_bool, check_real
 
 
 def _check_common(group, where, eps_name="eps"):
@@ -21,7 +21,7 @@ def _check_common(group, where, eps_name="eps"):
 def check_betas(betas, where):
     """Return ``betas`` as a pair of floats, each in [0, 1)."""
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
-        raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {describe(betas)}")
+        raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
     return tuple(check_real(b, f"{where} betas[{k}]", low=0.0, high=1.0, high_open=True)
                  for k, b in enumerate(betas))
 

@@ -143,7 +143,7 @@ class Optimizer:
         """
         changed = False
         for gi, group in enumerate(self.param_groups):
-            values = tuple(group[k] for k in self._hyperparameters)
+            values = tuple(_cache_key(group[k]) for k in self._hyperparameters)
             if values != self._validated[gi]:
                 self._check(group, f"param_groups[{gi}]")
                 self._validated[gi] = values
@@ -366,6 +366,15 @@ class Optimizer:
             lines.append(f"  group {gi}: " + ", ".join(
                 f"{k}={group[k]!r}" for k in self._hyperparameters))
         return "\n".join(lines)
+
+
+def _cache_key(value):
+    """What ``_prepare`` remembers of a validated hyperparameter: its type as well as its
+    value (``1 == True``, yet only a bool is a valid flag), and sequences (such as a list
+    of ``betas``) by content, so that changing one in place is noticed too."""
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_cache_key(v) for v in value))
+    return (type(value), value)
 
 
 def _copy_plain(value):
