@@ -12,6 +12,7 @@ Three layers of evidence:
    hyperparameters without touching any buffer, dtype preservation.
 """
 
+import importlib
 import itertools
 import pickle
 
@@ -20,6 +21,7 @@ import pytest
 
 import flatopt
 import reference_adaptive as ref
+from flatopt import _dispatch
 from flatopt import functional as F
 from flatopt._kernels import PARALLEL_THRESHOLD
 
@@ -158,6 +160,32 @@ def test_kernel_matches_twin(case, dtype, n, tmp_path):
         assert_bits_equal(param, param_ref, f"param, n_threads={n_threads}")
         for name in state:
             assert_bits_equal(state[name], state_ref[name], f"{name}, n_threads={n_threads}")
+
+
+@pytest.mark.parametrize("level", _dispatch.supported_levels())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_every_isa_build_matches_twin(case, dtype, level, tmp_path, monkeypatch):
+    # The test above runs the kernels the dispatcher picked for this CPU; here every
+    # build this CPU can run (baseline, avx2, avx512) meets the twin, 10 steps.
+    _, kernel, hp, grad_scale, init = case
+    state_names, fast, slow = KERNELS[kernel]
+    monkeypatch.setattr(F, "kernels", importlib.import_module(_dispatch.MODULES[level]))
+    n = PARALLEL_THRESHOLD + 17
+    dtype = np.dtype(dtype)
+    grads = _readonly_grads(tmp_path, n, dtype)
+    p0 = np.random.default_rng(1).standard_normal(n).astype(dtype)
+    results = []
+    for run in (slow, fast):
+        param, state = p0.copy(), {name: np.full(n, init, dtype) for name in state_names(hp)}
+        for step in range(1, 11):
+            if run is slow:
+                slow(param, grads[step % 3], state, step, hp, grad_scale)
+            else:
+                fast(param, grads[step % 3], state, step, hp, grad_scale, 2)
+        results.append([param] + list(state.values()))
+    for got, want in zip(results[1], results[0]):
+        assert_bits_equal(got, want, level)
 
 
 # -- 2. classes vs torch.optim --------------------------------------------------------------
