@@ -230,7 +230,7 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating p, d, m, v
+    cdef floating p, d, m, v, v_max
     for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
                     use_threads_if=_use_threads(n, n_threads)):
         p = param[i]
@@ -241,8 +241,9 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
         exp_avg[i] = m
         exp_avg_sq[i] = v
         if amsgrad:
-            if max_exp_avg_sq[i] > v:
-                v = max_exp_avg_sq[i]
+            v_max = max_exp_avg_sq[i]
+            if v_max > v:
+                v = v_max
             max_exp_avg_sq[i] = v
         param[i] = p + (neg_step_size * m) / (_sqrt(v) / bc2_sqrt + eps_)
 
