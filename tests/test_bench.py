@@ -29,7 +29,11 @@ def test_numpy_baseline_matches_flatopt(name, dtype):
         opt.step()
         numpy_step()
     rtol = 2e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(opt.flat_params, p_np, rtol=rtol)
+    # Adam-like steps move every element by ~lr whatever its size, so an element passing
+    # near zero keeps a few float32 ulps of the step (~1e-9) as absolute difference, which
+    # no rtol accepts; atol covers that and is far below rtol * |p| for the rest.
+    atol = 1e-8 if dtype == np.float32 else 0.0
+    np.testing.assert_allclose(opt.flat_params, p_np, rtol=rtol, atol=atol)
 
 
 def test_model_cases_have_168_tensors():

@@ -5,6 +5,7 @@ is one fused kernel call (OpenMP, float32/float64) whatever the number of tensor
 """
 
 from . import functional
+from ._adaptive import Adadelta, Adagrad, Adam, AdamW, RMSprop
 from ._config import build_info, show_config
 from ._layout import FlatLayout, flatten
 from ._momentum import SGD, Momentum
@@ -13,7 +14,7 @@ from ._threads import get_num_threads, num_threads, openmp_enabled, set_num_thre
 from ._version import __version__
 
 __all__ = [
-    "FlatLayout", "Momentum", "Optimizer", "SGD", "__version__", "build_info", "flatten",
-    "functional", "get_num_threads", "num_threads", "openmp_enabled", "set_num_threads",
-    "show_config",
+    "Adadelta", "Adagrad", "Adam", "AdamW", "FlatLayout", "Momentum", "Optimizer", "RMSprop",
+    "SGD", "__version__", "build_info", "flatten", "functional", "get_num_threads",
+    "num_threads", "openmp_enabled", "set_num_threads", "show_config",
 ]

@@ -189,3 +189,166 @@ def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
     for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
                     use_threads_if=_use_threads(n, n_threads)):
         a_out[i] = a_out[i] + b[i]
+
+
+# -- the adaptive family ----------------------------------------------------------------------
+# Element formulas follow torch.optim's single-tensor implementations operation for
+# operation (torch 2.x): ``mul_(b).addcmul_(g, g, value=c)`` is ``s*b + (c*g)*g``,
+# ``addcdiv_(t1, t2, value=v)`` is ``p + (v*t1)/t2``, ``lerp_`` is ``_lerp`` below, and eps
+# is added after the square root (Adam, RMSprop, Adagrad). Step-dependent scalars (bias
+# corrections, Adagrad's decayed lr) are computed once per call in double, then cast.
+
+from libc.math cimport sqrt, sqrtf
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    """Square root in the buffer's precision (sqrtf keeps float32 loops float32-wide)."""
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline floating _lerp(floating start, floating end, floating weight,
+                           floating one_minus_weight, bint small) noexcept nogil:
+    """torch.lerp: ``start + w*(end-start)`` when ``|w| < 0.5``, else
+    ``end - (end-start)*(1-w)``; ``small`` and ``1-w`` are computed once per call."""
+    if small:
+        return start + weight * (end - start)
+    return end - (end - start) * one_minus_weight
+
+
+cdef inline floating _square_avg(floating s, floating d, floating a, floating c) noexcept nogil:
+    """``s.mul_(a).addcmul_(d, d, value=c)`` for one element."""
+    return s * a + (c * d) * d
+
+
+def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+         floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t step,
+         double lr, double beta1, double beta2, double eps, double weight_decay,
+         bint amsgrad, bint decoupled, bint maximize, double grad_scale, int n_threads):
+    """torch.optim.Adam / AdamW (``decoupled``), in place, for the 1-based ``step``.
+
+    ``max_exp_avg_sq`` is unused (may be empty) unless ``amsgrad``.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double bias_correction1 = 1.0 - beta1 ** step
+    cdef double bias_correction2 = 1.0 - beta2 ** step
+    cdef floating neg_step_size = -(lr / bias_correction1)
+    cdef floating bc2_sqrt = sqrt(bias_correction2)
+    cdef floating eps_ = eps, b2 = beta2, c2 = 1.0 - beta2
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    # Decoupled decay multiplies the parameter by (1 - lr*wd); by exactly 1 otherwise.
+    cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef floating wd = 0.0 if decoupled else weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating p, d, m, v, v_max
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        if amsgrad:
+            v_max = max_exp_avg_sq[i]
+            if v_max > v:
+                v = v_max
+            max_exp_avg_sq[i] = v
+        param[i] = p + (neg_step_size * m) / (_sqrt(v) / bc2_sqrt + eps_)
+
+
+def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
+            floating[::1] grad_avg, floating[::1] momentum_buffer, double lr, double alpha,
+            double eps, double weight_decay, double momentum, bint centered, bint maximize,
+            double grad_scale, int n_threads):
+    """torch.optim.RMSprop, in place. ``grad_avg`` is unused (may be empty) unless
+    ``centered``; ``momentum_buffer`` unless ``momentum > 0``.
+
+    One loop per (centered, momentum) variant: gcc does not unswitch a loop with two
+    conditional stores, and a loop with a conditional store does not vectorise.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating neg_lr = -lr, a = alpha, c = 1.0 - alpha, eps_ = eps, mom = momentum
+    cdef floating one_minus_c = 1 - c
+    cdef bint small = c < 0.5
+    cdef floating wd = weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, s, ga, b
+    cdef bint threads = _use_threads(n, n_threads)
+    if centered and momentum > 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=threads):
+            d = _direction(grad[i], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, a, c)
+            square_avg[i] = s
+            ga = _lerp(grad_avg[i], d, c, one_minus_c, small)
+            grad_avg[i] = ga
+            b = momentum_buffer[i] * mom + d / (_sqrt(s - ga * ga) + eps_)
+            momentum_buffer[i] = b
+            param[i] = param[i] + neg_lr * b
+    elif centered:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=threads):
+            d = _direction(grad[i], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, a, c)
+            square_avg[i] = s
+            ga = _lerp(grad_avg[i], d, c, one_minus_c, small)
+            grad_avg[i] = ga
+            param[i] = param[i] + (neg_lr * d) / (_sqrt(s - ga * ga) + eps_)
+    elif momentum > 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=threads):
+            d = _direction(grad[i], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, a, c)
+            square_avg[i] = s
+            b = momentum_buffer[i] * mom + d / (_sqrt(s) + eps_)
+            momentum_buffer[i] = b
+            param[i] = param[i] + neg_lr * b
+    else:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=threads):
+            d = _direction(grad[i], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, a, c)
+            square_avg[i] = s
+            param[i] = param[i] + (neg_lr * d) / (_sqrt(s) + eps_)
+
+
+def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
+             floating[::1] acc_delta, double lr, double rho, double eps, double weight_decay,
+             bint maximize, double grad_scale, int n_threads):
+    """torch.optim.Adadelta, in place."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating neg_lr = -lr, r = rho, c = 1.0 - rho, eps_ = eps, wd = weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, s, delta, acc
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = _direction(grad[i], param[i], scale, wd)
+        s = _square_avg(square_avg[i], d, r, c)
+        square_avg[i] = s
+        acc = acc_delta[i]
+        delta = _sqrt(acc + eps_) / _sqrt(s + eps_) * d
+        acc_delta[i] = _square_avg(acc, delta, r, c)
+        param[i] = param[i] + neg_lr * delta
+
+
+def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] state_sum,
+            Py_ssize_t step, double lr, double lr_decay, double eps, double weight_decay,
+            bint maximize, double grad_scale, int n_threads):
+    """torch.optim.Adagrad, in place, for the 1-based ``step`` (decays the lr)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double clr = lr / (1.0 + (step - 1) * lr_decay)
+    cdef floating neg_clr = -clr, eps_ = eps, wd = weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, s
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = _direction(grad[i], param[i], scale, wd)
+        s = state_sum[i] + d * d
+        state_sum[i] = s
+        param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)

@@ -6,6 +6,7 @@ kernel. ``grad`` is only read (it may be read-only or memory-mapped); ``grad_sca
 multiplies it on the fly. Nothing is written unless every check passes.
 """
 
+from ._adaptive import check_adadelta, check_adagrad, check_adam, check_rmsprop
 from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
 from ._norms import check_norm_type, flat_norm
@@ -81,4 +82,84 @@ def count_nonfinite(x, *, n_threads=None):
     return kernels.count_nonfinite(x, effective_n_threads(check_n_threads(n_threads)))
 
 
-__all__ = ["sgd_", "momentum_", "grad_norm", "count_nonfinite"]
+def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
+          amsgrad=False, max_exp_avg_sq=None, decoupled=False, maximize=False, grad_scale=1.0,
+          n_threads=None):
+    """One torch.optim.Adam step (AdamW with ``decoupled``), in place on ``param`` and state.
+
+    ``step`` is the 1-based step number used for the bias corrections ``1 - beta**step``.
+    ``max_exp_avg_sq`` is required when ``amsgrad`` and ignored otherwise.
+    """
+    check_adam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                    amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled),
+               "adam_")
+    step = check_step(step)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("max_exp_avg_sq is required when amsgrad=True, got None")
+        _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                       max_exp_avg_sq=max_exp_avg_sq)
+    else:
+        _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        max_exp_avg_sq = param[:0]
+    kernels.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
+                  eps, weight_decay, amsgrad, decoupled, maximize, grad_scale, n_threads)
+
+
+def rmsprop_(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr, alpha, eps,
+             weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=1.0,
+             n_threads=None):
+    """One torch.optim.RMSprop step, in place on ``param`` and state.
+
+    ``grad_avg`` is required when ``centered`` and ``momentum_buffer`` when
+    ``momentum > 0``; each is ignored otherwise.
+    """
+    check_rmsprop(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                       momentum=momentum, centered=centered, maximize=maximize), "rmsprop_")
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    state = {"square_avg": square_avg}
+    if centered:
+        if grad_avg is None:
+            raise ValueError("grad_avg is required when centered=True, got None")
+        state["grad_avg"] = grad_avg
+    if momentum > 0:
+        if momentum_buffer is None:
+            raise ValueError("momentum_buffer is required when momentum > 0, got None")
+        state["momentum_buffer"] = momentum_buffer
+    _check_buffers(param, grad, **state)
+    kernels.rmsprop(param, grad, square_avg, grad_avg if centered else param[:0],
+                     momentum_buffer if momentum > 0 else param[:0], lr, alpha, eps,
+                     weight_decay, momentum, centered, maximize, grad_scale, n_threads)
+
+
+def adadelta_(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay=0.0,
+              maximize=False, grad_scale=1.0, n_threads=None):
+    """One torch.optim.Adadelta step, in place on ``param``, ``square_avg``, ``acc_delta``."""
+    check_adadelta(dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
+                   "adadelta_")
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, square_avg=square_avg, acc_delta=acc_delta)
+    kernels.adadelta(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, maximize,
+                      grad_scale, n_threads)
+
+
+def adagrad_(param, grad, state_sum, *, step, lr, eps, lr_decay=0.0, weight_decay=0.0,
+             maximize=False, grad_scale=1.0, n_threads=None):
+    """One torch.optim.Adagrad step, in place on ``param`` and ``state_sum``.
+
+    ``step`` is the 1-based step number: the learning rate used is
+    ``lr / (1 + (step-1)*lr_decay)``. Initialise ``state_sum`` to the initial accumulator
+    value before the first step.
+    """
+    check_adagrad(dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                       initial_accumulator_value=0.0, maximize=maximize), "adagrad_")
+    step = check_step(step)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, state_sum=state_sum)
+    kernels.adagrad(param, grad, state_sum, step, lr, lr_decay, eps, weight_decay, maximize,
+                     grad_scale, n_threads)
+
+
+__all__ = ["sgd_", "momentum_", "adam_", "rmsprop_", "adadelta_", "adagrad_", "grad_norm",
+           "count_nonfinite"]

@@ -1,0 +1,211 @@
+"""The adaptive family: torch.optim's Adam, AdamW, RMSprop, Adadelta and Adagrad.
+
+Each class declares its hyperparameters, how to check them and which state buffers a
+group needs; the :class:`~flatopt.Optimizer` base does the rest. The formulas live in
+``_kernels.pyx`` only.
+"""
+
+from ._dispatch import kernels
+from ._optimizer import Optimizer
+from ._validation import check_bool, check_real
+
+
+def _check_common(group, where, eps_name="eps"):
+    """lr >= 0, eps > 0, weight_decay >= 0, maximize a bool (every adaptive optimizer)."""
+    check_real(group["lr"], f"{where} lr", low=0.0)
+    check_real(group[eps_name], f"{where} {eps_name}", low=0.0, low_open=True)
+    check_real(group["weight_decay"], f"{where} weight_decay", low=0.0)
+    check_bool(group["maximize"], f"{where} maximize")
+
+
+def check_betas(betas, where):
+    """Return ``betas`` as a pair of floats, each in [0, 1)."""
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
+    return tuple(check_real(b, f"{where} betas[{k}]", low=0.0, high=1.0, high_open=True)
+                 for k, b in enumerate(betas))
+
+
+def check_adam(group, where="Adam"):
+    """Validate Adam/AdamW hyperparameters: torch's rules, plus eps > 0 and finiteness."""
+    _check_common(group, where)
+    check_betas(group["betas"], where)
+    check_bool(group["amsgrad"], f"{where} amsgrad")
+    check_bool(group["decoupled_weight_decay"], f"{where} decoupled_weight_decay")
+
+
+def check_rmsprop(group, where="RMSprop"):
+    """Validate RMSprop hyperparameters: alpha in [0, 1], momentum >= 0, eps > 0."""
+    _check_common(group, where)
+    check_real(group["alpha"], f"{where} alpha", low=0.0, high=1.0)
+    check_real(group["momentum"], f"{where} momentum", low=0.0)
+    check_bool(group["centered"], f"{where} centered")
+
+
+def check_adadelta(group, where="Adadelta"):
+    """Validate Adadelta hyperparameters: rho in [0, 1], eps > 0."""
+    _check_common(group, where)
+    check_real(group["rho"], f"{where} rho", low=0.0, high=1.0)
+
+
+def check_adagrad(group, where="Adagrad"):
+    """Validate Adagrad hyperparameters: lr_decay >= 0, initial_accumulator_value >= 0,
+    eps > 0."""
+    _check_common(group, where)
+    check_real(group["lr_decay"], f"{where} lr_decay", low=0.0)
+    check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
+
+
+class Adam(Optimizer):
+    """Adam with torch.optim.Adam's exact semantics (and AMSGrad, AdamW).
+
+    ``m = lerp(m, g, 1-beta1)``, ``v = beta2*v + (1-beta2)*g*g``, then
+    ``p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`` with the bias corrections
+    ``bc = 1 - beta**step``; eps is added after the square root. With ``amsgrad`` the
+    running maximum of ``v`` is used instead of ``v`` (state ``max_exp_avg_sq``, allocated
+    only then). ``weight_decay`` is added to the gradient (L2) or, with
+    ``decoupled_weight_decay``, applied as ``p *= 1 - lr*weight_decay`` (AdamW).
+    """
+
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                        "decoupled_weight_decay")
+    _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 n_threads=None, dtype=None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    def _check(self, group, where=None):
+        check_adam(group, where or type(self).__name__)
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        param = seg["param"]
+        kernels.adam(param, grad, seg["exp_avg"], seg["exp_avg_sq"],
+                      seg["max_exp_avg_sq"] if amsgrad else param[:0], step, group["lr"],
+                      beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
+                      group["decoupled_weight_decay"], group["maximize"], grad_scale, n_threads)
+
+
+class AdamW(Adam):
+    """AdamW: :class:`Adam` with decoupled weight decay (default 1e-2), as torch.optim.AdamW.
+
+    ``p *= 1 - lr*weight_decay`` before the Adam update; the decay never enters the
+    moment estimates.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, n_threads=None, dtype=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, n_threads=n_threads, dtype=dtype)
+
+
+class RMSprop(Optimizer):
+    """RMSprop with torch.optim.RMSprop's exact semantics.
+
+    ``s = alpha*s + (1-alpha)*g*g``; the step divides ``g`` by ``sqrt(s) + eps`` (eps
+    after the square root). ``centered`` subtracts the square of a running mean of ``g``
+    (state ``grad_avg``) from ``s`` first; ``momentum > 0`` accumulates the scaled step in
+    ``momentum_buffer`` (``buf = momentum*buf + g/avg; p -= lr*buf``). Each of these
+    buffers is allocated only when its option is on.
+    """
+
+    _hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+    _all_state_names = ("square_avg", "grad_avg", "momentum_buffer")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False, n_threads=None, dtype=None):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered, maximize=maximize)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    def _check(self, group, where="RMSprop"):
+        check_rmsprop(group, where)
+
+    def _state_names(self, group):
+        return (("square_avg",) + (("grad_avg",) if group["centered"] else ())
+                + (("momentum_buffer",) if group["momentum"] > 0 else ()))
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        param = seg["param"]
+        centered, momentum = group["centered"], group["momentum"]
+        kernels.rmsprop(param, grad, seg["square_avg"],
+                         seg["grad_avg"] if centered else param[:0],
+                         seg["momentum_buffer"] if momentum > 0 else param[:0],
+                         group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                         momentum, centered, group["maximize"], grad_scale, n_threads)
+
+
+class Adadelta(Optimizer):
+    """Adadelta with torch.optim.Adadelta's exact semantics (default lr 1.0).
+
+    ``s = rho*s + (1-rho)*g*g``; ``delta = sqrt(acc + eps) / sqrt(s + eps) * g``;
+    ``acc = rho*acc + (1-rho)*delta*delta``; ``p -= lr*delta``.
+    """
+
+    _hyperparameters = ("lr", "rho", "eps", "weight_decay", "maximize")
+    _all_state_names = ("square_avg", "acc_delta")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, n_threads=None, dtype=None):
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    def _check(self, group, where="Adadelta"):
+        check_adadelta(group, where)
+
+    def _state_names(self, group):
+        return ("square_avg", "acc_delta")
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        kernels.adadelta(seg["param"], grad, seg["square_avg"], seg["acc_delta"], group["lr"],
+                          group["rho"], group["eps"], group["weight_decay"], group["maximize"],
+                          grad_scale, n_threads)
+
+
+class Adagrad(Optimizer):
+    """Adagrad with torch.optim.Adagrad's exact semantics.
+
+    ``sum += g*g``; ``p -= clr * g / (sqrt(sum) + eps)`` with the decayed learning rate
+    ``clr = lr / (1 + (step-1)*lr_decay)``. ``sum`` starts at each group's
+    ``initial_accumulator_value`` (read once, at construction, as in torch).
+    """
+
+    _hyperparameters = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
+                        "maximize")
+    _all_state_names = ("sum",)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, n_threads=None,
+                 dtype=None):
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, eps=eps,
+                        maximize=maximize)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    def _check(self, group, where="Adagrad"):
+        check_adagrad(group, where)
+
+    def _state_names(self, group):
+        return ("sum",)
+
+    def _init_state(self, name, buffer):
+        # Each group's segment starts at that group's initial_accumulator_value.
+        for (start, stop), group in zip(self._segments, self.param_groups):
+            buffer[start:stop] = group["initial_accumulator_value"]
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        kernels.adagrad(seg["param"], grad, seg["sum"], step, group["lr"], group["lr_decay"],
+                         group["eps"], group["weight_decay"], group["maximize"], grad_scale,
+                         n_threads)
+
+
+__all__ = ["Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]
