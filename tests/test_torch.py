@@ -29,6 +29,17 @@ CASES = [
     ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)),
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
     ("SGD", dict(lr=0.05, momentum=0.5, maximize=True)),
+    ("Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, amsgrad=True, maximize=True)),
+    ("Adam", dict(lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)),
+    ("AdamW", dict(lr=1e-2)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    ("RMSprop", dict(lr=1e-3)),
+    ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=1e-2, maximize=True)),
+    ("Adagrad", dict(lr=0.05)),
+    ("Adagrad", dict(lr=0.05, lr_decay=1e-2, initial_accumulator_value=0.1, weight_decay=1e-2)),
     ("Momentum", dict(lr=0.1)),
     ("Momentum", dict(lr=0.1, beta=0.8, weight_decay=1e-2, maximize=True)),
 ]
@@ -247,14 +258,17 @@ def test_lr_scheduler(name, kwargs):
     assert_models_same(m1, m2, 1e-12)
 
 
-@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def _cycles_momentum(name):
+    return {"momentum", "betas"} & set(inspect.signature(getattr(ft, name)).parameters)
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in CASES if _cycles_momentum(c[0])],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if _cycles_momentum(c[0])])
 def test_one_cycle_scheduler_edits_momentum(name, kwargs):
     """OneCycleLR also cycles 'momentum' (or 'betas'); for SGD without momentum that
     turns momentum on mid-training, so the buffers start then, as in torch."""
     m1, m2 = make_models(MLP, torch.float64)
     flat, ref = make_pair(name, list(m1.parameters()), list(m2.parameters()), kwargs)
-    if "momentum" not in flat.defaults and "betas" not in flat.defaults:
-        pytest.skip(f"{name} has no momentum or betas to cycle")
     lr0 = flat.defaults["lr"]
     sched = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=lr0, total_steps=STEPS) for o in (flat, ref)]
     data = batches(torch.float64)

@@ -1,8 +1,9 @@
 """Drop-in ``torch.optim`` optimizers whose step is one flatopt kernel call.
 
-``flatopt.torch.SGD`` (and the other classes here) are :class:`torch.optim.Optimizer`
-subclasses with the constructor arguments and defaults of the ``torch.optim`` class of
-the same name, plus a keyword-only ``n_threads``. They are thin adapters over flatopt's
+``flatopt.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adadelta``, ``Adagrad`` and
+``Momentum`` are :class:`torch.optim.Optimizer` subclasses with the constructor arguments
+and defaults of the ``torch.optim`` class of the same name, plus a keyword-only
+``n_threads`` (Momentum has no torch twin: it takes :class:`flatopt.Momentum`'s). They are thin adapters over flatopt's
 NumPy optimizers (``flatopt.SGD``, ...): no update formula lives here.
 
 Example::
@@ -59,10 +60,12 @@ Checkpoints
 -----------
 ``state_dict()`` returns torch.optim's own format for the optimizer of the same name:
 ``param_groups`` with the same keys (including ``foreach``, ``fused``, ...) and integer
-parameter ids, and per-parameter ``state`` entries (``momentum_buffer`` for SGD; ``step``
-as a scalar tensor where torch keeps one) that exist for exactly the parameters torch
-would have state for. A checkpoint from ``torch.optim.SGD`` loads into
-``flatopt.torch.SGD`` and the other way round, and training continues identically. The
+parameter ids, and per-parameter ``state`` entries with torch's names (``momentum_buffer``
+for SGD; ``step``, ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq`` for
+Adam; ...) that exist for exactly the parameters torch would have state for (all of them
+from construction for Adagrad, as in torch). ``step`` is the per-parameter count, a scalar
+tensor of torch's dtype. A checkpoint from ``torch.optim.Adam`` loads into
+``flatopt.torch.Adam`` and the other way round, and training continues identically. The
 tensors in a state dict are copies (a snapshot), and ``opt.state[p]`` gives live views of
 the flat state buffers.
 
@@ -97,10 +100,10 @@ except ImportError:  # torch < 2.1
             return torch.float32
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
-from . import _momentum
+from . import _adaptive, _momentum
 from ._threads import check_n_threads, effective_n_threads
 
-__all__ = ["SGD", "Momentum"]
+__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]
 
 _TORCH_DTYPES = (torch.float32, torch.float64)
 
@@ -630,3 +633,18 @@ Momentum = _wrap(_momentum.Momentum, """Textbook momentum on flat buffers (no to
     ``v = beta*v + (1-beta)*g; p -= lr*v``, see :class:`flatopt.Momentum`. Its state dict
     uses torch.optim's layout, with a per-parameter ``momentum_buffer``.
     """)
+
+
+def _doc(name):
+    return f"""torch.optim.{name} on flat buffers: same arguments, results and state dict, plus
+    ``n_threads``. See :class:`flatopt.{name}` for the update and :mod:`flatopt.torch` for how
+    parameters, gradients and checkpoints are handled.
+    """
+
+
+# torch keeps a per-parameter "step" for all of these; Adagrad creates its state eagerly.
+Adam = _wrap(_adaptive.Adam, _doc("Adam"), _torch_step=True)
+AdamW = _wrap(_adaptive.AdamW, _doc("AdamW"), fixed={"decoupled_weight_decay": True}, _torch_step=True)
+RMSprop = _wrap(_adaptive.RMSprop, _doc("RMSprop"), _torch_step=True)
+Adadelta = _wrap(_adaptive.Adadelta, _doc("Adadelta"), _torch_step=True)
+Adagrad = _wrap(_adaptive.Adagrad, _doc("Adagrad"), _torch_step=True, _eager_state=True)
