@@ -3,8 +3,9 @@
 ``flatopt.torch.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adadelta``, ``Adagrad`` and
 ``Momentum`` are :class:`torch.optim.Optimizer` subclasses with the constructor arguments
 and defaults of the ``torch.optim`` class of the same name, plus a keyword-only
-``n_threads`` (Momentum has no torch twin: it takes :class:`flatopt.Momentum`'s). They are thin adapters over flatopt's
-NumPy optimizers (``flatopt.SGD``, ...): no update formula lives here.
+``n_threads`` (Momentum has no torch twin: it takes :class:`flatopt.Momentum`'s). They
+are thin adapters over flatopt's NumPy optimizers (``flatopt.SGD``, ...): no update
+formula lives here.
 
 Example::
 
