@@ -624,3 +624,12 @@ def test_clip_grad_norm_and_create_graph_backward():
             for p in m.parameters():
                 p.grad = p.grad.detach()  # drop the graph kept by create_graph
     assert_models_same(m1, m2, 1e-12)
+
+
+def test_main_benchmark_times_flatopt_torch():
+    """``python -m flatopt.bench`` has a flatopt-torch row next to torch.optim's."""
+    from flatopt import bench
+    optims = [o for o in bench.OPTIMIZERS.values() if o.torch is not None]
+    rows = bench.run(optims, [bench.model_case(8)], ["float32"], 1, 0.001, use_torch=True, out=io.StringIO())
+    timed = {(r["optimizer"], r["impl"]) for r in rows}
+    assert all((o.name, "flatopt-torch") in timed for o in optims)

@@ -9,6 +9,9 @@ For each optimizer, dtype and case, the same step runs several ways on the same 
   removes;
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused``: torch.optim on the same tensors
   (one per parameter), when PyTorch is installed and has that implementation;
+* ``flatopt-torch``:  ``flatopt.torch``'s drop-in torch.optim class of the same name on the
+  same tensors (rebound to flat buffers, so its step is flatopt's plus the adapter's
+  per-tensor bookkeeping);
 * ``bandwidth``:      an in-place streaming pass (``a += b``) over a working set of the same
   size: what the memory system delivers, the ceiling for a one-pass update.
 
@@ -256,6 +259,15 @@ def _torch_impls(optim, torch, arrays, grads, n_threads):
         except (RuntimeError, TypeError, ValueError):
             continue  # this torch has no such implementation for this optimizer/dtype
         out[f"torch-{variant}"] = opt.step
+    import types
+
+    import flatopt.torch as flat_torch
+    tensors = [torch.tensor(a) for a in arrays]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.tensor(g)  # copied into the flat gradient buffer at construction
+    # The same constructor call as torch's, with flatopt.torch in place of torch.optim.
+    opt = optim.torch(types.SimpleNamespace(optim=flat_torch), tensors, n_threads=n_threads)
+    out["flatopt-torch"] = opt.step
     return out
 
 
