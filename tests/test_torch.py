@@ -633,3 +633,88 @@ def test_main_benchmark_times_flatopt_torch():
     rows = bench.run(optims, [bench.model_case(8)], ["float32"], 1, 0.001, use_torch=True, out=io.StringIO())
     timed = {(r["optimizer"], r["impl"]) for r in rows}
     assert all((o.name, "flatopt-torch") in timed for o in optims)
+
+
+# ---- fused gradient hygiene (issue 7) --------------------------------------------------
+
+def _hygiene_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(dtype)
+    x, y = torch.randn(16, 6, dtype=dtype), torch.randn(16, 2, dtype=dtype)
+    return model, x, y
+
+
+def test_fused_clip_matches_torch_clip():
+    model, x, y = _hygiene_model()
+    twin = copy.deepcopy(model)
+    ours = flatopt.torch.Adam(model.parameters(), lr=0.05)
+    theirs = torch.optim.Adam(twin.parameters(), lr=0.05, foreach=False)
+    for _ in range(30):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            (100 * torch.nn.functional.mse_loss(m(x), y)).backward()
+        before = [p.grad.clone() for p in model.parameters()]
+        norm = ours.clip_grad_norm_(0.5)
+        tnorm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        assert norm == pytest.approx(float(tnorm), rel=1e-12)
+        for p, g in zip(model.parameters(), before):
+            assert torch.equal(p.grad, g)  # the clip is folded into the step, not written
+        ours.step()
+        theirs.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_grad_norm_counts_none_as_zero_and_is_thread_independent():
+    model, x, y = _hygiene_model()
+    opt = flatopt.torch.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model[2].bias.grad = None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    expected = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert opt.grad_norm() == pytest.approx(expected, rel=1e-12)
+    assert opt.grad_norm(float("inf")) == max(float(g.abs().max()) for g in grads)
+    with flatopt.num_threads(1):
+        one = opt.grad_norm()
+    assert opt.grad_norm() == one
+
+
+def test_grad_scale_and_skip_if_nonfinite():
+    model, x, y = _hygiene_model()
+    twin = copy.deepcopy(model)
+    ours = flatopt.torch.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    scale = 1024.0
+    for step in range(10):
+        ours.zero_grad()
+        theirs.zero_grad()
+        (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        if step == 4:  # an overflowing step: skipped, nothing written
+            next(model.parameters()).grad[0, 0] = float("inf")
+            snapshot = [p.detach().clone() for p in model.parameters()]
+            state = copy.deepcopy(ours.state_dict())
+            ours.step(grad_scale=1 / scale, skip_if_nonfinite=True)
+            assert ours.last_step_skipped and ours.skipped_steps == 1
+            for p, s in zip(model.parameters(), snapshot):
+                assert torch.equal(p, s)
+            assert str(ours.state_dict()) == str(state)
+            continue
+        ours.step(grad_scale=1 / scale, skip_if_nonfinite=True)
+        assert not ours.last_step_skipped
+        theirs.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_hygiene_arguments_validated():
+    model, _, _ = _hygiene_model()
+    opt = flatopt.torch.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="skip_if_nonfinite"):
+        opt.step(skip_if_nonfinite=1)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opt.step(grad_scale=float("nan"))
+    with pytest.raises(ValueError, match="max_norm"):
+        opt.clip_grad_norm_(-1.0)
+    with pytest.raises(ValueError, match="norm_type"):
+        opt.grad_norm(0)

@@ -93,6 +93,7 @@ Importing this module imports torch; ``import flatopt`` never does.
 """
 
 import inspect
+import math
 import weakref
 
 import numpy as np
@@ -107,7 +108,10 @@ except ImportError:  # torch < 2.1
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 from . import _adaptive, _momentum
+from ._dispatch import kernels
+from ._norms import check_norm_type
 from ._threads import check_n_threads, effective_n_threads
+from ._validation import check_bool, check_real
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]
 
@@ -211,6 +215,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, *, n_threads=None):
         self._n_threads = check_n_threads(n_threads)
         self._buckets = []
+        self.skipped_steps = 0            # steps skipped by step(skip_if_nonfinite=True)
+        self.last_step_skipped = False
+        self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
         self._constructing = True
         if isinstance(params, torch.Tensor):  # torch's own check, before list() iterates rows
             raise TypeError(f"params must be an iterable of Tensors or dicts, got {torch.typename(params)}")
@@ -384,12 +391,37 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 start = j
         return runs
 
-    def step(self, closure=None):
+    def _copy_in(self, bucket, taking_part, copies):
+        """Make the flat gradient buffer hold exactly the parameters' gradients: copy in
+        those that are not flat-buffer views (and re-attach the views), and zero the views
+        of parameters whose grad is None (a None gradient counts as zero in norms and
+        finiteness checks; it is skipped by the step either way)."""
+        if not taking_part.all():
+            for i in np.flatnonzero(~taking_part & bucket.dirty):
+                bucket.grad_views[i].zero_()
+                bucket.dirty[i] = False
+        for i, grad in copies:
+            view = bucket.grad_views[i]
+            view.copy_(grad.detach())  # detached: a create_graph grad must not enter the buffer's history
+            bucket.dirty[i] = True
+            bucket.params[i].grad = view
+            self._attach_hook(bucket, i)
+
+    def step(self, closure=None, *, grad_scale=1.0, skip_if_nonfinite=False):
         """Perform one optimization step (one kernel call per group and dtype).
 
         ``closure``: optional callable that re-evaluates the model and returns the loss,
         called with gradients enabled, as in torch.optim. Returns its loss, or None.
+
+        flatopt extensions (keyword-only): ``grad_scale`` multiplies every gradient inside
+        the kernel (loss-scale unscaling at no extra pass), times any factor left by
+        :meth:`clip_grad_norm_`. With ``skip_if_nonfinite``, a gradient holding inf or NaN
+        skips the step: params and state stay bit-identical, :attr:`skipped_steps` counts
+        it and :attr:`last_step_skipped` is True.
         """
+        if grad_scale != 1.0:
+            grad_scale = check_real(grad_scale, "grad_scale")
+        check_bool(skip_if_nonfinite, "skip_if_nonfinite")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -401,12 +433,15 @@ class _FlatOptimizer(torch.optim.Optimizer):
             plans.append(self._gather(bucket))
         n_threads = effective_n_threads(self._n_threads)
         for bucket, (taking_part, copies) in zip(self._buckets, plans):
-            for i, grad in copies:
-                view = bucket.grad_views[i]
-                view.copy_(grad.detach())  # detached: a create_graph grad must not enter the buffer's history
-                bucket.dirty[i] = True
-                bucket.params[i].grad = view
-                self._attach_hook(bucket, i)
+            self._copy_in(bucket, taking_part, copies)
+        grad_scale *= self._pending_grad_scale
+        self._pending_grad_scale = 1.0
+        self.last_step_skipped = skip_if_nonfinite and any(
+            kernels.count_nonfinite(b.opt.flat_grads, n_threads) for b in self._buckets)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            return loss
+        for bucket, (taking_part, _) in zip(self._buckets, plans):
             opt = bucket.opt
             buffers = {"param": opt.flat_params, "grad": opt.flat_grads,
                        **{k: v for k, v in opt.state.items() if isinstance(v, np.ndarray)}}
@@ -417,10 +452,36 @@ class _FlatOptimizer(torch.optim.Optimizer):
                     lo, hi = bucket.starts[a], bucket.stops[b - 1]
                     seg = {k: v[lo:hi] for k, v in buffers.items()}
                     self._before_update(opt, gi, group, count)
-                    opt._update(gi, group, seg, seg["grad"], count + 1, 1.0, n_threads)
+                    opt._update(gi, group, seg, seg["grad"], count + 1, grad_scale, n_threads)
                     if uses_state:
                         bucket.counts[a:b] += 1
         return loss
+
+    def grad_norm(self, norm_type=2.0):
+        """The global ``norm_type``-norm of every gradient, in one read-only pass per dtype.
+
+        As ``torch.nn.utils.get_total_norm`` over the parameters' grads (None counts as
+        zero), accumulated in double over fixed blocks: bit-identical for any thread
+        count; inf or nan when a gradient is not finite.
+        """
+        norm_type = check_norm_type(norm_type)
+        for bucket in self._buckets:
+            self._copy_in(bucket, *self._gather(bucket))
+        norms = [b.opt.grad_norm(norm_type) for b in self._buckets]
+        if norm_type == math.inf:
+            return max(norms, default=0.0)
+        return math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """``torch.nn.utils.clip_grad_norm_`` fused into the next step: computes the norm
+        and folds ``min(1, max_norm / (norm + 1e-6))`` into that step's ``grad_scale``
+        instead of rewriting the gradients. A non-finite norm leaves the factor at 1
+        (combine with ``step(skip_if_nonfinite=True)``). Returns the norm."""
+        max_norm = check_real(max_norm, "max_norm", low=0.0)
+        total = self.grad_norm(norm_type)
+        if math.isfinite(total):
+            self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))
+        return total
 
     def zero_grad(self, set_to_none=True):
         """Zero the flat gradient buffers in one pass; with ``set_to_none`` (the default,
