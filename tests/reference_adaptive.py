@@ -54,12 +54,13 @@ def square_avg(s, d, a, c):
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2, eps,
          weight_decay=0.0, amsgrad=False, decoupled=False, maximize=False, grad_scale=1.0):
-    """torch.optim.Adam / AdamW, in place."""
+    """torch.optim.Adam / AdamW, in place (with ``sqrt(v) * (1/sqrt(bc2))`` for torch's
+    ``sqrt(v) / sqrt(bc2)``, as the kernel does)."""
     dt = param.dtype
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
     neg_step_size = _scalar(-(lr / bias_correction1), dt)
-    bc2_sqrt = _scalar(math.sqrt(bias_correction2), dt)
+    inv_bc2_sqrt = _scalar(1.0 / math.sqrt(bias_correction2), dt)
     d = direction(grad, param, grad_scale, maximize, 0.0 if decoupled else weight_decay)
     decay = _scalar(1.0 - lr * weight_decay if decoupled else 1.0, dt)
     p = param * decay
@@ -70,7 +71,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, b
     if amsgrad:
         v = np.maximum(max_exp_avg_sq, v)
         max_exp_avg_sq[...] = v
-    param[...] = p + (neg_step_size * m) / (np.sqrt(v) / bc2_sqrt + _scalar(eps, dt))
+    param[...] = p + (neg_step_size * m) / (np.sqrt(v) * inv_bc2_sqrt + _scalar(eps, dt))
 
 
 def rmsprop(param, grad, square_avg_, grad_avg, momentum_buffer, *, lr, alpha, eps,

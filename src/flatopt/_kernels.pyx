@@ -201,6 +201,7 @@ def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
 # ``addcdiv_(t1, t2, value=v)`` is ``p + (v*t1)/t2``, ``lerp_`` is ``_lerp`` below, and eps
 # is added after the square root (Adam, RMSprop, Adagrad). Step-dependent scalars (bias
 # corrections, Adagrad's decayed lr) are computed once per call in double, then cast.
+# The one exception, for speed, is Adam's bias-correction divide (see ``adam``).
 
 from libc.math cimport sqrt, sqrtf
 
@@ -234,12 +235,18 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     """torch.optim.Adam / AdamW (``decoupled``), in place, for the 1-based ``step``.
 
     ``max_exp_avg_sq`` is unused (may be empty) unless ``amsgrad``.
+
+    One deliberate departure from torch's operation order: ``sqrt(v) / sqrt(bc2)`` is
+    computed as ``sqrt(v) * (1/sqrt(bc2))``, the reciprocal taken once per call in double.
+    Division and square root are what bound this kernel in cache; dropping one of the two
+    divisions per element makes it ~1.35x faster (2**20 float32, 2 threads: 210 -> 156 us)
+    and moves the result by at most an ulp of the denominator per step.
     """
     cdef Py_ssize_t i, n = param.shape[0]
     cdef double bias_correction1 = 1.0 - beta1 ** step
     cdef double bias_correction2 = 1.0 - beta2 ** step
     cdef floating neg_step_size = -(lr / bias_correction1)
-    cdef floating bc2_sqrt = sqrt(bias_correction2)
+    cdef floating inv_bc2_sqrt = 1.0 / sqrt(bias_correction2)
     cdef floating eps_ = eps, b2 = beta2, c2 = 1.0 - beta2
     cdef floating w1 = 1.0 - beta1
     cdef floating one_minus_w1 = 1 - w1
@@ -263,7 +270,7 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
             if v_max > v:
                 v = v_max
             max_exp_avg_sq[i] = v
-        param[i] = p + (neg_step_size * m) / (_sqrt(v) / bc2_sqrt + eps_)
+        param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
 
 
 def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,

@@ -42,3 +42,24 @@ def flat_norm(flat, norm_type, n_threads, partials=None):
         return total ** (1.0 / norm_type)
     except OverflowError:  # a small norm_type (p < 1): the norm is beyond the double range
         return math.inf
+
+
+class ClipGradNormMixin:
+    """``clip_grad_norm_`` for any optimizer with ``grad_norm(norm_type)`` whose next step
+    multiplies its ``grad_scale`` by ``_pending_grad_scale``: the NumPy optimizers and
+    flatopt.torch's adapters share this one implementation."""
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """Clip the gradients' global norm to ``max_norm`` at no extra write pass.
+
+        Computes the norm (as :meth:`grad_norm`) and folds torch's clip factor
+        ``min(1, max_norm / (norm + 1e-6))`` into the next step's ``grad_scale`` instead
+        of rewriting the gradients. With loss scaling by ``S``, clip to ``max_norm * S``
+        and pass ``grad_scale=1/S`` to the step. A non-finite norm leaves the factor at 1:
+        combine with ``step(skip_if_nonfinite=True)``. Returns the norm before clipping.
+        """
+        max_norm = check_real(max_norm, "max_norm", low=0.0)
+        total = self.grad_norm(norm_type)
+        if math.isfinite(total):
+            self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))
+        return total

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._dispatch import kernels
 from ._layout import FlatLayout, adopt, copy_into, resolve_dtype
-from ._norms import check_norm_type, flat_norm, norm_partials_buffer
+from ._norms import ClipGradNormMixin, check_norm_type, flat_norm, norm_partials_buffer
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
@@ -76,7 +76,7 @@ def _check_disjoint(arrays):
             raise ValueError(f"params[{i}] and params[{j}] share memory; each parameter must appear once")
 
 
-class Optimizer:
+class Optimizer(ClipGradNormMixin):
     """Base class of flatopt's NumPy optimizers.
 
     Subclasses set ``_hyperparameters`` (names in constructor order) and implement
@@ -268,22 +268,6 @@ class Optimizer:
             self._norm_partials = norm_partials_buffer(self.layout.size)
         return flat_norm(self.flat_grads, norm_type, effective_n_threads(self._n_threads),
                          self._norm_partials)
-
-    def clip_grad_norm_(self, max_norm, norm_type=2.0):
-        """Clip the gradients' global norm to ``max_norm`` at no extra write pass.
-
-        Computes the norm of :attr:`flat_grads` (as :meth:`grad_norm`) and folds
-        torch's clip factor ``min(1, max_norm / (norm + 1e-6))`` into the next
-        :meth:`step`'s ``grad_scale``. With loss scaling by ``S``, clip to
-        ``max_norm * S`` and pass ``grad_scale=1/S`` to the step. A non-finite norm
-        leaves the factor at 1: combine with ``step(skip_if_nonfinite=True)``.
-        Returns the norm before clipping.
-        """
-        max_norm = check_real(max_norm, "max_norm", low=0.0)
-        total = self.grad_norm(norm_type)
-        if math.isfinite(total):
-            self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))
-        return total
 
     def zero_grad(self, set_to_none=False):
         """Zero :attr:`flat_grads` in place (the grad views stay valid).

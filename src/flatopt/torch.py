@@ -109,7 +109,7 @@ except ImportError:  # torch < 2.1
 
 from . import _adaptive, _momentum
 from ._dispatch import kernels
-from ._norms import check_norm_type
+from ._norms import ClipGradNormMixin, check_norm_type
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_real
 
@@ -196,7 +196,7 @@ class _Bucket:
         return torch.from_numpy(self.opt.state[name][a:b]).view(self.shapes[i])
 
 
-class _FlatOptimizer(torch.optim.Optimizer):
+class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     """Base class of flatopt.torch's optimizers (see the module docstring).
 
     Subclasses are made by :func:`_wrap` and set ``_numpy_class`` (the flatopt optimizer
@@ -471,17 +471,6 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if norm_type == math.inf:
             return max(norms, default=0.0)
         return math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
-
-    def clip_grad_norm_(self, max_norm, norm_type=2.0):
-        """``torch.nn.utils.clip_grad_norm_`` fused into the next step: computes the norm
-        and folds ``min(1, max_norm / (norm + 1e-6))`` into that step's ``grad_scale``
-        instead of rewriting the gradients. A non-finite norm leaves the factor at 1
-        (combine with ``step(skip_if_nonfinite=True)``). Returns the norm."""
-        max_norm = check_real(max_norm, "max_norm", low=0.0)
-        total = self.grad_norm(norm_type)
-        if math.isfinite(total):
-            self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))
-        return total
 
     def zero_grad(self, set_to_none=True):
         """Zero the flat gradient buffers in one pass; with ``set_to_none`` (the default,
