@@ -155,10 +155,14 @@ class Optimizer(ClipGradNormMixin):
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
         for gi, group in enumerate(self.param_groups):
             try:
-                # A list, not tuple(genexpr): CPython sizes that tuple by guessing and
+                # What is remembered of each validated hyperparameter: its type as well as
+                # its value (1 == True, yet only a bool is a valid flag), and a list (of
+                # betas, say) by content, so that changing it in place is noticed too.
+                # Lists, not tuple(genexpr): CPython sizes such a tuple by guessing and
                 # resizing, and the resized tuples pile up on its free list (88 bytes a
                 # step, up to 2000 steps, seen by tracemalloc in test_safety.py).
-                values = [_cache_key(group[k]) for k in self._hyperparameters]
+                values = [(type(v), tuple(v) if type(v) is list else v)
+                          for v in [group[k] for k in self._hyperparameters]]
                 same = values == self._validated[gi]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
@@ -404,15 +408,6 @@ class Optimizer(ClipGradNormMixin):
             lines.append(f"  group {gi}: " + ", ".join(
                 f"{k}={group[k]!r}" for k in self._hyperparameters))
         return "\n".join(lines)
-
-
-def _cache_key(value):
-    """What ``_prepare`` remembers of a validated hyperparameter: its type as well as its
-    value (``1 == True``, yet only a bool is a valid flag), and sequences (such as a list
-    of ``betas``) by content, so that changing one in place is noticed too."""
-    if isinstance(value, (list, tuple)):
-        return (type(value), tuple([_cache_key(v) for v in value]))
-    return (type(value), value)
 
 
 def _copy_plain(value):
