@@ -51,3 +51,12 @@ def test_main_command_runs():
     assert all(r["seconds"] > 0 and r["gbps"] > 0 and r["bandwidth_gbps"] > 0 for r in rows)
     assert len(rows) == 2 * 2 * len(optims)
     assert "sgd-momentum" in out.getvalue()
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = bench.run([bench.OPTIMIZERS["momentum"]], [bench.flat_case(n) for n in (7, 1000)],
+                     ["float32", "float64"], 1, 0.001, use_torch=False, out=io.StringIO())
+    path = tmp_path / "bench.png"
+    bench.plot(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -345,9 +345,11 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'flatopt[plot]'") from None
-    keys = sorted({(r["optimizer"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, (name, dtype) in zip(axes[0], keys):
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(len(names), len(dtypes), figsize=(5.5 * len(dtypes), 3.6 * len(names)),
+                             squeeze=False)
+    for (name, dtype), ax in zip([(n, d) for n in names for d in dtypes], axes.flat):
         sel = [r for r in rows if r["optimizer"] == name and r["dtype"] == dtype]
         for impl in dict.fromkeys(r["impl"] for r in sel):
             pts = sorted((r["size"], r["gbps"]) for r in sel if r["impl"] == impl)
