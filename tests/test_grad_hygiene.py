@@ -132,3 +132,13 @@ def test_skip_flag_validated():
         opt.step(skip_if_nonfinite="yes")
     with pytest.raises(ValueError, match="max_norm"):
         opt.clip_grad_norm_(-1.0)
+
+
+def test_load_state_dict_drops_a_pending_clip_factor():
+    opt = flatopt.SGD([np.ones(4)], lr=1.0)
+    saved = opt.state_dict()
+    opt.grads[0][...] = 100.0
+    opt.clip_grad_norm_(1.0)
+    opt.load_state_dict(saved)
+    opt.step()  # unclipped: the factor measured the gradients before the load
+    np.testing.assert_array_equal(opt.params[0], np.full(4, -99.0))

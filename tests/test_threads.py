@@ -32,7 +32,7 @@ def test_set_and_context_manager():
     assert flatopt.get_num_threads() == default
 
 
-@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1025, ValueError), (1.5, TypeError),
                                       ("2", TypeError), (True, TypeError)])
 def test_bad_thread_counts(bad, exc):
     with pytest.raises(exc, match="n must be None or a positive int"):

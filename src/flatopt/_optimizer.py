@@ -372,6 +372,7 @@ class Optimizer(ClipGradNormMixin):
                     self.state[key] = self.layout.zeros()
                 np.copyto(self.state[key], value)
         self._validated = [None] * len(self.param_groups)
+        self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         self._prepare()
 
     def _check_loaded_state(self, groups, state):

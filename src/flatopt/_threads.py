@@ -8,7 +8,9 @@ import sys
 from ._openmp_helpers import omp_max_threads, openmp_enabled
 
 _default_n_threads = None  # set by set_num_threads(); None follows OpenMP
-MAX_THREADS = 2**31 - 1    # the kernels take a C int
+# Requests beyond this are rejected: no machine today has more cores to give a memory-bound
+# kernel, and libgomp aborts the whole process when it cannot create the threads asked for.
+MAX_THREADS = 1024
 
 # True in a child created by os.fork() after this process ran a parallel region. GNU
 # libgomp keeps its thread pool across fork() although the threads do not survive it, so

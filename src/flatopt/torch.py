@@ -619,6 +619,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 bucket.counts[i] = int(step.item() if isinstance(step, torch.Tensor) else step)
             else:
                 bucket.counts[i] = 1 if any(k in entry for k in self._numpy_class._all_state_names) else 0
+        self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
