@@ -95,6 +95,15 @@ def numpy_adam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupl
     return step
 
 
+def _numpy_adaptive_descent(p, g, acc, tmp, eps):
+    """p -= lr*g/(sqrt(acc)+eps), with ``tmp`` as scratch (RMSprop's and Adagrad's step)."""
+    np.sqrt(acc, out=tmp)
+    np.add(tmp, eps, out=tmp)
+    np.divide(g, tmp, out=tmp)
+    np.multiply(tmp, LR, out=tmp)
+    np.subtract(p, tmp, out=p)
+
+
 def numpy_rmsprop(p, g, alpha=0.99, eps=1e-8):
     """torch.optim.RMSprop (plain): v = a*v + (1-a)*g*g; p -= lr*g/(sqrt(v)+eps)."""
     v, tmp = np.zeros_like(p), np.empty_like(p)
@@ -104,11 +113,7 @@ def numpy_rmsprop(p, g, alpha=0.99, eps=1e-8):
         np.multiply(g, g, out=tmp)
         np.multiply(tmp, 1 - alpha, out=tmp)
         np.add(v, tmp, out=v)
-        np.sqrt(v, out=tmp)
-        np.add(tmp, eps, out=tmp)
-        np.divide(g, tmp, out=tmp)
-        np.multiply(tmp, LR, out=tmp)
-        np.subtract(p, tmp, out=p)
+        _numpy_adaptive_descent(p, g, v, tmp, eps)
     return step
 
 
@@ -119,11 +124,7 @@ def numpy_adagrad(p, g, eps=1e-10):
     def step():
         np.multiply(g, g, out=tmp)
         np.add(s, tmp, out=s)
-        np.sqrt(s, out=tmp)
-        np.add(tmp, eps, out=tmp)
-        np.divide(g, tmp, out=tmp)
-        np.multiply(tmp, LR, out=tmp)
-        np.subtract(p, tmp, out=p)
+        _numpy_adaptive_descent(p, g, s, tmp, eps)
     return step
 
 
