@@ -94,6 +94,7 @@ Importing this module imports torch; ``import flatopt`` never does.
 
 import inspect
 import math
+import operator
 import weakref
 
 import numpy as np
@@ -120,6 +121,9 @@ _TORCH_DTYPES = (torch.float32, torch.float64)
 # torch.optim arguments that select an implementation, not the update. foreach and fused
 # are kept (they are part of torch's state dict) but ignored; the others must be False.
 _IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
+
+
+_GRAD_OF = operator.attrgetter("grad")
 
 
 def _as_python(value):
@@ -190,6 +194,7 @@ class _Bucket:
         self.sparse = np.zeros(len(params), dtype=bool)
         self.data_ptrs = []
         self.hooks = {}
+        self.all_taking_part = np.ones(len(params), dtype=bool)  # read-only by convention
 
     def state_view(self, name, i):
         a, b = self.starts[i], self.stops[i]
@@ -352,6 +357,11 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         name = type(self).__name__
         if bucket.sparse.any():
             raise RuntimeError(f"{name} does not support sparse gradients")
+        # The usual case, checked with C-level loops: every parameter still views the flat
+        # buffer and every grad is its flat-buffer view.
+        if (list(map(torch.Tensor.data_ptr, bucket.params)) == bucket.data_ptrs
+                and all(map(operator.is_, map(_GRAD_OF, bucket.params), bucket.grad_views))):
+            return bucket.all_taking_part, []
         taking_part = np.empty(len(bucket.params), dtype=bool)
         copies = []
         for i, (p, view, ptr) in enumerate(zip(bucket.params, bucket.grad_views, bucket.data_ptrs)):
