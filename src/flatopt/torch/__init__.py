@@ -108,11 +108,11 @@ except ImportError:  # torch < 2.1
             return torch.float32
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
-from . import _adaptive, _momentum
-from ._dispatch import kernels
-from ._norms import ClipGradNormMixin, check_norm_type
-from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_bool, check_real
+from .. import _adaptive, _momentum
+from .._dispatch import kernels
+from .._norms import ClipGradNormMixin, check_norm_type
+from .._threads import check_n_threads, effective_n_threads
+from .._validation import check_bool, check_real
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]
 
