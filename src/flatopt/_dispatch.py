@@ -1,51 +1,88 @@
 """Pick, at import time, the kernel module built for the widest ISA the CPU supports.
 
-setup.py compiles ``_kernels.pyx`` once per ISA level (``flatopt._kernels`` for the
-platform baseline, ``_kernels_avx2`` and ``_kernels_avx512`` on x86-64). All are built
-with ``-ffp-contract=off`` and give bit-identical results; they differ only in speed.
-``FLATOPT_ISA=baseline|avx2|avx512`` forces a level.
+setup.py compiles ``_kernels.pyx`` once per ISA level: ``flatopt._kernels`` for the
+platform baseline (x86-64-v2 on x86-64, NEON on aarch64), and on x86-64 also
+``_kernels_avx2`` and ``_kernels_avx512``, whose *whole* module, initialisation code
+included, is compiled for that ISA. Importing a variant on a CPU without its ISA dies with
+SIGILL, so the order here is strict, as in NumPy's CPU dispatch:
+
+1. ask the CPU and the OS what they support (``_cpu_features``, baseline code);
+2. find which variants were built without importing them (``importlib.util.find_spec``);
+3. import exactly one module: the widest built and supported level, or ``FLATOPT_ISA``'s.
+
+All builds use ``-ffp-contract=off`` and give bit-identical results; they differ only in
+speed. Environment:
+
+``FLATOPT_ISA=baseline|avx2|avx512``
+    use that level; a level that was not built, or that this CPU lacks, raises ValueError
+    (naming the levels this CPU supports) instead of crashing.
+``FLATOPT_DISABLE_CPU_FEATURES="avx512 avx2"``
+    treat the CPU as lacking these levels (like NumPy's ``NPY_DISABLE_CPU_FEATURES``): for
+    tests, and to rule out a variant when chasing a problem.
 """
 
 import importlib
+import importlib.util
 import os
 
-from ._cpu_features import cpu_supports
+from ._cpu_features import IS_X86_64, cpu_supports
 
-LEVELS = ("avx512", "avx2", "baseline")  # widest first
+# Widest first. Only x86-64 has variant builds; elsewhere "baseline" is the only level.
+LEVELS = ("avx512", "avx2", "baseline") if IS_X86_64 else ("baseline",)
 MODULES = {"baseline": "flatopt._kernels", "avx2": "flatopt._kernels_avx2",
            "avx512": "flatopt._kernels_avx512"}
 
 
-def _import(level):
-    try:
-        return importlib.import_module(MODULES[level])
-    except ImportError:
-        return None
+def _env_levels(name):
+    return {word for word in os.environ.get(name, "").replace(",", " ").lower().split()}
+
+
+def _disabled():
+    words = _env_levels("FLATOPT_DISABLE_CPU_FEATURES")
+    unknown = words - set(MODULES) if IS_X86_64 else set()
+    if unknown or "baseline" in words:
+        raise ValueError(
+            "FLATOPT_DISABLE_CPU_FEATURES may name avx512 and avx2; got "
+            f"{os.environ.get('FLATOPT_DISABLE_CPU_FEATURES')!r}")
+    return words
 
 
 def available_levels():
-    """ISA levels whose kernel module was built and installed, widest first."""
-    return [level for level in LEVELS if _import(level) is not None]
+    """ISA levels whose kernel module was built and installed, widest first.
+
+    Answered from the import system's metadata: no variant module is imported (importing
+    one runs code compiled for its ISA).
+    """
+    return [level for level in LEVELS if importlib.util.find_spec(MODULES[level]) is not None]
 
 
 def supported_levels():
-    """Built ISA levels that this CPU can run, widest first."""
-    return [level for level in available_levels() if cpu_supports(level)]
+    """Built ISA levels that this CPU and OS can run, widest first (never imports one)."""
+    disabled = _disabled()
+    return [level for level in available_levels()
+            if level not in disabled and cpu_supports(level)]
 
 
 def select(forced=None):
-    """The (level, module) to use: ``forced`` if given (and usable), else the widest."""
-    if forced is None or forced == "":
-        level = supported_levels()[0]
-        return level, _import(level)
-    if forced not in MODULES:
-        raise ValueError(f"FLATOPT_ISA must be one of {', '.join(reversed(LEVELS))}; got {forced!r}")
-    if _import(forced) is None:
+    """The (level, module) to use: ``forced`` if given and usable, else the widest.
+
+    Support is decided before anything is imported; only the chosen module is imported.
+    """
+    supported = supported_levels()
+    if not forced:
+        level = supported[0]
+    elif forced not in LEVELS:
+        raise ValueError(
+            f"FLATOPT_ISA must be one of {', '.join(reversed(LEVELS))}; got {forced!r}")
+    elif forced not in available_levels():
         raise ValueError(f"FLATOPT_ISA={forced}, but this build of flatopt has only "
                          f"{', '.join(available_levels())} kernels")
-    if not cpu_supports(forced):
-        raise ValueError(f"FLATOPT_ISA={forced}, but this CPU does not support {forced}")
-    return forced, _import(forced)
+    elif forced not in supported:
+        raise ValueError(f"FLATOPT_ISA={forced}, but this CPU does not support {forced}; "
+                         f"it supports {', '.join(supported)}")
+    else:
+        level = forced
+    return level, importlib.import_module(MODULES[level])
 
 
 ISA, kernels = select(os.environ.get("FLATOPT_ISA", "").strip().lower() or None)
