@@ -9,9 +9,10 @@
 # Under each: `import flatopt` works and picks that level; forcing a wider level is the
 # documented ValueError, not SIGILL; a fixed trajectory (every optimizer, both dtypes, odd
 # sizes, 1 and 2 threads: tests/trajectory.py) is bit-identical to the one computed
-# natively; and the ISA, functional-API and input-validation tests pass. Emulation is
-# 10-50x slower than native, so the kernel-vs-twin tests run natively only (the trajectory
-# carries their results over bit for bit).
+# natively; `python -m flatopt.bench --quick` runs; and the ISA, functional-API and
+# input-validation tests pass. Emulation is 10-50x slower than native, so the
+# kernel-vs-twin tests run natively only (the trajectory carries their results over bit
+# for bit). About 6 minutes on 2 cores.
 #
 # Run from the repository root with the interpreter that has flatopt installed on PATH as
 # `python`. Installs Debian's qemu-user when qemu-x86_64 is missing (needs root).
@@ -49,6 +50,8 @@ for spec in Nehalem-v2:baseline Haswell-v4:avx2; do
         fi
     done
     emulate "$cpu" tests/trajectory.py check "$WORK/native.npz"
+    # The main command works there (figures under emulation mean nothing: not shown).
+    emulate "$cpu" -m flatopt.bench --quick --no-torch > "$WORK/bench-$cpu.txt"
     emulate "$cpu" -m pytest -q -p no:cacheprovider tests/test_isa.py tests/test_functional.py \
         tests/test_adversarial.py
 done
