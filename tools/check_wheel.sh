@@ -140,10 +140,13 @@ if expect:  # the runtime in use is the copy auditwheel bundled, not the system'
 if info.get("isa_built") is not None:  # every kernel build made it into the wheel
     assert sorted(info["isa_built"]) == sorted(info["isa_available"]), info
 EOF
-    # The installed .dist-info carries the license text.
-    (cd "$run" && "$venv/bin/python" -c 'import importlib.metadata as m
+    # The installed .dist-info carries the license text; the package, its type information.
+    (cd "$run" && "$venv/bin/python" -c 'import importlib.metadata as m, importlib.resources as r
 assert "BSD 3-Clause" in (m.distribution("flatopt").read_text("licenses/LICENSE") or ""), "no LICENSE"
-print("ok: LICENSE in the installed .dist-info")') || die "$name: LICENSE not installed"
+typing = ["py.typed", "_kernels.pyi", "_openmp_helpers.pyi", "_cpu_features.pyi"]
+assert all(r.files("flatopt").joinpath(f).is_file() for f in typing), "no py.typed or stubs"
+print("ok: LICENSE in the installed .dist-info; py.typed and stubs installed")') \
+        || die "$name: LICENSE or type information not installed"
     step "$name: test suite (FLATOPT_EXPECT_OPENMP=$expect)"
     (cd "$run" && FLATOPT_EXPECT_OPENMP=$expect "$venv/bin/python" -m pytest \
         -p no:cacheprovider "${PYTEST_ARGS[@]}" tests) || die "$name: test suite"
