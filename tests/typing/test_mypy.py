@@ -47,12 +47,12 @@ EXPECTED = [
 ]
 
 
-def _env():
+def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
-def mypy_output(tmp_path_factory):
+def mypy_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str]:
     """One strict mypy run over user_code.py and the misuse file: (exit code, output)."""
     tmp = tmp_path_factory.mktemp("mypy")
     misuse = tmp / "misuse.py"
@@ -64,23 +64,23 @@ def mypy_output(tmp_path_factory):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_user_code_passes_strict_mypy(mypy_output):
+def test_user_code_passes_strict_mypy(mypy_output: tuple[int, str]) -> None:
     """No error anywhere but in the misuse file: not in user_code.py, not in flatopt."""
     _, output = mypy_output
     others = [line for line in output.splitlines() if line.strip() and "misuse.py:" not in line]
     assert not others, output
 
 
-def test_misuse_is_rejected(mypy_output):
+def test_misuse_is_rejected(mypy_output: tuple[int, str]) -> None:
     code, output = mypy_output
     assert code == 1, output
     errors = re.findall(r"misuse\.py:(\d+): error: (.*)", output)
     for line, fragment in EXPECTED:
-        assert any(int(l) == line and fragment in msg for l, msg in errors), (line, fragment, output)
+        assert any(int(n) == line and fragment in msg for n, msg in errors), (line, fragment, output)
     assert len(errors) == len(EXPECTED), output
 
 
-def test_user_code_runs():
+def test_user_code_runs() -> None:
     previous = flatopt.set_num_threads(None)
     try:
         runpy.run_path(str(HERE / "user_code.py"), run_name="__main__")
@@ -88,7 +88,7 @@ def test_user_code_runs():
         flatopt.set_num_threads(previous)
 
 
-def test_stubs_match_compiled_modules():
+def test_stubs_match_compiled_modules() -> None:
     modules = ["flatopt._kernels", "flatopt._openmp_helpers", "flatopt._cpu_features"]
     modules += [m for m in ("flatopt._kernels_avx2", "flatopt._kernels_avx512") if _importable(m)]
     proc = subprocess.run(
@@ -99,7 +99,7 @@ def test_stubs_match_compiled_modules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _mypypath():
+def _mypypath() -> dict[str, str]:
     """Point mypy at the flatopt under test; an installed one it finds by itself (and
     refuses a site-packages directory in MYPYPATH)."""
     if Path(PACKAGE_PARENT).name in ("site-packages", "dist-packages"):
@@ -107,7 +107,7 @@ def _mypypath():
     return {"MYPYPATH": PACKAGE_PARENT}
 
 
-def _importable(name):
+def _importable(name: str) -> bool:
     try:
         __import__(name)
     except ImportError:
