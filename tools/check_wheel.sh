@@ -85,6 +85,11 @@ if grep -E '\.(c|so|pyd|dylib)$|/_build_config\.py$' "$WORK/sdist.txt"; then
     die "sdist carries generated or compiled files (above)"
 fi
 echo "ok: $(wc -l < "$WORK/sdist.txt") entries, .pyx/.pxd sources, nothing generated"
+# BSD-3-Clause: the license text goes with every redistribution (issue 15).
+grep -q '^flatopt-[^/]*/LICENSE$' "$WORK/sdist.txt" || die "sdist lacks LICENSE"
+"$TOOLS/python" -c 'import sys, zipfile; sys.exit(not any(n.endswith(".dist-info/licenses/LICENSE")
+    for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$WHEEL" || die "wheel lacks .dist-info/licenses/LICENSE"
+echo "ok: LICENSE in the sdist and in the wheel's .dist-info"
 
 repair() {  # repair WHEEL OUTDIR: print the path of the manylinux wheel
     "$TOOLS/auditwheel" repair -w "$2" "$1" > "$2.log" 2>&1 || { cat "$2.log" >&2; die "auditwheel repair"; }
@@ -135,6 +140,13 @@ if expect:  # the runtime in use is the copy auditwheel bundled, not the system'
 if info.get("isa_built") is not None:  # every kernel build made it into the wheel
     assert sorted(info["isa_built"]) == sorted(info["isa_available"]), info
 EOF
+    # The installed .dist-info carries the license text; the package, its type information.
+    (cd "$run" && "$venv/bin/python" -c 'import importlib.metadata as m, importlib.resources as r
+assert "BSD 3-Clause" in (m.distribution("flatopt").read_text("licenses/LICENSE") or ""), "no LICENSE"
+typing = ["py.typed", "_kernels.pyi", "_openmp_helpers.pyi", "_cpu_features.pyi"]
+assert all(r.files("flatopt").joinpath(f).is_file() for f in typing), "no py.typed or stubs"
+print("ok: LICENSE in the installed .dist-info; py.typed and stubs installed")') \
+        || die "$name: LICENSE or type information not installed"
     step "$name: test suite (FLATOPT_EXPECT_OPENMP=$expect)"
     (cd "$run" && FLATOPT_EXPECT_OPENMP=$expect "$venv/bin/python" -m pytest \
         -p no:cacheprovider "${PYTEST_ARGS[@]}" tests) || die "$name: test suite"

@@ -1,20 +1,24 @@
 """build_info() and show_config(): what this installation of flatopt is made of."""
 
+from __future__ import annotations
+
 import os
 import sys
+from typing import Any, TextIO, cast
 
 from . import _dispatch
 from ._openmp_helpers import openmp_enabled, openmp_version
 from ._threads import get_num_threads
 from ._version import __version__
 
+BUILD_CONFIG: dict[str, Any]
 try:
-    from ._build_config import BUILD_CONFIG
+    from ._build_config import BUILD_CONFIG  # written by setup.py
 except ImportError:  # pragma: no cover - only for a tree built without setup.py
     BUILD_CONFIG = {}
 
 
-def _openmp_runtime():
+def _openmp_runtime() -> str | None:
     """The OpenMP library loaded in this process, as threadpoolctl reports it."""
     if not openmp_enabled():
         return None
@@ -28,7 +32,7 @@ def _openmp_runtime():
     return "; ".join(f"{i['internal_api']} ({i['filepath']})" for i in libs)
 
 
-def _wheel_tag():
+def _wheel_tag() -> str | None:
     """The compressed tag set of the wheel this copy of flatopt was installed from.
 
     For example ``cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64``, read from the
@@ -44,7 +48,8 @@ def _wheel_tag():
         return None
     try:
         ours = os.path.realpath(__file__)
-        theirs = os.path.realpath(dist.locate_file(os.path.join("flatopt", "_config.py")))
+        theirs = os.path.realpath(
+            cast("os.PathLike[str]", dist.locate_file(os.path.join("flatopt", "_config.py"))))
     except (OSError, TypeError, ValueError):  # pragma: no cover - exotic finders
         return None
     if os.path.normcase(ours) != os.path.normcase(theirs):
@@ -54,7 +59,7 @@ def _wheel_tag():
             if line.startswith("Tag:")]
     if not tags:
         return None
-    parts = [[], [], []]
+    parts: list[list[str]] = [[], [], []]
     for tag in tags:
         for seen, part in zip(parts, tag.split("-")):
             if part not in seen:
@@ -62,13 +67,31 @@ def _wheel_tag():
     return "-".join(".".join(sorted(seen)) for seen in parts)
 
 
-def build_info():
+def build_info() -> dict[str, Any]:
     """A dict describing this build and how it runs here.
 
-    Keys: version, OpenMP (compiled in, version, runtime library), compiler and flags,
-    the tag of the wheel it was installed from (None otherwise), the ISA level in use with
-    the levels built, installed and supported by this CPU, the serial threshold and the
-    default thread count.
+    Returns
+    -------
+    dict
+        ``version``; ``openmp`` (compiled in), ``openmp_version`` and ``openmp_runtime``
+        (the library loaded, as threadpoolctl reports it); ``compiler``, ``cflags``,
+        ``ldflags``, ``cython_debug`` and ``platform`` of the build; ``wheel_tag`` (None
+        unless installed from a wheel); ``isa`` (the instruction-set level in use),
+        ``isa_built``, ``isa_available`` and ``isa_supported``; ``parallel_threshold``
+        (below it a kernel runs on one thread), ``default_n_threads`` and ``python``.
+
+    See Also
+    --------
+    show_config : prints the same.
+
+    Examples
+    --------
+    >>> import flatopt
+    >>> info = flatopt.build_info()
+    >>> info["version"] == flatopt.__version__
+    True
+    >>> info["isa"] in info["isa_supported"]
+    True
     """
     return {
         "version": __version__,
@@ -91,8 +114,14 @@ def build_info():
     }
 
 
-def show_config(file=None):
-    """Print :func:`build_info` as aligned ``key: value`` lines."""
+def show_config(file: TextIO | None = None) -> None:
+    """Print :func:`build_info` as aligned ``key : value`` lines.
+
+    Parameters
+    ----------
+    file : file-like, optional
+        Where to print; ``sys.stdout`` by default.
+    """
     info = build_info()
     width = max(map(len, info))
     for key, value in info.items():

@@ -1,0 +1,57 @@
+"""Type stubs for the compiled kernels (``_kernels.pyx``, also built as ``_kernels_avx2``
+and ``_kernels_avx512``).
+
+Every kernel takes 1-D, C-contiguous buffers of one dtype, float32 or float64 (the
+``floating`` fused type): ``_F`` below. Buffers named ``grad``/``x``/``b`` are only read
+(read-only and memory-mapped arrays work); the others are updated in place. Scalars are
+Python floats, ints and bools. Nothing here validates beyond what the memoryviews enforce:
+call them through ``flatopt.functional`` or the optimizer classes.
+"""
+
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+_F = TypeVar("_F", np.float32, np.float64)
+
+PARALLEL_THRESHOLD: int
+NORM_BLOCK: int
+
+def parallel_used() -> bool: ...
+def sgd(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F],
+    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    maximize: bool, init_buffer: bool, grad_scale: float, n_threads: int,
+) -> None: ...
+def momentum(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], velocity: npt.NDArray[_F], lr: float,
+    beta: float, weight_decay: float, maximize: bool, grad_scale: float, n_threads: int,
+) -> None: ...
+def norm_partials(
+    x: npt.NDArray[_F], norm_type: float, partials_out: npt.NDArray[np.float64], n_threads: int,
+) -> None: ...
+def count_nonfinite(x: npt.NDArray[_F], n_threads: int) -> int: ...
+def stream_add(a_out: npt.NDArray[_F], b: npt.NDArray[_F], n_threads: int) -> None: ...
+def adam(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    exp_avg_sq: npt.NDArray[_F], max_exp_avg_sq: npt.NDArray[_F], step: int, lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+    decoupled: bool, maximize: bool, grad_scale: float, n_threads: int,
+) -> None: ...
+def rmsprop(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], square_avg: npt.NDArray[_F],
+    grad_avg: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F], lr: float, alpha: float,
+    eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
+    grad_scale: float, n_threads: int,
+) -> None: ...
+def adadelta(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], square_avg: npt.NDArray[_F],
+    acc_delta: npt.NDArray[_F], lr: float, rho: float, eps: float, weight_decay: float,
+    maximize: bool, grad_scale: float, n_threads: int,
+) -> None: ...
+def adagrad(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], state_sum: npt.NDArray[_F], step: int,
+    lr: float, lr_decay: float, eps: float, weight_decay: float, maximize: bool,
+    grad_scale: float, n_threads: int,
+) -> None: ...

@@ -1,0 +1,115 @@
+"""The package's type information, checked the way a user's type checker sees it.
+
+* ``user_code.py`` (public API usage) passes ``mypy --strict`` and runs;
+* code that misuses the annotated API is rejected, with the errors expected (so the
+  check above is live, not vacuous);
+* the stubs of the compiled modules match their runtime signatures (``mypy.stubtest``).
+
+Skipped when mypy is not installed. The mypy configuration is ``[tool.mypy]`` in
+pyproject.toml; from the source tree mypy reads the package in ``src/``, elsewhere (the
+installed-wheel runs) the installed package and its ``py.typed``.
+"""
+
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flatopt
+
+pytest.importorskip("mypy", reason="mypy checks the type information")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # holds pyproject.toml, in the source tree and in the wheel runs
+PACKAGE_PARENT = str(Path(flatopt.__file__).resolve().parents[1])
+
+MISUSE = '''\
+import flatopt
+flatopt.set_num_threads("2")
+n: str = flatopt.get_num_threads()
+with flatopt.num_threads(1.5):
+    pass
+flatopt.show_config(file=3)
+info: list[str] = flatopt.build_info()
+enabled: int = flatopt.openmp_enabled()
+'''
+# (line, message fragment) of every error MISUSE must raise; line 8 is fine (bool <: int).
+EXPECTED = [
+    (2, 'Argument 1 to "set_num_threads" has incompatible type "str"'),
+    (3, 'Incompatible types in assignment (expression has type "int", variable has type "str")'),
+    (4, 'Argument 1 to "num_threads" has incompatible type "float"'),
+    (6, 'Argument "file" to "show_config" has incompatible type "int"'),
+    (7, 'expression has type "dict[str, Any]", variable has type "list[str]"'),
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def mypy_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str]:
+    """One strict mypy run over user_code.py and the misuse file: (exit code, output)."""
+    tmp = tmp_path_factory.mktemp("mypy")
+    misuse = tmp / "misuse.py"
+    misuse.write_text(MISUSE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-color-output", "--no-error-summary",
+         "--cache-dir", str(tmp / "cache"), str(HERE / "user_code.py"), str(misuse)],
+        cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_user_code_passes_strict_mypy(mypy_output: tuple[int, str]) -> None:
+    """No error anywhere but in the misuse file: not in user_code.py, not in flatopt."""
+    _, output = mypy_output
+    others = [line for line in output.splitlines() if line.strip() and "misuse.py:" not in line]
+    assert not others, output
+
+
+def test_misuse_is_rejected(mypy_output: tuple[int, str]) -> None:
+    code, output = mypy_output
+    assert code == 1, output
+    errors = re.findall(r"misuse\.py:(\d+): error: (.*)", output)
+    for line, fragment in EXPECTED:
+        assert any(int(n) == line and fragment in msg for n, msg in errors), (line, fragment, output)
+    assert len(errors) == len(EXPECTED), output
+
+
+def test_user_code_runs() -> None:
+    previous = flatopt.set_num_threads(None)
+    try:
+        runpy.run_path(str(HERE / "user_code.py"), run_name="__main__")
+    finally:
+        flatopt.set_num_threads(previous)
+
+
+def test_stubs_match_compiled_modules() -> None:
+    modules = ["flatopt._kernels", "flatopt._openmp_helpers", "flatopt._cpu_features"]
+    modules += [m for m in ("flatopt._kernels_avx2", "flatopt._kernels_avx512") if _importable(m)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "--allowlist",
+         str(HERE / "stubtest_allowlist.txt"), *modules],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**_env(), **_mypypath()})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _mypypath() -> dict[str, str]:
+    """Point mypy at the flatopt under test; an installed one it finds by itself (and
+    refuses a site-packages directory in MYPYPATH)."""
+    if Path(PACKAGE_PARENT).name in ("site-packages", "dist-packages"):
+        return {}
+    return {"MYPYPATH": PACKAGE_PARENT}
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
