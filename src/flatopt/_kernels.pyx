@@ -363,3 +363,158 @@ def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] state_s
         s = state_sum[i] + d * d
         state_sum[i] = s
         param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)
+
+
+# -- Adam's variants: NAdam, RAdam, Adamax (torch.optim) and Lion ----------------------------
+# Same conventions as the adaptive family above: torch's single-tensor operations, in
+# torch's order; step-dependent scalars in C double (``pow`` where torch's Python code
+# writes ``**``, so that they are torch's doubles bit for bit), then cast to ``floating``.
+
+
+def nadam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+          floating[::1] exp_avg_sq, Py_ssize_t step, double mu_product, bint mu_product_float32,
+          double lr, double beta1, double beta2, double eps, double weight_decay,
+          double momentum_decay, bint decoupled, bint maximize, double grad_scale,
+          int n_threads):
+    """torch.optim.NAdam, in place, for the 1-based ``step``; returns the new mu_product.
+
+    ``mu_product`` is the product of the momentum schedule ``mu_t`` over the steps
+    before this one (1.0 before the first). torch keeps it in a scalar tensor of its
+    default dtype: with ``mu_product_float32`` the running product is rounded to float32
+    as torch does then (``mu_product *= mu`` in float32), otherwise it is a double.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
+    cdef double mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
+    cdef double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1) * momentum_decay))
+    if mu_product_float32:
+        mu_product = <float>(<float>mu_product * <float>mu)
+    else:
+        mu_product = mu_product * mu
+    cdef double mu_product_next = mu_product * mu_next
+    cdef floating grad_coef = (-lr * (1.0 - mu)) / (1.0 - mu_product)
+    cdef floating avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
+    cdef floating bc2 = bias_correction2
+    cdef floating eps_ = eps, b2 = beta2, c2 = 1.0 - beta2
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef floating wd = 0.0 if decoupled else weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating p, d, m, v, denom
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        denom = _sqrt(v / bc2) + eps_
+        p = p + (grad_coef * d) / denom
+        param[i] = p + (avg_coef * m) / denom
+    return mu_product
+
+
+def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+          floating[::1] exp_avg_sq, Py_ssize_t step, double lr, double beta1, double beta2,
+          double eps, double weight_decay, bint decoupled, bint maximize, double grad_scale,
+          int n_threads):
+    """torch.optim.RAdam, in place, for the 1-based ``step``; returns whether the step was
+    rectified (torch's ``rho_t > 5``: the adaptive step), else it was plain momentum SGD.
+
+    torch's element order: ``m/bc1 * lr * (sqrt(bc2) * (1/(sqrt(v) + eps))) * rect``
+    (``scalar / tensor`` is ``tensor.reciprocal() * scalar`` in torch).
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double bias_correction1 = 1.0 - pow(beta1, <double>step)
+    cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
+    cdef double rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    cdef double rho_t = rho_inf - 2.0 * step * pow(beta2, <double>step) / bias_correction2
+    cdef bint rectified = rho_t > 5.0
+    cdef double rect_d = 0.0
+    if rectified:
+        rect_d = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                     / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
+    cdef floating rect = rect_d
+    cdef floating sqrt_bc2 = pow(bias_correction2, 0.5)
+    cdef floating bc1 = bias_correction1, lr_ = lr, eps_ = eps, one = 1.0
+    cdef floating b2 = beta2, c2 = 1.0 - beta2
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef floating wd = 0.0 if decoupled else weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating p, d, m, v, u
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        u = m / bc1 * lr_
+        if rectified:
+            u = u * (one / (_sqrt(v) + eps_) * sqrt_bc2) * rect
+        param[i] = p - u
+    return rectified
+
+
+def adamax(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+           floating[::1] exp_inf, Py_ssize_t step, double lr, double beta1, double beta2,
+           double eps, double weight_decay, bint maximize, double grad_scale, int n_threads):
+    """torch.optim.Adamax, in place, for the 1-based ``step``:
+    ``u = max(beta2*u, |g| + eps)``, ``p -= lr/bc1 * m / u`` (NaN propagates, as
+    torch.maximum)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double clr = lr / (1.0 - pow(beta1, <double>step))
+    cdef floating neg_clr = -clr, eps_ = eps, b2 = beta2, wd = weight_decay
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, m, u, a
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = _direction(grad[i], param[i], scale, wd)
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        exp_avg[i] = m
+        u = exp_inf[i] * b2
+        a = fabs(d) + eps_
+        if not (u > a or u != u):
+            u = a
+        exp_inf[i] = u
+        param[i] = param[i] + (neg_clr * m) / u
+
+
+cdef inline floating _sign(floating x) noexcept nogil:
+    """1, -1, or ``x`` itself for zeros and NaN (so NaN propagates, as torch.sign)."""
+    if x > 0:
+        return 1
+    if x < 0:
+        return -1
+    return x
+
+
+def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, double lr,
+         double beta1, double beta2, double weight_decay, bint maximize, double grad_scale,
+         int n_threads):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place:
+    ``c = beta1*m + (1-beta1)*g``; ``p = p*(1 - lr*wd) - lr*sign(c)``;
+    ``m = beta2*m + (1-beta2)*g`` (decoupled decay, as the paper, optax and DeepSpeed)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating neg_lr = -lr, b1 = beta1, c1 = 1.0 - beta1, b2 = beta2, c2 = 1.0 - beta2
+    cdef floating decay = 1.0 - lr * weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, m
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = grad[i] * scale
+        m = exp_avg[i]
+        param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
+        exp_avg[i] = m * b2 + c2 * d
