@@ -518,3 +518,227 @@ def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, d
         m = exp_avg[i]
         param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
         exp_avg[i] = m * b2 + c2 * d
+
+
+# -- Keras 3's formulas (flatopt.keras) -------------------------------------------------------
+# Keras's backend-agnostic ``update_step`` of each optimizer, operation for operation. Keras
+# casts its step-dependent scalars (beta powers, Adam's alpha, Nadam's momentum schedule)
+# to the variable's dtype *before* computing them, so here they are computed in
+# ``floating`` (powf for float32), not in double: in float32 ``1 - beta_2**t`` with beta_2
+# rounded to float32 first differs from the double value by ~1e-5 relative. Hyperparameters
+# Keras multiplies in as Python numbers (``1 - self.beta_1`` in Adam) are computed in
+# double and cast, as there. Weight decay is Keras's, before the update, in the form its
+# torch backend computes it, ``p = p * (1 - wd*lr)`` (the backend-agnostic code writes
+# ``p - p*wd*lr``: equal in exact arithmetic, and in float32 the factor's rounding is
+# systematic, the same every step, so the two forms drift apart by tens of ulp).
+
+from libc.math cimport powf
+
+
+cdef inline floating _pow(floating x, floating y) noexcept nogil:
+    if floating is float:
+        return powf(x, y)
+    else:
+        return pow(x, y)
+
+
+def keras_weight_decay(floating[::1] param, double lr, double weight_decay, int n_threads):
+    """Keras's decoupled weight decay, in place: ``p = p * (1 - wd*lr)``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating factor = 1.0 - weight_decay * lr
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        param[i] = param[i] * factor
+
+
+def keras_sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+              double lr, double momentum, bint nesterov, double weight_decay, double grad_scale,
+              int n_threads):
+    """keras.optimizers.SGD, in place: ``m = momentum*m - lr*g``; ``p += m`` (Nesterov:
+    ``p += momentum*m - lr*g``); without momentum ``p -= lr*g``. ``momentum_buffer`` is
+    unused (may be empty) when ``momentum == 0``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, mom = momentum, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0, use_momentum = momentum != 0
+    cdef floating p, g, m
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        if use_momentum:
+            m = momentum_buffer[i] * mom - g * lr_
+            momentum_buffer[i] = m
+            if nesterov:
+                p = p + (m * mom - g * lr_)
+            else:
+                p = p + m
+        else:
+            p = p - g * lr_
+        param[i] = p
+
+
+def keras_adam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+               floating[::1] v_buf, floating[::1] v_hat_buf, Py_ssize_t step, double lr,
+               double beta_1, double beta_2, double epsilon, bint amsgrad, double weight_decay,
+               double grad_scale, int n_threads):
+    """keras.optimizers.Adam / AdamW, in place, for the 1-based ``step``:
+    ``m += (g-m)*(1-beta_1)``; ``v += (g*g-v)*(1-beta_2)``;
+    ``p -= m*alpha / (sqrt(v) + epsilon)`` with ``alpha = lr*sqrt(1-beta_2**t)/(1-beta_1**t)``
+    (epsilon is not bias-corrected). ``v_hat_buf`` is unused (may be empty) unless amsgrad."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, lr_ = lr, one = 1
+    cdef floating beta_1_power = _pow(<floating>beta_1, t)
+    cdef floating beta_2_power = _pow(<floating>beta_2, t)
+    cdef floating alpha = lr_ * _sqrt(one - beta_2_power) / (one - beta_1_power)
+    cdef floating c1 = 1 - beta_1, c2 = 1 - beta_2, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, v, vh
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        v = v_buf[i]
+        v = v + (g * g - v) * c2
+        v_buf[i] = v
+        if amsgrad:
+            vh = v_hat_buf[i]
+            if not (vh > v or vh != vh):
+                vh = v
+            v_hat_buf[i] = vh
+            v = vh
+        param[i] = p - (m * alpha) / (_sqrt(v) + eps)
+
+
+def keras_rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+                  floating[::1] average_grad, floating[::1] momentum_buffer, double lr,
+                  double rho, double momentum, double epsilon, bint centered,
+                  double weight_decay, double grad_scale, int n_threads):
+    """keras.optimizers.RMSprop, in place: ``v = rho*v + (1-rho)*g*g``; centered:
+    ``a = rho*a + (1-rho)*g``, ``den = v - a*a + eps``, else ``den = v + eps`` (epsilon
+    inside the square root); ``inc = lr*g / sqrt(den)``; momentum:
+    ``b = momentum*b + inc; p -= b``, else ``p -= inc``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, r = rho, c = 1 - rho, mom = momentum, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0, use_momentum = momentum > 0
+    cdef floating p, g, v, a, den, inc
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        v = r * velocity[i] + c * (g * g)
+        velocity[i] = v
+        if centered:
+            a = r * average_grad[i] + c * g
+            average_grad[i] = a
+            den = v - a * a + eps
+        else:
+            den = v + eps
+        inc = (lr_ * g) / _sqrt(den)
+        if use_momentum:
+            inc = mom * momentum_buffer[i] + inc
+            momentum_buffer[i] = inc
+        param[i] = p - inc
+
+
+def keras_adagrad(floating[::1] param, const floating[::1] grad, floating[::1] accumulator,
+                  double lr, double epsilon, double weight_decay, double grad_scale,
+                  int n_threads):
+    """keras.optimizers.Adagrad, in place: ``acc += g*g``; ``p -= lr*g / sqrt(acc + eps)``
+    (epsilon inside the square root; ``acc`` starts at initial_accumulator_value)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, acc
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        acc = accumulator[i] + g * g
+        accumulator[i] = acc
+        param[i] = p - (lr_ * g) / _sqrt(acc + eps)
+
+
+def keras_adamax(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+                 floating[::1] u_buf, Py_ssize_t step, double lr, double beta_1, double beta_2,
+                 double epsilon, double weight_decay, double grad_scale, int n_threads):
+    """keras.optimizers.Adamax, in place, for the 1-based ``step``:
+    ``m += (g-m)*(1-beta_1)``; ``u = max(beta_2*u, |g|)``;
+    ``p -= lr*m / ((1-beta_1**t) * (u + eps))`` (epsilon outside the max)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, lr_ = lr, one = 1
+    cdef floating bc = one - _pow(<floating>beta_1, t)
+    cdef floating c1 = 1 - beta_1, b2 = beta_2, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, u, a
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        u = b2 * u_buf[i]
+        a = fabs(g)
+        if not (u > a or u != u):
+            u = a
+        u_buf[i] = u
+        param[i] = p - (lr_ * m) / (bc * (u + eps))
+
+
+def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+                floating[::1] v_buf, Py_ssize_t step, double u_product, double lr,
+                double beta_1, double beta_2, double epsilon, double weight_decay,
+                double grad_scale, int n_threads):
+    """keras.optimizers.Nadam, in place, for the 1-based ``step``; returns the new
+    ``u_product`` (the running product of the momentum schedule, in the buffers' dtype).
+
+    ``u_t = beta_1*(1 - 0.5*0.96**t)`` (torch's NAdam has ``0.96**(t*momentum_decay)``);
+    ``m_hat = u_{t+1}*m/(1 - prod_{t+1}) + (1-u_t)*g/(1 - prod_t)``,
+    ``p -= m_hat*lr / (sqrt(v/(1-beta_2**t)) + eps)``.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, t_next = step + 1, decay_base = 0.96
+    cdef floating b1 = beta_1, b2 = beta_2, one = 1, half = 0.5
+    cdef floating prod = u_product
+    # Keras's _backend_update_step: u_product * beta_1 * (1 - 0.5*0.96**t), in that order.
+    prod = prod * <floating>beta_1 * (one - half * _pow(decay_base, t))
+    cdef floating u_t = b1 * (one - half * _pow(decay_base, t))
+    cdef floating u_t_1 = b1 * (one - half * _pow(decay_base, t_next))
+    cdef floating prod_next = prod * u_t_1
+    cdef floating den_m = one - prod_next, den_g = one - prod, one_minus_u_t = one - u_t
+    cdef floating bc2 = one - _pow(b2, t)
+    cdef floating c1 = one - b1, c2 = one - b2
+    cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, v, m_hat
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        v = v_buf[i]
+        v = v + (g * g - v) * c2
+        v_buf[i] = v
+        m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * g) / den_g
+        param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
+    return prod
