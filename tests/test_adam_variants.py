@@ -497,3 +497,24 @@ def test_functional_nadam_chains_mu_product():
                        eps=1e-8)
         assert 0 < new < mu
         mu = new
+
+
+# -- 5. the benchmark's NumPy baselines ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["nadam", "radam", "adamax", "lion"])
+def test_bench_baseline_matches_flatopt_over_30_steps(name):
+    # tests/test_bench.py runs 5 steps; RAdam's rectified branch starts at step 6.
+    from flatopt import bench
+    optim = bench.OPTIMIZERS[name]
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(1000)
+    g = rng.standard_normal(1000)
+    opt = optim.flatopt([p.copy()], 1)
+    opt.flat_grads[:] = g
+    p_np = p.copy()
+    numpy_step = optim.numpy(p_np, g)
+    for _ in range(30):
+        opt.step()
+        numpy_step()
+    np.testing.assert_allclose(opt.flat_params, p_np, rtol=1e-12)
+    assert not np.allclose(p_np, p)
