@@ -163,6 +163,10 @@ class Lion(Optimizer):
     ``m = beta2*m + (1-beta2)*g`` (state ``exp_avg``). Weight decay is decoupled, as in
     the paper; Lion's lr is typically 3-10x smaller than AdamW's and its weight decay
     3-10x larger. torch.optim has no Lion: ``flatopt.torch.Lion`` takes these arguments.
+
+    ``sign(0) = 0`` (the paper, optax, lion-pytorch, Keras): an element whose ``c`` is
+    exactly zero (zero gradient and momentum) does not move. DeepSpeed's CPU Lion uses
+    ``copysign(lr, c)`` and moves it by ``lr``; the two agree everywhere else.
     """
 
     _hyperparameters = ("lr", "betas", "weight_decay", "maximize")
