@@ -144,6 +144,28 @@ def test_kernel_matches_twin(case, dtype, n, tmp_path):
             assert st[k] == st_ref[k], k
 
 
+@pytest.mark.parametrize("level", _dispatch.supported_levels())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_every_isa_build_matches_twin(case, dtype, level, tmp_path, monkeypatch):
+    # The kernels of every ISA build this CPU can run (baseline, avx2, avx512), 10 steps.
+    import importlib
+    _, run, hp, names, scalars, gs = case
+    monkeypatch.setitem(globals(), "K", importlib.import_module(_dispatch.MODULES[level]))
+    n = PARALLEL_THRESHOLD + 17
+    dtype = np.dtype(dtype)
+    grads = _readonly_grads(tmp_path, n, dtype)
+    p0 = np.random.default_rng(1).standard_normal(n).astype(dtype)
+    results = []
+    for fast in (False, True):
+        p, st = p0.copy(), {**{k: np.full(n, 0.1, dtype) for k in names}, **scalars}
+        for step in range(1, 11):
+            run(fast, p, grads[step % 3], st, step, hp, gs, 2)
+        results.append([p] + [st[k] for k in names])
+    for got, want in zip(results[1], results[0]):
+        assert_bits_equal(got, want, level)
+
+
 # -- 2. against keras.optimizers ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
