@@ -363,3 +363,382 @@ def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] state_s
         s = state_sum[i] + d * d
         state_sum[i] = s
         param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)
+
+
+# -- Adam's variants: NAdam, RAdam, Adamax (torch.optim) and Lion ----------------------------
+# Same conventions as the adaptive family above: torch's single-tensor operations, in
+# torch's order; step-dependent scalars in C double (``pow`` where torch's Python code
+# writes ``**``, so that they are torch's doubles bit for bit), then cast to ``floating``.
+
+
+def nadam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+          floating[::1] exp_avg_sq, Py_ssize_t step, double mu_product, bint mu_product_float32,
+          double lr, double beta1, double beta2, double eps, double weight_decay,
+          double momentum_decay, bint decoupled, bint maximize, double grad_scale,
+          int n_threads):
+    """torch.optim.NAdam, in place, for the 1-based ``step``; returns the new mu_product.
+
+    ``mu_product`` is the product of the momentum schedule ``mu_t`` over the steps
+    before this one (1.0 before the first). torch keeps it in a scalar tensor of its
+    default dtype: with ``mu_product_float32`` the running product is rounded to float32
+    as torch does then (``mu_product *= mu`` in float32), otherwise it is a double.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
+    cdef double mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
+    cdef double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1) * momentum_decay))
+    if mu_product_float32:
+        mu_product = <float>(<float>mu_product * <float>mu)
+    else:
+        mu_product = mu_product * mu
+    cdef double mu_product_next = mu_product * mu_next
+    cdef floating grad_coef = (-lr * (1.0 - mu)) / (1.0 - mu_product)
+    cdef floating avg_coef = (-lr * mu_next) / (1.0 - mu_product_next)
+    cdef floating bc2 = bias_correction2
+    cdef floating eps_ = eps, b2 = beta2, c2 = 1.0 - beta2
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef floating wd = 0.0 if decoupled else weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating p, d, m, v, denom
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        denom = _sqrt(v / bc2) + eps_
+        p = p + (grad_coef * d) / denom
+        param[i] = p + (avg_coef * m) / denom
+    return mu_product
+
+
+def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+          floating[::1] exp_avg_sq, Py_ssize_t step, double lr, double beta1, double beta2,
+          double eps, double weight_decay, bint decoupled, bint maximize, double grad_scale,
+          int n_threads):
+    """torch.optim.RAdam, in place, for the 1-based ``step``; returns whether the step was
+    rectified (torch's ``rho_t > 5``: the adaptive step), else it was plain momentum SGD.
+
+    torch's element order: ``m/bc1 * lr * (sqrt(bc2) * (1/(sqrt(v) + eps))) * rect``
+    (``scalar / tensor`` is ``tensor.reciprocal() * scalar`` in torch).
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double bias_correction1 = 1.0 - pow(beta1, <double>step)
+    cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
+    cdef double rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    cdef double rho_t = rho_inf - 2.0 * step * pow(beta2, <double>step) / bias_correction2
+    cdef bint rectified = rho_t > 5.0
+    cdef double rect_d = 0.0
+    if rectified:
+        rect_d = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                     / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
+    cdef floating rect = rect_d
+    cdef floating sqrt_bc2 = pow(bias_correction2, 0.5)
+    cdef floating bc1 = bias_correction1, lr_ = lr, eps_ = eps, one = 1.0
+    cdef floating b2 = beta2, c2 = 1.0 - beta2
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    cdef floating wd = 0.0 if decoupled else weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating p, d, m, v, u
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        u = m / bc1 * lr_
+        if rectified:
+            u = u * (one / (_sqrt(v) + eps_) * sqrt_bc2) * rect
+        param[i] = p - u
+    return rectified
+
+
+def adamax(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+           floating[::1] exp_inf, Py_ssize_t step, double lr, double beta1, double beta2,
+           double eps, double weight_decay, bint maximize, double grad_scale, int n_threads):
+    """torch.optim.Adamax, in place, for the 1-based ``step``:
+    ``u = max(beta2*u, |g| + eps)``, ``p -= lr/bc1 * m / u`` (NaN propagates, as
+    torch.maximum)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double clr = lr / (1.0 - pow(beta1, <double>step))
+    cdef floating neg_clr = -clr, eps_ = eps, b2 = beta2, wd = weight_decay
+    cdef floating w1 = 1.0 - beta1
+    cdef floating one_minus_w1 = 1 - w1
+    cdef bint small1 = w1 < 0.5
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, m, u, a
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = _direction(grad[i], param[i], scale, wd)
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        exp_avg[i] = m
+        u = exp_inf[i] * b2
+        a = fabs(d) + eps_
+        if not (u > a or u != u):
+            u = a
+        exp_inf[i] = u
+        param[i] = param[i] + (neg_clr * m) / u
+
+
+cdef inline floating _sign(floating x) noexcept nogil:
+    """1, -1, or ``x`` itself for zeros and NaN (so NaN propagates, as torch.sign)."""
+    if x > 0:
+        return 1
+    if x < 0:
+        return -1
+    return x
+
+
+def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, double lr,
+         double beta1, double beta2, double weight_decay, bint maximize, double grad_scale,
+         int n_threads):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place:
+    ``c = beta1*m + (1-beta1)*g``; ``p = p*(1 - lr*wd) - lr*sign(c)``;
+    ``m = beta2*m + (1-beta2)*g`` (decoupled decay, as the paper, optax and DeepSpeed)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating neg_lr = -lr, b1 = beta1, c1 = 1.0 - beta1, b2 = beta2, c2 = 1.0 - beta2
+    cdef floating decay = 1.0 - lr * weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef floating d, m
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        d = grad[i] * scale
+        m = exp_avg[i]
+        param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
+        exp_avg[i] = m * b2 + c2 * d
+
+
+# -- Keras 3's formulas (flatopt.keras) -------------------------------------------------------
+# Keras's backend-agnostic ``update_step`` of each optimizer, operation for operation. Keras
+# casts its step-dependent scalars (beta powers, Adam's alpha, Nadam's momentum schedule)
+# to the variable's dtype *before* computing them, so here they are computed in
+# ``floating`` (powf for float32), not in double: in float32 ``1 - beta_2**t`` with beta_2
+# rounded to float32 first differs from the double value by ~1e-5 relative. Hyperparameters
+# Keras multiplies in as Python numbers (``1 - self.beta_1`` in Adam) are computed in
+# double and cast, as there. Weight decay is Keras's, before the update, in the form its
+# torch backend computes it, ``p = p * (1 - wd*lr)`` (the backend-agnostic code writes
+# ``p - p*wd*lr``: equal in exact arithmetic, and in float32 the factor's rounding is
+# systematic, the same every step, so the two forms drift apart by tens of ulp).
+
+from libc.math cimport powf
+
+
+cdef inline floating _pow(floating x, floating y) noexcept nogil:
+    if floating is float:
+        return powf(x, y)
+    else:
+        return pow(x, y)
+
+
+def keras_weight_decay(floating[::1] param, double lr, double weight_decay, int n_threads):
+    """Keras's decoupled weight decay, in place: ``p = p * (1 - wd*lr)``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating factor = 1.0 - weight_decay * lr
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        param[i] = param[i] * factor
+
+
+def keras_sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+              double lr, double momentum, bint nesterov, double weight_decay, double grad_scale,
+              int n_threads):
+    """keras.optimizers.SGD, in place: ``m = momentum*m - lr*g``; ``p += m`` (Nesterov:
+    ``p += momentum*m - lr*g``); without momentum ``p -= lr*g``. ``momentum_buffer`` is
+    unused (may be empty) when ``momentum == 0``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, mom = momentum, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0, use_momentum = momentum != 0
+    cdef floating p, g, m
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        if use_momentum:
+            m = momentum_buffer[i] * mom - g * lr_
+            momentum_buffer[i] = m
+            if nesterov:
+                p = p + (m * mom - g * lr_)
+            else:
+                p = p + m
+        else:
+            p = p - g * lr_
+        param[i] = p
+
+
+def keras_adam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+               floating[::1] v_buf, floating[::1] v_hat_buf, Py_ssize_t step, double lr,
+               double beta_1, double beta_2, double epsilon, bint amsgrad, double weight_decay,
+               double grad_scale, int n_threads):
+    """keras.optimizers.Adam / AdamW, in place, for the 1-based ``step``:
+    ``m += (g-m)*(1-beta_1)``; ``v += (g*g-v)*(1-beta_2)``;
+    ``p -= m*alpha / (sqrt(v) + epsilon)`` with ``alpha = lr*sqrt(1-beta_2**t)/(1-beta_1**t)``
+    (epsilon is not bias-corrected). ``v_hat_buf`` is unused (may be empty) unless amsgrad."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, lr_ = lr, one = 1
+    cdef floating beta_1_power = _pow(<floating>beta_1, t)
+    cdef floating beta_2_power = _pow(<floating>beta_2, t)
+    cdef floating alpha = lr_ * _sqrt(one - beta_2_power) / (one - beta_1_power)
+    cdef floating c1 = 1 - beta_1, c2 = 1 - beta_2, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, v, vh
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        v = v_buf[i]
+        v = v + (g * g - v) * c2
+        v_buf[i] = v
+        if amsgrad:
+            vh = v_hat_buf[i]
+            if not (vh > v or vh != vh):
+                vh = v
+            v_hat_buf[i] = vh
+            v = vh
+        param[i] = p - (m * alpha) / (_sqrt(v) + eps)
+
+
+def keras_rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+                  floating[::1] average_grad, floating[::1] momentum_buffer, double lr,
+                  double rho, double momentum, double epsilon, bint centered,
+                  double weight_decay, double grad_scale, int n_threads):
+    """keras.optimizers.RMSprop, in place: ``v = rho*v + (1-rho)*g*g``; centered:
+    ``a = rho*a + (1-rho)*g``, ``den = v - a*a + eps``, else ``den = v + eps`` (epsilon
+    inside the square root); ``inc = lr*g / sqrt(den)``; momentum:
+    ``b = momentum*b + inc; p -= b``, else ``p -= inc``."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, r = rho, c = 1 - rho, mom = momentum, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0, use_momentum = momentum > 0
+    cdef floating p, g, v, a, den, inc
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        v = r * velocity[i] + c * (g * g)
+        velocity[i] = v
+        if centered:
+            a = r * average_grad[i] + c * g
+            average_grad[i] = a
+            den = v - a * a + eps
+        else:
+            den = v + eps
+        inc = (lr_ * g) / _sqrt(den)
+        if use_momentum:
+            inc = mom * momentum_buffer[i] + inc
+            momentum_buffer[i] = inc
+        param[i] = p - inc
+
+
+def keras_adagrad(floating[::1] param, const floating[::1] grad, floating[::1] accumulator,
+                  double lr, double epsilon, double weight_decay, double grad_scale,
+                  int n_threads):
+    """keras.optimizers.Adagrad, in place: ``acc += g*g``; ``p -= lr*g / sqrt(acc + eps)``
+    (epsilon inside the square root; ``acc`` starts at initial_accumulator_value)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, acc
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        acc = accumulator[i] + g * g
+        accumulator[i] = acc
+        param[i] = p - (lr_ * g) / _sqrt(acc + eps)
+
+
+def keras_adamax(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+                 floating[::1] u_buf, Py_ssize_t step, double lr, double beta_1, double beta_2,
+                 double epsilon, double weight_decay, double grad_scale, int n_threads):
+    """keras.optimizers.Adamax, in place, for the 1-based ``step``:
+    ``m += (g-m)*(1-beta_1)``; ``u = max(beta_2*u, |g|)``;
+    ``p -= lr*m / ((1-beta_1**t) * (u + eps))`` (epsilon outside the max)."""
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, lr_ = lr, one = 1
+    cdef floating bc = one - _pow(<floating>beta_1, t)
+    cdef floating c1 = 1 - beta_1, b2 = beta_2, eps = epsilon
+    cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, u, a
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        u = b2 * u_buf[i]
+        a = fabs(g)
+        if not (u > a or u != u):
+            u = a
+        u_buf[i] = u
+        param[i] = p - (lr_ * m) / (bc * (u + eps))
+
+
+def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+                floating[::1] v_buf, Py_ssize_t step, double u_product, double lr,
+                double beta_1, double beta_2, double epsilon, double weight_decay,
+                double grad_scale, int n_threads):
+    """keras.optimizers.Nadam, in place, for the 1-based ``step``; returns the new
+    ``u_product`` (the running product of the momentum schedule, in the buffers' dtype).
+
+    ``u_t = beta_1*(1 - 0.5*0.96**t)`` (torch's NAdam has ``0.96**(t*momentum_decay)``);
+    ``m_hat = u_{t+1}*m/(1 - prod_{t+1}) + (1-u_t)*g/(1 - prod_t)``,
+    ``p -= m_hat*lr / (sqrt(v/(1-beta_2**t)) + eps)``.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef floating t = step, t_next = step + 1, decay_base = 0.96
+    cdef floating b1 = beta_1, b2 = beta_2, one = 1, half = 0.5
+    cdef floating prod = u_product
+    # Keras's _backend_update_step: u_product * beta_1 * (1 - 0.5*0.96**t), in that order.
+    prod = prod * <floating>beta_1 * (one - half * _pow(decay_base, t))
+    cdef floating u_t = b1 * (one - half * _pow(decay_base, t))
+    cdef floating u_t_1 = b1 * (one - half * _pow(decay_base, t_next))
+    cdef floating prod_next = prod * u_t_1
+    cdef floating den_m = one - prod_next, den_g = one - prod, one_minus_u_t = one - u_t
+    cdef floating bc2 = one - _pow(b2, t)
+    cdef floating c1 = one - b1, c2 = one - b2
+    cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
+    cdef bint decay = weight_decay != 0
+    cdef floating p, g, m, v, m_hat
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        p = param[i]
+        g = grad[i] * scale
+        if decay:
+            p = p * factor
+        m = m_buf[i]
+        m = m + (g - m) * c1
+        m_buf[i] = m
+        v = v_buf[i]
+        v = v + (g * g - v) * c2
+        v_buf[i] = v
+        m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * g) / den_g
+        param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
+    return prod

@@ -153,6 +153,101 @@ def numpy_adadelta(p, g, rho=0.9, eps=1e-6, lr=1.0):
     return step
 
 
+def numpy_nadam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, momentum_decay=4e-3):
+    """torch.optim.NAdam with in-place ufuncs."""
+    m, v, den, tmp = (np.zeros_like(p) for _ in range(4))
+    t, mu_product = [0], [1.0]
+
+    def step():
+        t[0] += 1
+        mu = beta1 * (1 - 0.5 * 0.96 ** (t[0] * momentum_decay))
+        mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t[0] + 1) * momentum_decay))
+        mu_product[0] *= mu
+        np.multiply(m, beta1, out=m)
+        np.multiply(g, 1 - beta1, out=tmp)
+        np.add(m, tmp, out=m)
+        np.multiply(v, beta2, out=v)
+        np.multiply(g, g, out=tmp)
+        np.multiply(tmp, 1 - beta2, out=tmp)
+        np.add(v, tmp, out=v)
+        np.divide(v, 1 - beta2 ** t[0], out=den)
+        np.sqrt(den, out=den)
+        np.add(den, eps, out=den)
+        np.divide(g, den, out=tmp)
+        np.multiply(tmp, LR * (1 - mu) / (1 - mu_product[0]), out=tmp)
+        np.subtract(p, tmp, out=p)
+        np.divide(m, den, out=tmp)
+        np.multiply(tmp, LR * mu_next / (1 - mu_product[0] * mu_next), out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_radam(p, g, beta1=0.9, beta2=0.999, eps=1e-8):
+    """torch.optim.RAdam with in-place ufuncs (the rectified branch after ~5 steps)."""
+    m, v, tmp = np.zeros_like(p), np.zeros_like(p), np.empty_like(p)
+    t = [0]
+    rho_inf = 2 / (1 - beta2) - 1
+
+    def step():
+        t[0] += 1
+        bc1, bc2 = 1 - beta1 ** t[0], 1 - beta2 ** t[0]
+        rho_t = rho_inf - 2 * t[0] * beta2 ** t[0] / bc2
+        np.multiply(m, beta1, out=m)
+        np.multiply(g, 1 - beta1, out=tmp)
+        np.add(m, tmp, out=m)
+        np.multiply(v, beta2, out=v)
+        np.multiply(g, g, out=tmp)
+        np.multiply(tmp, 1 - beta2, out=tmp)
+        np.add(v, tmp, out=v)
+        if rho_t > 5:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            np.sqrt(v, out=tmp)
+            np.add(tmp, eps, out=tmp)
+            np.divide(m, tmp, out=tmp)
+            np.multiply(tmp, LR / bc1 * math.sqrt(bc2) * rect, out=tmp)
+        else:
+            np.multiply(m, LR / bc1, out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_adamax(p, g, beta1=0.9, beta2=0.999, eps=1e-8):
+    """torch.optim.Adamax with in-place ufuncs: u = max(beta2*u, |g| + eps)."""
+    m, u, tmp = np.zeros_like(p), np.zeros_like(p), np.empty_like(p)
+    t = [0]
+
+    def step():
+        t[0] += 1
+        np.multiply(m, beta1, out=m)
+        np.multiply(g, 1 - beta1, out=tmp)
+        np.add(m, tmp, out=m)
+        np.multiply(u, beta2, out=u)
+        np.abs(g, out=tmp)
+        np.add(tmp, eps, out=tmp)
+        np.maximum(u, tmp, out=u)
+        np.divide(m, u, out=tmp)
+        np.multiply(tmp, LR / (1 - beta1 ** t[0]), out=tmp)
+        np.subtract(p, tmp, out=p)
+    return step
+
+
+def numpy_lion(p, g, beta1=0.9, beta2=0.99):
+    """Lion with in-place ufuncs: p -= lr*sign(beta1*m + (1-beta1)*g); m = beta2*m + (1-beta2)*g."""
+    m, tmp, tmp2 = np.zeros_like(p), np.empty_like(p), np.empty_like(p)
+
+    def step():
+        np.multiply(m, beta1, out=tmp)
+        np.multiply(g, 1 - beta1, out=tmp2)
+        np.add(tmp, tmp2, out=tmp)
+        np.sign(tmp, out=tmp)
+        np.multiply(tmp, LR, out=tmp)
+        np.subtract(p, tmp, out=p)
+        np.multiply(m, beta2, out=m)
+        np.multiply(g, 1 - beta2, out=tmp)
+        np.add(m, tmp, out=m)
+    return step
+
+
 @dataclass
 class Optim:
     """One optimizer configuration, built three ways."""
@@ -189,6 +284,16 @@ def _optims():
                   lambda torch, ps, **kw: torch.optim.Adagrad(ps, lr=LR, **kw)),
             Optim("adadelta", 2, lambda ps, t: F.Adadelta(ps, n_threads=t), numpy_adadelta,
                   lambda torch, ps, **kw: torch.optim.Adadelta(ps, **kw), ("forloop", "foreach")),
+        ]
+    if hasattr(F, "NAdam"):
+        out += [
+            Optim("nadam", 2, lambda ps, t: F.NAdam(ps, lr=LR, n_threads=t), numpy_nadam,
+                  lambda torch, ps, **kw: torch.optim.NAdam(ps, lr=LR, **kw), ("forloop", "foreach")),
+            Optim("radam", 2, lambda ps, t: F.RAdam(ps, lr=LR, n_threads=t), numpy_radam,
+                  lambda torch, ps, **kw: torch.optim.RAdam(ps, lr=LR, **kw), ("forloop", "foreach")),
+            Optim("adamax", 2, lambda ps, t: F.Adamax(ps, lr=LR, n_threads=t), numpy_adamax,
+                  lambda torch, ps, **kw: torch.optim.Adamax(ps, lr=LR, **kw), ("forloop", "foreach")),
+            Optim("lion", 1, lambda ps, t: F.Lion(ps, lr=LR, n_threads=t), numpy_lion),
         ]
     return {o.name: o for o in out}
 

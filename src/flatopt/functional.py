@@ -163,3 +163,88 @@ def adagrad_(param, grad, state_sum, *, step, lr, eps, lr_decay=0.0, weight_deca
 
 __all__ = ["sgd_", "momentum_", "adam_", "rmsprop_", "adadelta_", "adagrad_", "grad_norm",
            "count_nonfinite"]
+
+
+# -- Adam's variants: NAdam, RAdam, Adamax, Lion ----------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from ._adam_variants import check_adamax, check_lion, check_nadam, check_radam  # noqa: E402
+from ._validation import check_bool  # noqa: E402
+
+
+def _fits(param, where, **values):
+    check_fits(values, param.dtype, where)
+
+
+def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr, beta1, beta2, eps,
+           weight_decay=0.0, momentum_decay=4e-3, decoupled=False, maximize=False,
+           mu_product_float32=None, grad_scale=1.0, n_threads=None):
+    """One torch.optim.NAdam step (NAdamW with ``decoupled``), in place; returns the new
+    ``mu_product``.
+
+    ``step`` is the 1-based step number; ``mu_product`` the running product of the
+    momentum schedule before this step (start with 1.0 and pass back what each call
+    returns). torch keeps it in its default dtype: it is rounded to float32 when
+    ``mu_product_float32`` (default: when the buffers are float32).
+    """
+    check_nadam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                     momentum_decay=momentum_decay, decoupled_weight_decay=decoupled,
+                     maximize=maximize), "nadam_")
+    step = check_step(step)
+    mu_product = check_real(mu_product, "mu_product", low=0.0, high=1.0)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _fits(param, "nadam_", lr=lr, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
+    if mu_product_float32 is None:
+        mu_product_float32 = param.dtype == np.float32
+    else:
+        mu_product_float32 = check_bool(mu_product_float32, "mu_product_float32")
+    return kernels.nadam(param, grad, exp_avg, exp_avg_sq, step, mu_product, mu_product_float32,
+                         lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled,
+                         maximize, grad_scale, n_threads)
+
+
+def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
+           decoupled=False, maximize=False, grad_scale=1.0, n_threads=None):
+    """One torch.optim.RAdam step (decoupled weight decay with ``decoupled``), in place.
+
+    ``step`` is the 1-based step number. Returns True when the step was rectified
+    (torch's ``rho_t > 5``), False when it was bias-corrected momentum SGD.
+    """
+    check_radam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled, maximize=maximize), "radam_")
+    step = check_step(step)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _fits(param, "radam_", lr=lr, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
+    return bool(kernels.radam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+                              weight_decay, decoupled, maximize, grad_scale, n_threads))
+
+
+def adamax_(param, grad, exp_avg, exp_inf, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
+            maximize=False, grad_scale=1.0, n_threads=None):
+    """One torch.optim.Adamax step, in place on ``param``, ``exp_avg`` and ``exp_inf``."""
+    check_adamax(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                      maximize=maximize), "adamax_")
+    step = check_step(step)
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, exp_avg=exp_avg, exp_inf=exp_inf)
+    _fits(param, "adamax_", lr=lr, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
+    kernels.adamax(param, grad, exp_avg, exp_inf, step, lr, beta1, beta2, eps, weight_decay,
+                   maximize, grad_scale, n_threads)
+
+
+def lion_(param, grad, exp_avg, *, lr, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
+          grad_scale=1.0, n_threads=None):
+    """One Lion step, in place on ``param`` and ``exp_avg`` (see :class:`flatopt.Lion`)."""
+    check_lion(dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize),
+               "lion_")
+    grad_scale, n_threads = _common(grad_scale, n_threads)
+    _check_buffers(param, grad, exp_avg=exp_avg)
+    _fits(param, "lion_", lr=lr, weight_decay=weight_decay, grad_scale=grad_scale)
+    kernels.lion(param, grad, exp_avg, lr, beta1, beta2, weight_decay, maximize, grad_scale,
+                 n_threads)
+
+
+__all__ += ["nadam_", "radam_", "adamax_", "lion_"]

@@ -715,3 +715,89 @@ AdamW = _wrap(_adaptive.AdamW, _doc("AdamW"), fixed={"decoupled_weight_decay": T
 RMSprop = _wrap(_adaptive.RMSprop, _doc("RMSprop"), _torch_step=True)
 Adadelta = _wrap(_adaptive.Adadelta, _doc("Adadelta"), _torch_step=True)
 Adagrad = _wrap(_adaptive.Adagrad, _doc("Adagrad"), _torch_step=True, _eager_state=True)
+
+
+# -- Adam's variants: NAdam, RAdam, Adamax, Lion (kept self-contained) -------------------------
+
+from .. import _adam_variants  # noqa: E402
+
+
+# torch keeps NAdam's mu_product per parameter; parameters of one group that have taken the
+# same number of steps share it. So flatopt.torch.NAdam keeps, per NumPy group, a table
+# {step count: mu_product} and hands flatopt.NAdam (whose state holds one value per group)
+# the run's value before each kernel call; the value the call leaves there is filed under
+# count + 1 at the group's next call (or when the state is read). Exact for every
+# parameter, whichever steps its gradient was None for.
+
+def _nadam_tables(self):
+    if "_mu_tables" not in self.__dict__:
+        self._mu_tables, self._mu_pending = {}, {}
+    for (bucket_opt, gi), count in self._mu_pending.items():  # file the last call's result
+        self._mu_tables[id(bucket_opt), gi][count + 1] = bucket_opt.state["mu_product"][gi]
+    self._mu_pending.clear()
+    return self._mu_tables
+
+
+def _nadam_table(self, numpy_opt, gi):
+    return _nadam_tables(self).setdefault((id(numpy_opt), gi), {0: 1.0})
+
+
+def _nadam_before_update(self, numpy_opt, gi, group, count):
+    # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set).
+    numpy_opt._mu_product_float32 = _get_scalar_dtype() == torch.float32
+    table = _nadam_table(self, numpy_opt, gi)
+    if len(table) > 64:  # forget counts no parameter of the group has any more
+        bucket = next(b for b in self._buckets if b.opt is numpy_opt)
+        first, stop = bucket.ranges[gi]
+        keep = set(bucket.counts[first:stop].tolist()) | {count}
+        for key in [k for k in table if k not in keep]:
+            del table[key]
+    numpy_opt.state["mu_product"][gi] = table[count]
+    self._mu_pending[numpy_opt, gi] = count
+
+
+def _nadam_param_state(self, bucket, i, copy):
+    entry = _FlatOptimizer._param_state(self, bucket, i, copy)
+    if entry is not None:
+        value = _nadam_table(self, bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
+        entry["mu_product"] = torch.tensor(value, dtype=_get_scalar_dtype())
+    return entry
+
+
+def _nadam_load_state_dict(self, state_dict):
+    name = type(self).__name__
+    state_dict = dict(state_dict)
+    stripped, mu = {}, {}
+    for pid, entry in dict(state_dict.get("state", {})).items():
+        if isinstance(entry, dict) and "mu_product" in entry:
+            entry = dict(entry)
+            value = entry.pop("mu_product")
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: state[{pid}]['mu_product'] must be in [0, 1], got {value}")
+            mu[pid] = value
+        elif isinstance(entry, dict) and entry:
+            raise ValueError(f"{name}: state for parameter {pid} lacks 'mu_product'")
+        stripped[pid] = entry
+    state_dict["state"] = stripped
+    _FlatOptimizer.load_state_dict(self, state_dict)
+    where = {p: (bucket, i) for bucket in self._buckets for i, p in enumerate(bucket.params)}
+    _nadam_tables(self).clear()
+    for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for p, pid in zip(group["params"], saved["params"]):
+            if pid in mu:
+                bucket, i = where[p]
+                _nadam_table(self, bucket.opt, bucket.group_of[i])[int(bucket.counts[i])] = mu[pid]
+
+
+NAdam = _wrap(_adam_variants.NAdam, _doc("NAdam"), _torch_step=True, _before_update=_nadam_before_update,
+              _param_state=_nadam_param_state, load_state_dict=_nadam_load_state_dict)
+RAdam = _wrap(_adam_variants.RAdam, _doc("RAdam"), _torch_step=True)
+Adamax = _wrap(_adam_variants.Adamax, _doc("Adamax"), _torch_step=True)
+Lion = _wrap(_adam_variants.Lion, """Lion on flat buffers (no torch.optim twin).
+
+    ``Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+    n_threads=None)``, see :class:`flatopt.Lion`. Its state dict uses torch.optim's
+    layout with a per-parameter ``exp_avg`` (as lion-pytorch's).
+    """)
+__all__ += ["NAdam", "RAdam", "Adamax", "Lion"]

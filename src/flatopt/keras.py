@@ -1,0 +1,399 @@
+"""NumPy optimizers with Keras 3's names, arguments, defaults and update formulas.
+
+``flatopt.keras.SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adadelta``, ``Adagrad``,
+``Adamax``, ``Nadam`` and ``Lion`` take ``keras.optimizers``' arguments (``learning_rate``,
+``beta_1``, ``epsilon``, ...) with Keras's defaults, and update exactly as Keras 3's
+backend-agnostic ``update_step`` does (what the TensorFlow and JAX backends run; the torch
+backend computes the same formulas with ``torch._foreach`` ops, equal to rounding). They
+use the flat-buffer API of every flatopt optimizer (``opt.params``, ``opt.grads``,
+``opt.step()``, parameter groups, ``state_dict()``), for porting a Keras training script
+or reproducing a TensorFlow paper without Keras::
+
+    opt = flatopt.keras.Adam([W, b], learning_rate=1e-3)   # keras.optimizers.Adam(1e-3)
+    ...                                                     # write gradients into opt.grads
+    opt.step()                                              # optimizer.apply(grads)
+
+How Keras's formulas differ from torch.optim's optimizers of the same name is in the
+README ("Keras formulas"). In short: SGD keeps the learning rate inside the velocity;
+Adam's, Nadam's and Adamax's epsilon is not bias-corrected; RMSprop and Adagrad put
+epsilon inside the square root; Adagrad's accumulator starts at 0.1; Nadam's momentum
+schedule is ``0.96**t`` (torch: ``0.96**(0.004*t)``); weight decay is always decoupled,
+``p *= 1 - weight_decay*learning_rate`` before the update, for every optimizer.
+
+Learning rate
+-------------
+``learning_rate`` is a float, or a callable taking the iteration count (the number of
+steps taken so far, Keras's ``optimizer.iterations``) and returning the rate, such as a
+``keras.optimizers.schedules.LearningRateSchedule``: it is called once per step and
+group, with the same argument Keras passes, so the same schedule object gives the same
+rates. ``opt.param_groups[i]["learning_rate"]`` may be changed between steps (Keras's
+``optimizer.learning_rate = ...``). Like every hyperparameter it may differ per group.
+
+Precision
+---------
+Keras computes the step-dependent scalars (``beta_1**t``, Adam's ``alpha``, Nadam's
+momentum schedule and its running product) in the variables' dtype, after casting the
+hyperparameters to it; so does flatopt.keras, in the buffers' dtype. Keras keeps a float
+``learning_rate`` in a variable of ``keras.config.floatx()`` (float32 by default) and
+casts it to each variable's dtype; flatopt.keras uses it as given, cast to the buffers'
+dtype. The two agree whenever floatx is the parameters' dtype (float32 parameters by
+default; ``keras.config.set_floatx("float64")`` for float64 ones).
+
+Not supported: ``clipnorm``, ``clipvalue``, ``global_clipnorm`` (use
+``opt.clip_grad_norm_``), ``use_ema``, ``loss_scale_factor`` (use ``step(grad_scale=...)``),
+``gradient_accumulation_steps``, ``exclude_from_weight_decay`` (put those parameters in a
+group with ``weight_decay=None``).
+"""
+
+import numbers
+
+import numpy as np
+
+from ._adaptive import check_betas
+from ._dispatch import kernels
+from ._optimizer import Optimizer
+from ._validation import check_bool, check_real, describe
+
+
+def _check_learning_rate(value, where):
+    if callable(value) and not isinstance(value, numbers.Real):
+        return
+    check_real(value, f"{where} learning_rate", low=0.0)
+
+
+def _check_weight_decay(value, where):
+    if value is not None:
+        check_real(value, f"{where} weight_decay", low=0.0)
+
+
+def _check_unit(group, name, where, high_open=False):
+    check_real(group[name], f"{where} {name}", low=0.0, high=1.0, high_open=high_open)
+
+
+def _check_epsilon(group, where):
+    check_real(group["epsilon"], f"{where} epsilon", low=0.0, low_open=True)
+
+
+def _check_betas(group, where):
+    check_betas((group["beta_1"], group["beta_2"]), f"{where} (beta_1, beta_2)")
+
+
+class _KerasOptimizer(Optimizer):
+    """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
+    and Keras's decoupled weight decay (None or 0: off)."""
+
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None):
+        self._lrs = None
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+
+    @property
+    def iterations(self):
+        """Steps taken so far (Keras's ``optimizer.iterations``)."""
+        return self.state["step"]
+
+    def _check(self, group, where=None):
+        where = where or type(self).__name__
+        _check_learning_rate(group["learning_rate"], where)
+        _check_weight_decay(group["weight_decay"], where)
+        self._check_own(group, where)
+
+    def _check_own(self, group, where):
+        raise NotImplementedError
+
+    def step(self, grads=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+        """One step (Keras's ``optimizer.apply(grads)``); see :meth:`flatopt.Optimizer.step`.
+
+        Each group's learning rate is evaluated first, at the current iteration count,
+        and checked before anything is written.
+        """
+        lrs = []
+        for gi, group in enumerate(self.param_groups):
+            lr = group.get("learning_rate") if isinstance(group, dict) else None
+            if callable(lr) and not isinstance(lr, numbers.Real):
+                value = lr(self.state["step"])
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise TypeError(f"param_groups[{gi}] learning_rate schedule must return a "
+                                    f"number, got {describe(value)}") from None
+                lr = check_real(value, f"param_groups[{gi}] learning_rate (schedule value)", low=0.0)
+            lrs.append(lr)
+        self._lrs = lrs
+        return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
+
+    def _lr_wd(self, gi, group):
+        lr = self._lrs[gi] if self._lrs is not None else group["learning_rate"]
+        wd = group["weight_decay"]
+        return lr, 0.0 if wd is None else wd
+
+
+class SGD(_KerasOptimizer):
+    """keras.optimizers.SGD: ``m = momentum*m - learning_rate*g; p += m`` (Nesterov:
+    ``p += momentum*m - learning_rate*g``), ``m`` starting at zero; without momentum
+    ``p -= learning_rate*g``."""
+
+    _hyperparameters = ("learning_rate", "momentum", "nesterov", "weight_decay")
+    _all_state_names = ("momentum",)
+
+    def __init__(self, params, learning_rate=0.01, momentum=0.0, nesterov=False,
+                 weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
+                                      nesterov=nesterov, weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_unit(group, "momentum", where)
+        check_bool(group["nesterov"], f"{where} nesterov")
+
+    def _state_names(self, group):
+        return ("momentum",) if group["momentum"] != 0 else ()
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        param = seg["param"]
+        mom = group["momentum"]
+        kernels.keras_sgd(param, grad, seg["momentum"] if mom != 0 else param[:0], lr, mom,
+                          group["nesterov"], wd, grad_scale, n_threads)
+
+    def _check_loaded_state(self, groups, state):
+        pass  # the momentum buffer appears when momentum is first non-zero
+
+
+class Adam(_KerasOptimizer):
+    """keras.optimizers.Adam: ``m += (g-m)*(1-beta_1)``, ``v += (g*g-v)*(1-beta_2)``,
+    ``p -= m*alpha/(sqrt(v) + epsilon)`` with ``alpha = lr*sqrt(1-beta_2**t)/(1-beta_1**t)``
+    (epsilon is not bias-corrected; default 1e-7). ``amsgrad`` uses the running maximum
+    of ``v`` (state ``velocity_hat``)."""
+
+    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
+    _all_state_names = ("momentum", "velocity", "velocity_hat")
+
+    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                                      epsilon=epsilon, amsgrad=amsgrad,
+                                      weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_betas(group, where)
+        _check_epsilon(group, where)
+        check_bool(group["amsgrad"], f"{where} amsgrad")
+
+    def _state_names(self, group):
+        return ("momentum", "velocity") + (("velocity_hat",) if group["amsgrad"] else ())
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        param = seg["param"]
+        amsgrad = group["amsgrad"]
+        kernels.keras_adam(param, grad, seg["momentum"], seg["velocity"],
+                           seg["velocity_hat"] if amsgrad else param[:0], step, lr,
+                           group["beta_1"], group["beta_2"], group["epsilon"], amsgrad, wd,
+                           grad_scale, n_threads)
+
+
+class AdamW(Adam):
+    """keras.optimizers.AdamW: :class:`Adam` with ``weight_decay=0.004`` by default (Keras's
+    weight decay is decoupled for every optimizer; AdamW only changes the default)."""
+
+    def __init__(self, params, learning_rate=0.001, weight_decay=0.004, beta_1=0.9,
+                 beta_2=0.999, epsilon=1e-7, amsgrad=False, *, n_threads=None, dtype=None):
+        super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        super()._check_own(group, where)
+        if group["weight_decay"] is None:
+            raise ValueError(f"{where} weight_decay: AdamW requires a weight_decay, got None")
+
+
+class RMSprop(_KerasOptimizer):
+    """keras.optimizers.RMSprop: ``v = rho*v + (1-rho)*g*g``; the step is
+    ``lr*g/sqrt(v + epsilon)`` (epsilon inside the root; centered: ``sqrt(v - a*a + eps)``
+    with ``a`` the running mean of ``g``); with momentum ``b = momentum*b + step; p -= b``."""
+
+    _hyperparameters = ("learning_rate", "rho", "momentum", "epsilon", "centered", "weight_decay")
+    _all_state_names = ("velocity", "momentum", "average_gradient")
+
+    def __init__(self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
+                 centered=False, weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
+                                      epsilon=epsilon, centered=centered,
+                                      weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_unit(group, "rho", where)
+        check_real(group["momentum"], f"{where} momentum", low=0.0)
+        _check_epsilon(group, where)
+        check_bool(group["centered"], f"{where} centered")
+
+    def _state_names(self, group):
+        return (("velocity",) + (("momentum",) if group["momentum"] > 0 else ())
+                + (("average_gradient",) if group["centered"] else ()))
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        param = seg["param"]
+        centered, momentum = group["centered"], group["momentum"]
+        kernels.keras_rmsprop(param, grad, seg["velocity"],
+                              seg["average_gradient"] if centered else param[:0],
+                              seg["momentum"] if momentum > 0 else param[:0], lr, group["rho"],
+                              momentum, group["epsilon"], centered, wd, grad_scale, n_threads)
+
+
+class Adadelta(_KerasOptimizer):
+    """keras.optimizers.Adadelta (default learning_rate 0.001, rho 0.95, epsilon 1e-7):
+    the same formula as torch.optim.Adadelta (whose kernel it uses), with Keras's defaults
+    and decoupled weight decay."""
+
+    _hyperparameters = ("learning_rate", "rho", "epsilon", "weight_decay")
+    _all_state_names = ("accumulated_grad", "accumulated_delta_var")
+
+    def __init__(self, params, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
+                 *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
+                                      weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_unit(group, "rho", where)
+        _check_epsilon(group, where)
+
+    def _state_names(self, group):
+        return ("accumulated_grad", "accumulated_delta_var")
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        param = seg["param"]
+        if wd != 0:
+            kernels.keras_weight_decay(param, lr, wd, n_threads)
+        kernels.adadelta(param, grad, seg["accumulated_grad"], seg["accumulated_delta_var"], lr,
+                         group["rho"], group["epsilon"], 0.0, False, grad_scale, n_threads)
+
+
+class Adagrad(_KerasOptimizer):
+    """keras.optimizers.Adagrad: ``acc += g*g; p -= lr*g/sqrt(acc + epsilon)`` (epsilon
+    inside the root), ``acc`` starting at ``initial_accumulator_value`` (default 0.1)."""
+
+    _hyperparameters = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
+    _all_state_names = ("accumulator",)
+
+    def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
+                 weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      epsilon=epsilon, weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
+        _check_epsilon(group, where)
+
+    def _state_names(self, group):
+        return ("accumulator",)
+
+    def _init_state(self, name, buffer):
+        for (start, stop), group in zip(self._segments, self.param_groups):
+            buffer[start:stop] = group["initial_accumulator_value"]
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
+                              grad_scale, n_threads)
+
+
+class Adamax(_KerasOptimizer):
+    """keras.optimizers.Adamax: ``m += (g-m)*(1-beta_1)``, ``u = max(beta_2*u, |g|)``,
+    ``p -= lr*m / ((1-beta_1**t)*(u + epsilon))`` (torch adds eps inside the max)."""
+
+    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
+    _all_state_names = ("m", "u")
+
+    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                                      epsilon=epsilon, weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_betas(group, where)
+        _check_epsilon(group, where)
+
+    def _state_names(self, group):
+        return ("m", "u")
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        kernels.keras_adamax(seg["param"], grad, seg["m"], seg["u"], step, lr, group["beta_1"],
+                             group["beta_2"], group["epsilon"], wd, grad_scale, n_threads)
+
+
+class Nadam(_KerasOptimizer):
+    """keras.optimizers.Nadam: the momentum schedule ``u_t = beta_1*(1 - 0.5*0.96**t)``
+    (torch.optim.NAdam: ``0.96**(t*momentum_decay)``, 0.004 by default) and its running
+    product (``state["u_product"]``, one per group, in the buffers' dtype, as Keras keeps
+    one in the variables' dtype); ``p -= m_hat*lr/(sqrt(v/(1-beta_2**t)) + epsilon)``."""
+
+    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
+    _all_state_names = ("momentum", "velocity")
+    _plain_state = ("u_product",)
+
+    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 weight_decay=None, *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                                      epsilon=epsilon, weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+        self.state["u_product"] = [1.0] * len(self.param_groups)
+
+    def _check_own(self, group, where):
+        _check_betas(group, where)
+        _check_epsilon(group, where)
+
+    def _state_names(self, group):
+        return ("momentum", "velocity")
+
+    def _check_plain_state(self, key, value, n_groups):
+        if (not isinstance(value, list) or len(value) != n_groups
+                or not all(type(v) is float and 0.0 <= v <= 1.0 for v in value)):
+            raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} floats "
+                             f"in [0, 1], got {value!r}")
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        products = self.state["u_product"]
+        products[gi] = kernels.keras_nadam(
+            seg["param"], grad, seg["momentum"], seg["velocity"], step, products[gi], lr,
+            group["beta_1"], group["beta_2"], group["epsilon"], wd, grad_scale, n_threads)
+
+
+class Lion(_KerasOptimizer):
+    """keras.optimizers.Lion (default learning_rate 0.001, beta_2 0.99): the formula of
+    :class:`flatopt.Lion` (whose kernel it uses), ``p -= lr*sign(beta_1*m + (1-beta_1)*g)``,
+    ``m = beta_2*m + (1-beta_2)*g``, with Keras's weight decay. Keras casts beta_1 and
+    beta_2 to the variables' dtype before ``1 - beta``; so does this class."""
+
+    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "weight_decay")
+    _all_state_names = ("momentum",)
+
+    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.99, weight_decay=None,
+                 *, n_threads=None, dtype=None):
+        super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                                      weight_decay=weight_decay),
+                         n_threads=n_threads, dtype=dtype)
+
+    def _check_own(self, group, where):
+        _check_betas(group, where)
+
+    def _state_names(self, group):
+        return ("momentum",)
+
+    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+        lr, wd = self._lr_wd(gi, group)
+        dt = self.layout.dtype.type
+        kernels.lion(seg["param"], grad, seg["momentum"], lr, float(dt(group["beta_1"])),
+                     float(dt(group["beta_2"])), wd, False, grad_scale, n_threads)
+
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "Adamax", "Nadam", "Lion"]

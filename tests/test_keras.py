@@ -1,0 +1,442 @@
+"""Tests of flatopt.keras: Keras 3's optimizers on flat buffers.
+
+1. each Keras kernel equals its NumPy twin (``reference_keras``) bit for bit: awkward
+   sizes, both dtypes, 1 and 2 threads, every option;
+2. each class agrees with ``keras.optimizers.<Name>.apply`` over 200 steps on several
+   variables (Keras on its torch backend): float64 to rtol 1e-12, float32 to a few ulp,
+   with and without weight decay, and with a learning-rate schedule;
+3. the shared checks: bit-exact resume, bad hyperparameters rejected before any write.
+"""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import flatopt.keras as fk
+import reference_keras as ref
+from flatopt import _dispatch
+from flatopt._kernels import PARALLEL_THRESHOLD
+from test_adaptive import Quadratic, _readonly_grads, _train, assert_bits_equal
+
+SIZES = [0, 1, 7, 4097, PARALLEL_THRESHOLD - 1, PARALLEL_THRESHOLD + 1, 2**17 + 3]
+DTYPES = [np.float32, np.float64]
+K = _dispatch.kernels
+
+
+# -- 1. kernels vs twins ----------------------------------------------------------------------
+
+def _sgd(fast, p, g, st, step, hp, gs, nt):
+    buf = st.get("momentum", p[:0])
+    if fast:
+        K.keras_sgd(p, g, buf, hp["lr"], hp.get("momentum", 0.0), hp.get("nesterov", False),
+                    hp.get("weight_decay") or 0.0, gs, nt)
+    else:
+        ref.sgd(p, g, buf, grad_scale=gs, **hp)
+
+
+def _adam(fast, p, g, st, step, hp, gs, nt):
+    vh = st.get("velocity_hat", p[:0])
+    if fast:
+        K.keras_adam(p, g, st["momentum"], st["velocity"], vh, step, hp["lr"], hp["beta_1"],
+                     hp["beta_2"], hp["epsilon"], hp.get("amsgrad", False),
+                     hp.get("weight_decay") or 0.0, gs, nt)
+    else:
+        ref.adam(p, g, st["momentum"], st["velocity"], vh, step=step, grad_scale=gs, **hp)
+
+
+def _rmsprop(fast, p, g, st, step, hp, gs, nt):
+    a, b = st.get("average_gradient", p[:0]), st.get("momentum", p[:0])
+    if fast:
+        K.keras_rmsprop(p, g, st["velocity"], a, b, hp["lr"], hp["rho"], hp.get("momentum", 0.0),
+                        hp["epsilon"], hp.get("centered", False), hp.get("weight_decay") or 0.0,
+                        gs, nt)
+    else:
+        ref.rmsprop(p, g, st["velocity"], a, b, grad_scale=gs, **hp)
+
+
+def _adagrad(fast, p, g, st, step, hp, gs, nt):
+    if fast:
+        K.keras_adagrad(p, g, st["accumulator"], hp["lr"], hp["epsilon"],
+                        hp.get("weight_decay") or 0.0, gs, nt)
+    else:
+        ref.adagrad(p, g, st["accumulator"], grad_scale=gs, **hp)
+
+
+def _adamax(fast, p, g, st, step, hp, gs, nt):
+    if fast:
+        K.keras_adamax(p, g, st["m"], st["u"], step, hp["lr"], hp["beta_1"], hp["beta_2"],
+                       hp["epsilon"], hp.get("weight_decay") or 0.0, gs, nt)
+    else:
+        ref.adamax(p, g, st["m"], st["u"], step=step, grad_scale=gs, **hp)
+
+
+def _nadam(fast, p, g, st, step, hp, gs, nt):
+    if fast:
+        st["u_product"] = K.keras_nadam(p, g, st["momentum"], st["velocity"], step,
+                                        st["u_product"], hp["lr"], hp["beta_1"], hp["beta_2"],
+                                        hp["epsilon"], hp.get("weight_decay") or 0.0, gs, nt)
+    else:
+        st["u_product"] = ref.nadam(p, g, st["momentum"], st["velocity"], step=step,
+                                    u_product=st["u_product"], grad_scale=gs, **hp)
+
+
+def _weight_decay(fast, p, g, st, step, hp, gs, nt):
+    if fast:
+        K.keras_weight_decay(p, hp["lr"], hp["weight_decay"], nt)
+    else:
+        p[...] = ref._decay(p, hp["lr"], hp["weight_decay"])
+
+
+# (id, runner, hyperparameters, state buffers, initial scalars, grad_scale)
+KERNEL_CASES = [
+    ("sgd", _sgd, dict(lr=1e-2), (), {}, 1.0),
+    ("sgd-momentum-wd", _sgd, dict(lr=1e-2, momentum=0.9, weight_decay=0.1), ("momentum",), {}, 0.37),
+    ("sgd-nesterov", _sgd, dict(lr=1e-2, momentum=0.5, nesterov=True), ("momentum",), {}, 1.0),
+    ("adam", _adam, dict(lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7), ("momentum", "velocity"), {}, 1.0),
+    ("adam-amsgrad-wd", _adam, dict(lr=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-6, amsgrad=True,
+                                    weight_decay=0.004),
+     ("momentum", "velocity", "velocity_hat"), {}, 2.5),
+    ("rmsprop", _rmsprop, dict(lr=1e-3, rho=0.9, epsilon=1e-7), ("velocity",), {}, 1.0),
+    ("rmsprop-centered-momentum-wd", _rmsprop,
+     dict(lr=1e-3, rho=0.8, momentum=0.9, epsilon=1e-7, centered=True, weight_decay=0.1),
+     ("velocity", "average_gradient", "momentum"), {}, 0.37),
+    ("adagrad-wd", _adagrad, dict(lr=1e-2, epsilon=1e-7, weight_decay=0.1), ("accumulator",), {}, 1.0),
+    ("adamax", _adamax, dict(lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7), ("m", "u"), {}, 1.0),
+    ("adamax-wd", _adamax, dict(lr=1e-2, beta_1=0.5, beta_2=0.9, epsilon=1e-5, weight_decay=0.1),
+     ("m", "u"), {}, 0.37),
+    ("nadam", _nadam, dict(lr=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7), ("momentum", "velocity"),
+     {"u_product": 1.0}, 1.0),
+    ("nadam-wd", _nadam, dict(lr=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-6, weight_decay=0.1),
+     ("momentum", "velocity"), {"u_product": 1.0}, 2.5),
+    ("weight-decay", _weight_decay, dict(lr=1e-2, weight_decay=0.3), (), {}, 1.0),
+]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_kernel_matches_twin(case, dtype, n, tmp_path):
+    _, run, hp, names, scalars, gs = case
+    dtype = np.dtype(dtype)
+    grads = _readonly_grads(tmp_path, n, dtype)
+    p0 = np.random.default_rng(1).standard_normal(n).astype(dtype)
+    init = 0.1 if run is _adagrad else 0.0
+
+    def fresh():
+        return p0.copy(), {**{k: np.full(n, init, dtype) for k in names}, **scalars}
+
+    p_ref, st_ref = fresh()
+    for step in range(1, 61):
+        run(False, p_ref, grads[step % 3], st_ref, step, hp, gs, 1)
+    assert np.isfinite(p_ref).all()
+    if n:
+        assert not np.array_equal(p_ref, p0)
+    for nt in (1, 2):
+        p, st = fresh()
+        for step in range(1, 61):
+            run(True, p, grads[step % 3], st, step, hp, gs, nt)
+        assert_bits_equal(p, p_ref, f"param, n_threads={nt}")
+        for k in names:
+            assert_bits_equal(st[k], st_ref[k], k)
+        for k in scalars:
+            assert st[k] == st_ref[k], k
+
+
+@pytest.mark.parametrize("level", _dispatch.supported_levels())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_every_isa_build_matches_twin(case, dtype, level, tmp_path, monkeypatch):
+    # The kernels of every ISA build this CPU can run (baseline, avx2, avx512), 10 steps.
+    import importlib
+    _, run, hp, names, scalars, gs = case
+    monkeypatch.setitem(globals(), "K", importlib.import_module(_dispatch.MODULES[level]))
+    n = PARALLEL_THRESHOLD + 17
+    dtype = np.dtype(dtype)
+    grads = _readonly_grads(tmp_path, n, dtype)
+    p0 = np.random.default_rng(1).standard_normal(n).astype(dtype)
+    results = []
+    for fast in (False, True):
+        p, st = p0.copy(), {**{k: np.full(n, 0.1, dtype) for k in names}, **scalars}
+        for step in range(1, 11):
+            run(fast, p, grads[step % 3], st, step, hp, gs, 2)
+        results.append([p] + [st[k] for k in names])
+    for got, want in zip(results[1], results[0]):
+        assert_bits_equal(got, want, level)
+
+
+# -- 2. against keras.optimizers ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    return pytest.importorskip("keras")
+
+
+SHAPES = [(3, 4), (5,), (2, 3, 2)]
+
+# (name, keyword arguments for both). Every option that changes a formula.
+KERAS_CASES = [
+    ("SGD", dict()),
+    ("SGD", dict(learning_rate=0.05, momentum=0.9)),
+    ("SGD", dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("Adam", dict()),
+    ("Adam", dict(learning_rate=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-6, amsgrad=True,
+                  weight_decay=0.01)),
+    ("AdamW", dict()),
+    ("AdamW", dict(learning_rate=1e-2, weight_decay=0.1, amsgrad=True)),
+    ("RMSprop", dict()),
+    ("RMSprop", dict(centered=True)),
+    ("RMSprop", dict(momentum=0.9, weight_decay=0.01)),
+    ("RMSprop", dict(learning_rate=1e-2, rho=0.8, momentum=0.5, centered=True, epsilon=1e-6)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(learning_rate=1.0, rho=0.9, epsilon=1e-6, weight_decay=0.01)),
+    ("Adagrad", dict()),
+    ("Adagrad", dict(learning_rate=0.1, initial_accumulator_value=0.5, epsilon=1e-6,
+                     weight_decay=0.01)),
+    ("Adamax", dict()),
+    ("Adamax", dict(learning_rate=1e-2, beta_1=0.5, beta_2=0.9, epsilon=1e-5, weight_decay=0.01)),
+    ("Nadam", dict()),
+    ("Nadam", dict(learning_rate=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-6, weight_decay=0.01)),
+    ("Lion", dict()),
+    ("Lion", dict(learning_rate=1e-3, beta_1=0.5, beta_2=0.9, weight_decay=0.1)),
+]
+
+
+def _case_id(case):
+    name, hp = case
+    return name + "".join(f"-{k}={v}" for k, v in hp.items())
+
+
+def _gradients(dtype, steps=200, seed=42):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        g = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+        for a in g:
+            a.ravel()[::7] = 0.0
+        out.append(g)
+    return out
+
+
+def _run_both(keras, name, hp, dtype, schedule=None, steps=200):
+    """Train keras.optimizers.<name> and flatopt.keras.<name> on the same gradients."""
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    grads = _gradients(dtype, steps)
+    old = keras.config.floatx()
+    keras.config.set_floatx(np.dtype(dtype).name)  # Keras's lr variable in the same dtype
+    try:
+        kw = dict(hp) if schedule is None else {**hp, "learning_rate": schedule()}
+        variables = [keras.Variable(a.copy(), dtype=np.dtype(dtype).name) for a in init]
+        theirs = getattr(keras.optimizers, name)(**kw)
+        kw = dict(hp) if schedule is None else {**hp, "learning_rate": schedule()}
+        ours = getattr(fk, name)([a.copy() for a in init], **kw, n_threads=1)
+        for g in grads:
+            theirs.apply([keras.ops.convert_to_tensor(x) for x in g], variables)
+            ours.step(g)
+        theirs_params = [keras.ops.convert_to_numpy(v) for v in variables]
+    finally:
+        keras.config.set_floatx(old)
+    assert ours.iterations == int(keras.ops.convert_to_numpy(theirs.iterations)) == steps
+    return ours, theirs, theirs_params, init
+
+
+def _ulps(a, b):
+    """|a - b| in units of the last place of the larger magnitude, elementwise."""
+    return np.abs(a.astype(np.float64) - b) / np.spacing(np.maximum(np.abs(a), np.abs(b)))
+
+
+@pytest.mark.parametrize("case", KERAS_CASES, ids=[_case_id(c) for c in KERAS_CASES])
+def test_matches_keras_float64(case, keras):
+    name, hp = case
+    ours, _, theirs, init = _run_both(keras, name, hp, np.float64)
+    for a, b, a0 in zip(ours.params, theirs, init):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+        assert not np.array_equal(a, a0)
+
+
+# Keras's torch backend computes the same formulas as its backend-agnostic update_step
+# (which flatopt.keras follows operation for operation) with torch._foreach ops in another
+# order (``m*b1 + (1-b1)*g`` for ``m + (g-m)*(1-b1)``) whose CPU kernels contract to fused
+# multiply-adds: about one float32 ulp per operation per step, a random walk over 200
+# steps, amplified by momentum (errors live ~1/(1-momentum) steps). Observed over the cases
+# below: the median within 2 ulp (0 for most), the largest difference 4.3e-6 = 36 ulp of
+# 1.0 (SGD with Nesterov momentum 0.9 at lr 0.05; parameters are O(1)); the huge ulp counts
+# are near-zero values. So: the median within 4 ulp and every element within 128 ulp of
+# 1.0 (1.5e-5). A systematic error moves the median: a beta cast in the wrong precision
+# (1e-5 relative in a bias correction) by ~20 ulp, a bias correction off by one step by
+# thousands. Errors below float32 resolution (epsilon inside or outside a root) are caught
+# by the float64 test at 1e-12.
+def _assert_float32_close(ours, theirs):
+    a = np.concatenate([x.ravel() for x in ours])
+    b = np.concatenate([np.asarray(x).ravel() for x in theirs])
+    ulps = _ulps(a, b)
+    assert np.median(ulps) <= 4, np.median(ulps)
+    np.testing.assert_allclose(a, b, rtol=0, atol=128 * np.finfo(np.float32).eps)
+
+
+@pytest.mark.parametrize("case", KERAS_CASES, ids=[_case_id(c) for c in KERAS_CASES])
+def test_matches_keras_float32(case, keras):
+    name, hp = case
+    ours, _, theirs, _ = _run_both(keras, name, hp, np.float32)
+    _assert_float32_close(ours.params, theirs)
+
+
+def _exponential_decay(keras):
+    return lambda: keras.optimizers.schedules.ExponentialDecay(
+        0.01, decay_steps=20, decay_rate=0.5)
+
+
+def _piecewise(keras):
+    return lambda: keras.optimizers.schedules.PiecewiseConstantDecay([50, 120], [1e-2, 3e-3, 1e-3])
+
+
+SCHEDULE_NAMES = ["SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "Adamax", "Nadam", "Lion"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_matches_keras_with_a_schedule(name, dtype, keras):
+    # The same LearningRateSchedule object type for both; weight decay on, so that the
+    # decay also uses the scheduled rate (Keras's semantics).
+    hp = dict(weight_decay=0.05) if name != "SGD" else dict(momentum=0.9, weight_decay=0.05)
+    schedule = _exponential_decay(keras) if name != "Adagrad" else _piecewise(keras)
+    ours, _, theirs, _ = _run_both(keras, name, hp, dtype, schedule=schedule)
+    if dtype == np.float64:
+        for a, b in zip(ours.params, theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    else:
+        _assert_float32_close(ours.params, theirs)
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_defaults_are_keras(name, keras):
+    import inspect
+    ours = inspect.signature(getattr(fk, name)).parameters
+    theirs = inspect.signature(getattr(keras.optimizers, name)).parameters
+    shared = [k for k in ours if k not in ("params", "n_threads", "dtype")]
+    assert shared == [k for k in theirs if k in shared]  # same order
+    for k in shared:
+        assert ours[k].default == theirs[k].default, k
+
+
+def test_plain_callable_learning_rate_gets_the_iteration_count():
+    seen = []
+
+    def lr(iteration):
+        seen.append(iteration)
+        return 0.1 / (1 + iteration)
+
+    opt = fk.SGD([np.zeros(3)], learning_rate=lr)
+    for _ in range(3):
+        opt.grads[0][:] = 1.0
+        opt.step()
+    assert seen == [0, 1, 2]
+    np.testing.assert_allclose(opt.params[0], -(0.1 + 0.05 + 0.1 / 3) * np.ones(3), rtol=1e-15)
+
+
+# -- 3. shared checks ----------------------------------------------------------------------------
+
+TABLE = [
+    ("SGD", dict(learning_rate=1e-2, momentum=0.9, weight_decay=1e-4)),
+    ("Adam", dict(learning_rate=3e-2, amsgrad=True)),
+    ("AdamW", dict(learning_rate=3e-2)),
+    ("RMSprop", dict(learning_rate=1e-3, centered=True, momentum=0.5)),
+    ("Adadelta", dict(learning_rate=1.0)),
+    ("Adagrad", dict(learning_rate=0.5)),
+    ("Adamax", dict(learning_rate=3e-2)),
+    ("Nadam", dict(learning_rate=3e-2)),
+    ("Lion", dict(learning_rate=1e-3, weight_decay=1e-3)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("entry", TABLE, ids=[e[0] for e in TABLE])
+def test_state_dict_resume_is_bit_exact(entry, dtype):
+    name, kwargs = entry
+    cls = getattr(fk, name)
+    problem = Quadratic()
+    start = [x.astype(dtype) for x in problem.start()]
+
+    def groups(arrays):
+        return [{"params": [arrays[0].copy()]},
+                {"params": [arrays[1].copy()], "learning_rate": kwargs["learning_rate"] / 2}]
+
+    straight = cls(groups(start), **kwargs)
+    _train(straight, problem, 50)
+    first = cls(groups(start), **kwargs)
+    _train(first, problem, 20)
+    state, params = pickle.loads(pickle.dumps((first.state_dict(), [p.copy() for p in first.params])))
+    resumed = cls([{"params": [params[0]]}, {"params": [params[1]]}], **kwargs)
+    resumed.load_state_dict(state)
+    _train(resumed, problem, 30)
+    for a, b in zip(resumed.params, straight.params):
+        assert_bits_equal(a, b)
+    for k, v in straight.state.items():
+        if isinstance(v, np.ndarray):
+            assert_bits_equal(resumed.state[k], v, k)
+        else:
+            assert resumed.state[k] == v, k
+
+
+@pytest.mark.parametrize("entry", TABLE, ids=[e[0] for e in TABLE])
+def test_converges(entry):
+    name, kwargs = entry
+    problem = Quadratic()
+    opt = getattr(fk, name)(problem.start(), **kwargs)
+    _train(opt, problem, 20000 if name in ("Adadelta", "RMSprop") else 6000)
+    assert problem.solved(opt.params), [p.round(3) for p in opt.params]
+
+
+NAN = float("nan")
+BAD = {
+    "learning_rate": [-1.0, NAN, "0.1", None],
+    "momentum": [-0.1, NAN],
+    "nesterov": [1],
+    "weight_decay": [-0.1, NAN, "x"],
+    "beta_1": [1.0, -0.1],
+    "beta_2": [1.0, NAN],
+    "epsilon": [0.0, -1.0],
+    "amsgrad": ["yes"],
+    "rho": [1.5, -0.1],
+    "centered": [0],
+    "initial_accumulator_value": [-1.0],
+}
+BAD_CASES = [(name, kwargs, key, bad) for name, kwargs in TABLE
+             for key in getattr(fk, name)._hyperparameters for bad in BAD[key]]
+
+
+@pytest.mark.parametrize("name,kwargs,key,bad", BAD_CASES,
+                         ids=[f"{n}-{k}={b!r}" for n, _, k, b in BAD_CASES])
+def test_bad_hyperparameter_rejected_without_writes(name, kwargs, key, bad):
+    cls = getattr(fk, name)
+    problem = Quadratic()
+    with pytest.raises((TypeError, ValueError), match=key):
+        cls(problem.start(), **{**kwargs, key: bad})
+    opt = cls([{"params": [x]} for x in problem.start()], **kwargs)
+    _train(opt, problem, 3)
+    problem.grad(opt.params, opt.grads)
+    before = [opt.flat_params.copy()] + [v.copy() for v in opt.state.values() if isinstance(v, np.ndarray)]
+    opt.param_groups[1][key] = bad
+    with pytest.raises((TypeError, ValueError), match=key):
+        opt.step()
+    after = [opt.flat_params] + [v for v in opt.state.values() if isinstance(v, np.ndarray)]
+    for a, b in zip(after, before):
+        assert_bits_equal(a, b)
+
+
+def test_schedule_returning_nan_is_rejected_without_writes():
+    opt = fk.Adam([{"params": [np.ones(3)]},
+                   {"params": [np.ones(2)], "learning_rate": lambda it: NAN}])
+    opt.grads[0][:] = 1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\] learning_rate"):
+        opt.step()
+    assert_bits_equal(opt.flat_params, np.ones(5))
+    assert opt.iterations == 0
+
+
+def test_adamw_requires_weight_decay():
+    with pytest.raises(ValueError, match="weight_decay"):
+        fk.AdamW([np.ones(3)], weight_decay=None)
