@@ -21,8 +21,10 @@ import zlib
 import numpy as np
 
 import flatopt
+import flatopt.keras
 
-# (name, class, keyword arguments): every optimizer, with the options that change its kernel.
+# (name, class in flatopt, keyword arguments): every optimizer, torch's formulas and Keras's,
+# with the options that change its kernel.
 CASES = [
     ("sgd", "SGD", dict(lr=0.01)),
     ("sgd-momentum-wd", "SGD", dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01)),
@@ -35,11 +37,34 @@ CASES = [
     ("rmsprop-centered", "RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
     ("adadelta", "Adadelta", dict(lr=1.0, weight_decay=0.01)),
     ("adagrad", "Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("nadam", "NAdam", dict(lr=0.01, weight_decay=0.01, momentum_decay=0.01)),
+    ("nadam-decoupled", "NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("radam", "RAdam", dict(lr=0.01, weight_decay=0.01)),
+    ("radam-decoupled", "RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("adamax", "Adamax", dict(lr=0.01, weight_decay=0.01)),
+    ("lion", "Lion", dict(lr=0.01, weight_decay=0.1)),
+    ("keras-sgd", "keras.SGD", dict(learning_rate=0.01, momentum=0.9, nesterov=True,
+                                    weight_decay=0.01)),
+    ("keras-adam", "keras.Adam", dict(learning_rate=0.01, amsgrad=True)),
+    ("keras-adamw", "keras.AdamW", dict(learning_rate=0.01)),
+    ("keras-rmsprop", "keras.RMSprop", dict(learning_rate=0.01, momentum=0.9, centered=True)),
+    ("keras-adadelta", "keras.Adadelta", dict(learning_rate=1.0, weight_decay=0.01)),
+    ("keras-adagrad", "keras.Adagrad", dict(learning_rate=0.1)),
+    ("keras-adamax", "keras.Adamax", dict(learning_rate=0.01)),
+    ("keras-nadam", "keras.Nadam", dict(learning_rate=0.01)),
+    ("keras-lion", "keras.Lion", dict(learning_rate=0.01, weight_decay=0.1)),
 ]
 DTYPES = (np.float32, np.float64)
 SIZES = (1, 7, 4097, 3 * 4096 + 5, 2**15 + 3)
 THREADS = (1, 2)
 STEPS = 4
+
+
+def _class(dotted):
+    obj = flatopt
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def trajectories():
@@ -52,7 +77,7 @@ def trajectories():
                     key = f"{name}/{np.dtype(dtype).name}/n{n}/t{n_threads}"
                     rng = np.random.default_rng(zlib.crc32(key.encode()))
                     params = [rng.standard_normal(n).astype(dtype), rng.standard_normal(3).astype(dtype)]
-                    opt = getattr(flatopt, cls)(params, n_threads=n_threads, **kwargs)
+                    opt = _class(cls)(params, n_threads=n_threads, **kwargs)
                     for step in range(STEPS):
                         opt.flat_grads[...] = rng.standard_normal(opt.flat_grads.size)
                         if step % 2:

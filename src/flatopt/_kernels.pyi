@@ -55,3 +55,60 @@ def adagrad(
     lr: float, lr_decay: float, eps: float, weight_decay: float, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
+def nadam(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    exp_avg_sq: npt.NDArray[_F], step: int, mu_product: float, mu_product_float32: bool,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    momentum_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
+    n_threads: int,
+) -> None: ...
+def radam(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    exp_avg_sq: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
+    n_threads: int,
+) -> None: ...
+def adamax(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    exp_inf: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float, eps: float,
+    weight_decay: float, maximize: bool, grad_scale: float, n_threads: int,
+) -> None: ...
+def lion(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F], lr: float,
+    beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: float,
+    n_threads: int,
+) -> None: ...
+def keras_weight_decay(
+    param: npt.NDArray[_F], lr: float, weight_decay: float, n_threads: int,
+) -> None: ...
+def keras_sgd(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F],
+    lr: float, momentum: float, nesterov: bool, weight_decay: float, grad_scale: float,
+    n_threads: int,
+) -> None: ...
+def keras_adam(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    v_buf: npt.NDArray[_F], v_hat_buf: npt.NDArray[_F], step: int, lr: float,
+    beta_1: float, beta_2: float, epsilon: float, amsgrad: bool, weight_decay: float,
+    grad_scale: float, n_threads: int,
+) -> None: ...
+def keras_rmsprop(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], velocity: npt.NDArray[_F],
+    average_grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F], lr: float, rho: float,
+    momentum: float, epsilon: float, centered: bool, weight_decay: float,
+    grad_scale: float, n_threads: int,
+) -> None: ...
+def keras_adagrad(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], accumulator: npt.NDArray[_F], lr: float,
+    epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
+) -> None: ...
+def keras_adamax(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    u_buf: npt.NDArray[_F], step: int, lr: float, beta_1: float, beta_2: float,
+    epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
+) -> None: ...
+def keras_nadam(
+    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    v_buf: npt.NDArray[_F], step: int, u_product: float, lr: float, beta_1: float,
+    beta_2: float, epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
+) -> None: ...
