@@ -13,8 +13,7 @@ For each optimizer, dtype and case, the same step runs several ways on the same 
   same tensors (rebound to flat buffers, so its step is flatopt's plus the adapter's
   per-tensor bookkeeping);
 * ``bandwidth``:      an in-place streaming pass (``a += b``) over a working set of the same
-  size: what the memory system delivers, the ceiling for a one-pass update.
-
+  size: what the memory system delivers, the ceiling for a one-pass update;
 * ``deepspeed``:      DeepSpeed's ``DeepSpeedCPUAdam`` (Adam/AdamW, float32) when
   ``deepspeed`` is importable (it is not a dependency; its CPU op compiles on first use,
   about two minutes; ``--no-deepspeed`` skips it).
@@ -579,7 +578,8 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
                         times[label][p].append(t)
     print(f"\nend to end: MLP 64-{width}x{depth}-10 ({n_tensors} tensors, {n_params:,} float32 "
           f"parameters), Adam, batch {batch}, {threads} thread(s); ms per training step, "
-          f"medians of {rounds} x {steps} steps", file=out)
+          f"medians of {rounds} x {steps} steps (total: of whole steps, not the sum of the "
+          f"phase medians)", file=out)
     print(f"  {'optimizer':<30}" + "".join(f"{p:>10}" for p in phases + ("total",)), file=out)
     rows = []
     for label, t in times.items():
@@ -622,7 +622,7 @@ def plot(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m flatopt.bench",
-                                     description=__doc__.split("\n\n")[0].strip('`'))
+                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
                         default=[n for n in ("sgd-momentum", "momentum", "adam") if n in OPTIMIZERS])
     parser.add_argument("--sizes", nargs="+", type=int, default=[2**16, 2**20, 2**23],
