@@ -2,6 +2,7 @@
 the model-shaped cases have the advertised size, and the main command runs."""
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -60,3 +61,88 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "bench.png"
     bench.plot(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_header_names_isa_and_cpu():
+    from flatopt._dispatch import ISA
+
+    line = bench.header(1)
+    assert f"({ISA} kernels" in line
+    assert f"CPU: {bench.cpu_model()}" in line
+    assert bench.cpu_model().strip()
+
+
+def test_progress_reports_on_stderr_only_after_the_delay():
+    quiet = io.StringIO()
+    p = bench.Progress([1, 1], out=quiet, delay=3600)
+    p.next("a")
+    p.next("b")
+    p.finish()
+    assert quiet.getvalue() == ""
+    err = io.StringIO()
+    p = bench.Progress([1, 3], out=err, delay=0)
+    p.next("first task")
+    p.next("second task")
+    p.finish()
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("[1/2] first task (")
+    assert lines[1].startswith("[2/2] second task (") and "s left" in lines[1]
+    assert lines[2].startswith("done in ")
+
+
+def test_crossover_table():
+    out = io.StringIO()
+    optims = [bench.OPTIMIZERS["sgd-momentum"], bench.OPTIMIZERS["adam"]]
+    rows = bench.crossover(optims, [1, 3, 100], np.float32, 1, 0.001, out=out)
+    assert [(r["optimizer"], r["size"]) for r in rows] == [
+        (o.name, n) for o in optims for n in (1, 3, 100)]
+    assert all(r["flatopt"] > 0 and r["numpy"] > 0 and r["speedup"] > 0 for r in rows)
+    text = out.getvalue()
+    assert "crossover, adam, float32" in text
+    assert ("at least as fast at every size" in text) or ("slower at" in text)
+
+
+def test_main_quick_without_torch_keeps_stdout_clean(capsys):
+    rows = bench.main(["--quick", "--no-torch", "--optimizers", "momentum", "--dtypes", "float32"])
+    captured = capsys.readouterr()
+    assert captured.out.startswith("flatopt ")
+    assert "crossover, momentum" in captured.out
+    assert "end to end" not in captured.out  # needs torch
+    assert "[1/" not in captured.out  # progress goes to stderr, if anywhere
+    assert {r["case"] for r in rows} == {"flat 2**10", "flat 2**16", "crossover"}
+
+
+def test_deepspeed_is_optional(monkeypatch):
+    monkeypatch.delitem(bench._DEEPSPEED, "cls", raising=False)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes the import fail
+    assert bench.deepspeed_cpu_adam() is None
+
+
+def test_deepspeed_row_for_float32_adam(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flatopt.torch")
+    made = []
+
+    def fake_cpu_adam(params, lr, weight_decay, adamw_mode):  # DeepSpeedCPUAdam's keywords
+        made.append(adamw_mode)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setitem(bench._DEEPSPEED, "cls", fake_cpu_adam)
+    case = bench.flat_case(100)
+    rows = bench.run_case(bench.OPTIMIZERS["adam"], case, np.float32, 1, 0.001, torch, True)
+    assert "deepspeed" in {r["impl"] for r in rows} and made == [False]
+    rows = bench.run_case(bench.OPTIMIZERS["adam"], case, np.float64, 1, 0.001, torch, True)
+    assert "deepspeed" not in {r["impl"] for r in rows}  # DeepSpeed steps float32 only
+    rows = bench.run_case(bench.OPTIMIZERS["adam"], case, np.float32, 1, 0.001, torch, False)
+    assert "deepspeed" not in {r["impl"] for r in rows}
+
+
+def test_end_to_end_times_each_phase():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flatopt.torch")
+    out = io.StringIO()
+    rows = bench.end_to_end(torch, 1, steps=2, rounds=1, width=8, depth=1, batch=4, out=out)
+    assert [r["impl"] for r in rows] == ["torch.optim.Adam(fused=True)", "flatopt.torch.Adam"]
+    for r in rows:
+        assert all(r[p] > 0 for p in ("zero_grad", "forward", "backward", "step", "seconds"))
+    assert "end to end" in out.getvalue() and "backward" in out.getvalue()

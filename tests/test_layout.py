@@ -81,3 +81,19 @@ def test_layout_split_and_pack_validate():
         layout.pack([np.zeros(3)])
     with pytest.raises(ValueError, match="non-negative"):
         flatopt.FlatLayout(((-1,),), np.float64)
+
+
+def test_large_buffers_start_at_staggered_page_offsets():
+    # Consecutive large buffers (an optimizer's param, grad and state) must not share their
+    # offset within a 4 KiB page (4K aliasing, see flatopt._layout); all stay 64-byte aligned.
+    from flatopt import _layout
+
+    n = _layout.STAGGER_MIN_BYTES // 4
+    layout = flatopt.FlatLayout([(n,)], np.float32)
+    bufs = [layout.zeros() for _ in range(_layout.PAGE // _layout.STAGGER_STEP)]
+    offsets = [b.ctypes.data % _layout.PAGE for b in bufs]
+    assert len(set(offsets)) == len(bufs)
+    assert all(o % 64 == 0 for o in offsets)
+    assert all(b.size == n and b.dtype == np.float32 and not b.any() for b in bufs)
+    small = flatopt.FlatLayout([(7,)], np.float64).zeros()
+    assert small.ctypes.data % 64 == 0 and small.size == 7

@@ -19,14 +19,30 @@ its inputs, never on the thread count or the vector width.
 from cython cimport floating
 from cython.parallel cimport prange
 
-# Below this many elements a kernel runs on the calling thread: opening a parallel region
-# costs about a microsecond, more than it saves on small buffers. Measured on the 2-core
-# CI machine (float32, 2 threads vs 1, kernels rebuilt with the threshold at 1024): the
-# cheapest kernel (momentum) breaks even at 4096 elements (1.98 vs 1.98 us) and wins from
-# 8192 (2.27 vs 2.45 us; 2**14: 2.81 vs 3.74); Adam already wins at 4096 (3.00 vs 3.56).
-# 8192 wins for every kernel, with a margin for busier machines.
-cdef Py_ssize_t _PARALLEL_THRESHOLD = 8192
-PARALLEL_THRESHOLD = _PARALLEL_THRESHOLD
+# A kernel runs on the calling thread unless every thread would get at least
+# MIN_ELEMENTS_PER_THREAD elements: opening a parallel region costs microseconds (more
+# with more threads to wake and join), more than it saves on small buffers. Measured on
+# the 2-core project machine (Xeon, AVX-512; kernels rebuilt with no threshold; float32,
+# 2 threads vs 1, best of 20-30 interleaved batches because the machine was shared):
+#   momentum (cheapest): 12288 elements 2.77 vs 2.77 us (1.00x), 16384 2.99 vs 3.45
+#     (0.87x), 32768 0.75x; the AVX2 kernels: 12288 1.02x, 16384 1.07x, 32768 0.77x;
+#   adam: 4096 0.99x, 6144 0.88x, 16384 0.69x (AVX2: 6144 0.93x, 16384 0.73x).
+# So 8192 per thread (16384 elements for 2 threads), where the cheapest kernels break
+# even or win; adam would already gain from ~3000 per thread. On a machine busy with
+# other processes a parallel region may wait a whole scheduler slice (milliseconds) for
+# its second thread, one more reason not to go parallel early.
+# The rule is linear in the thread count: conservative on many-core machines, where
+# using fewer threads (not all or one) would be better for mid-sized buffers.
+MIN_ELEMENTS_PER_THREAD = 8192
+cdef Py_ssize_t _MIN_ELEMENTS_PER_THREAD = MIN_ELEMENTS_PER_THREAD
+# The smallest buffer that runs on 2 threads (tests straddle it).
+PARALLEL_THRESHOLD = 2 * MIN_ELEMENTS_PER_THREAD
+
+
+def parallel_threshold(int n_threads):
+    """The smallest number of elements a kernel runs on ``n_threads`` threads for (a
+    serial build never does)."""
+    return max(n_threads, 2) * _MIN_ELEMENTS_PER_THREAD
 
 
 # Set once a kernel has opened a parallel region: flatopt._threads reads it in a forked
@@ -41,7 +57,7 @@ def parallel_used():
 
 cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
     global _parallel_used
-    if n_threads > 1 and n >= _PARALLEL_THRESHOLD:
+    if n_threads > 1 and n >= n_threads * _MIN_ELEMENTS_PER_THREAD:
         _parallel_used = True
         return True
     return False

@@ -13,7 +13,17 @@ For each optimizer, dtype and case, the same step runs several ways on the same 
   same tensors (rebound to flat buffers, so its step is flatopt's plus the adapter's
   per-tensor bookkeeping);
 * ``bandwidth``:      an in-place streaming pass (``a += b``) over a working set of the same
-  size: what the memory system delivers, the ceiling for a one-pass update.
+  size: what the memory system delivers, the ceiling for a one-pass update;
+* ``deepspeed``:      DeepSpeed's ``DeepSpeedCPUAdam`` (Adam/AdamW, float32) when
+  ``deepspeed`` is importable (it is not a dependency; its CPU op compiles on first use,
+  about two minutes; ``--no-deepspeed`` skips it).
+
+Two more tables follow: the small-size crossover (``flatopt.step()`` against in-place
+NumPy from 1 element up: a fast backend must not lose to its baseline at any size), and,
+with PyTorch, an end-to-end training loop (a small MLP; zero_grad, forward, backward and
+step timed separately) with torch.optim's fused Adam and with ``flatopt.torch.Adam``.
+The header names the kernels' instruction set and the CPU; runs longer than a few seconds
+report progress on stderr, so stdout stays the clean tables.
 
 Times are medians of repeated samples. ``GB/s`` counts the bytes a one-pass update must
 move (each of param, grad and state read once, param and state written once), so it is
@@ -25,8 +35,12 @@ On this project's machines, run benchmarks as
 """
 
 import argparse
+import copy
 import math
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -329,6 +343,59 @@ def model_case(width):
     return Case(f"model w{width} ({len(transformer_shapes(width))} tensors)", transformer_shapes(width))
 
 
+# ---- where the numbers come from ------------------------------------------------------------
+
+def cpu_model():
+    """The CPU's model name, as the OS reports it (``platform.processor()`` as a fallback)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                 capture_output=True, text=True, timeout=5)
+            if out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+class Progress:
+    """Reports on stderr which task of how many is running, the time elapsed and an
+    estimate of the time left, once the run has lasted ``delay`` seconds (short runs stay
+    silent). Tasks carry weights (their expected relative cost) for the estimate."""
+
+    def __init__(self, weights, out=None, delay=3.0):
+        self.weights = list(weights)
+        self.out = sys.stderr if out is None else out
+        self.delay = delay
+        self.index = 0
+        self.start = time.perf_counter()
+        self.reported = False
+
+    def next(self, label):
+        """Call before task ``label`` starts (the tasks before it are done)."""
+        elapsed = time.perf_counter() - self.start
+        total = len(self.weights)
+        if self.index < total and elapsed >= self.delay:
+            done, rest = sum(self.weights[:self.index]), sum(self.weights[self.index:])
+            left = f", about {elapsed * rest / done:.0f} s left" if done > 0 else ""
+            print(f"[{self.index + 1}/{total}] {label} ({elapsed:.0f} s elapsed{left})",
+                  file=self.out, flush=True)
+            self.reported = True
+        self.index += 1
+
+    def finish(self):
+        if self.reported:
+            print(f"done in {time.perf_counter() - self.start:.0f} s", file=self.out, flush=True)
+
+
 # ---- timing ----------------------------------------------------------------------------------
 
 def time_call(fn, min_time=0.3, max_samples=200):
@@ -348,8 +415,50 @@ def time_call(fn, min_time=0.3, max_samples=200):
     return statistics.median(samples)
 
 
-def _torch_impls(optim, torch, arrays, grads, n_threads):
-    """torch.optim variants of ``optim`` on copies of ``arrays``: name -> step function."""
+_DEEPSPEED = {}
+
+
+def deepspeed_cpu_adam():
+    """DeepSpeed's ``DeepSpeedCPUAdam`` class if ``deepspeed`` is importable, else None.
+
+    ``DS_ACCELERATOR`` defaults to ``cpu`` (set before the import, as DeepSpeed requires);
+    the CPU op itself is compiled when the first optimizer is built.
+    """
+    if "cls" not in _DEEPSPEED:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+        except Exception:  # not installed, or installed without a usable CPU accelerator
+            DeepSpeedCPUAdam = None
+        _DEEPSPEED["cls"] = DeepSpeedCPUAdam
+    return _DEEPSPEED["cls"]
+
+
+def _deepspeed_impl(optim, torch, arrays, grads):
+    """A step function of DeepSpeed CPU Adam for Adam/AdamW in float32, or None."""
+    if optim.name not in ("adam", "adamw") or arrays[0].dtype != np.float32:
+        return None  # DeepSpeed 0.19's CPU Adam steps float32 parameters only
+    cls = deepspeed_cpu_adam()
+    if cls is None:
+        return None
+    tensors = [torch.tensor(a) for a in arrays]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g)
+    decoupled = optim.name == "adamw"
+    try:
+        opt = cls(tensors, lr=LR, weight_decay=1e-2 if decoupled else 0.0, adamw_mode=decoupled)
+        opt.step()
+    except Exception as exc:  # the op failed to build or to run: report, leave the row out
+        print(f"flatopt.bench: DeepSpeed CPU Adam unavailable ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        _DEEPSPEED["cls"] = None
+        return None
+    return opt.step
+
+
+def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
+    """torch.optim variants of ``optim`` on copies of ``arrays``: name -> step function
+    (and DeepSpeed's CPU Adam when ``use_deepspeed`` and it is installed)."""
     if optim.torch is None or torch is None:
         return {}
     torch.set_num_threads(n_threads)
@@ -374,6 +483,10 @@ def _torch_impls(optim, torch, arrays, grads, n_threads):
     # The same constructor call as torch's, with flatopt.torch in place of torch.optim.
     opt = optim.torch(types.SimpleNamespace(optim=flat_torch), tensors, n_threads=n_threads)
     out["flatopt-torch"] = opt.step
+    if use_deepspeed:
+        step = _deepspeed_impl(optim, torch, arrays, grads)
+        if step is not None:
+            out["deepspeed"] = step
     return out
 
 
@@ -385,7 +498,7 @@ def bandwidth_step(working_set_elements, dtype, n_threads):
     return (lambda: kernels.stream_add(a, b, n_threads)), 3 * half * np.dtype(dtype).itemsize
 
 
-def run_case(optim, case, dtype, n_threads, min_time, torch=None):
+def run_case(optim, case, dtype, n_threads, min_time, torch=None, use_deepspeed=False):
     """Time every implementation of ``optim`` on ``case``; return result rows."""
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s).astype(dtype) for s in case.shapes]
@@ -395,7 +508,7 @@ def run_case(optim, case, dtype, n_threads, min_time, torch=None):
         view[...] = g
     p_np, g_np = opt.flat_params.copy(), opt.flat_grads.copy()
     impls = {"numpy": optim.numpy(p_np, g_np), "flatopt": opt.step,
-             **_torch_impls(optim, torch, arrays, grads, n_threads)}
+             **_torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed)}
     nbytes = optim.bytes_per_step(case.size, np.dtype(dtype).itemsize)
     bw_fn, bw_bytes = bandwidth_step((2 + optim.n_state) * case.size, dtype, n_threads)
     bw_gbps = bw_bytes / time_call(bw_fn, min_time) / 1e9
@@ -419,27 +532,171 @@ def format_rows(rows):
     return "\n".join(lines)
 
 
-def run(optims, cases, dtypes, n_threads, min_time, use_torch=True, out=sys.stdout):
-    """Time every (optimizer, dtype, case); print a table per case; return all rows."""
-    torch = None
-    if use_torch:
-        try:
-            import torch
-        except ImportError:
-            torch = None
+def _import_torch(use_torch):
+    if not use_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def header(n_threads, torch=None, use_deepspeed=False):
+    """One line naming what is measured: versions, kernels' ISA, threads, CPU model."""
+    parts = [f"flatopt {flatopt.__version__} ({ISA} kernels, OpenMP "
+             f"{'on' if flatopt.openmp_enabled() else 'off'})", f"{n_threads} thread(s)",
+             f"CPU: {cpu_model()}", f"numpy {np.__version__}",
+             f"torch {torch.__version__}" if torch else "torch not used"]
+    if torch is not None and use_deepspeed:
+        cls = deepspeed_cpu_adam()
+        if cls is not None:
+            import deepspeed
+            parts.append(f"deepspeed {deepspeed.__version__}")
+    return ", ".join(parts)
+
+
+def case_weight(optim, case, torch=None):
+    """Expected relative cost of a case, for progress estimates: timed implementations
+    (numpy, flatopt, bandwidth, torch's three and the adapter) times a size factor."""
+    n_impls = 3 + (len(optim.torch_variants) + 1 if torch is not None and optim.torch else 0)
+    return n_impls * (1 + case.size / 2**22)
+
+
+def run(optims, cases, dtypes, n_threads, min_time, use_torch=True, out=None,
+        use_deepspeed=False, progress=None):
+    """Time every (optimizer, dtype, case); print a table per case (to ``out``, default
+    stdout); return all rows. ``progress`` (a :class:`Progress` over the same tasks, in
+    order) reports on stderr.
+    """
+    out = sys.stdout if out is None else out
+    torch = _import_torch(use_torch)
     threads = effective_n_threads(n_threads)
-    print(f"flatopt {flatopt.__version__} ({ISA}, OpenMP {'on' if flatopt.openmp_enabled() else 'off'}), "
-          f"{threads} thread(s), numpy {np.__version__}, "
-          + (f"torch {torch.__version__}" if torch else "torch not installed"), file=out)
+    if progress is None:
+        print(header(threads, torch, use_deepspeed), file=out)
     rows = []
     for optim in optims:
         for dtype in dtypes:
             for case in cases:
-                case_rows = run_case(optim, case, dtype, threads, min_time, torch)
+                if progress is not None:
+                    progress.next(f"{optim.name}, {np.dtype(dtype).name}, {case.name}")
+                case_rows = run_case(optim, case, dtype, threads, min_time, torch, use_deepspeed)
                 rows += case_rows
                 print(f"\n{optim.name}, {np.dtype(dtype).name}, {case.name}, "
                       f"{case.size:,} elements", file=out)
                 print(format_rows(case_rows), file=out, flush=True)
+    return rows
+
+
+# ---- small sizes: where does flatopt overtake NumPy? ----------------------------------------
+
+CROSSOVER_SIZES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+
+
+def crossover(optims, sizes, dtype, n_threads, min_time, out=None, progress=None):
+    """``opt.step()`` (the NumPy API, per-call overhead included) against the in-place
+    NumPy step on small flat buffers; prints one table per optimizer, returns rows."""
+    out = sys.stdout if out is None else out
+    threads = effective_n_threads(n_threads)
+    rows = []
+    for optim in optims:
+        if progress is not None:
+            progress.next(f"crossover, {optim.name}")
+        print(f"\ncrossover, {optim.name}, {np.dtype(dtype).name}: us per step, "
+              f"flatopt.step() vs in-place NumPy, {threads} thread(s)", file=out)
+        print(f"  {'elements':>9}{'flatopt':>11}{'numpy':>11}{'vs numpy':>10}", file=out)
+        slower = []
+        for n in sizes:
+            rng = np.random.default_rng(0)
+            opt = optim.flatopt([rng.standard_normal(n).astype(dtype)], threads)
+            opt.flat_grads[...] = (rng.standard_normal(n) * 1e-3).astype(dtype)
+            numpy_step = optim.numpy(opt.flat_params.copy(), opt.flat_grads.copy())
+            t_flat, t_np = time_call(opt.step, min_time), time_call(numpy_step, min_time)
+            rows.append(dict(optimizer=optim.name, case="crossover", size=n,
+                             dtype=np.dtype(dtype).name, threads=threads, flatopt=t_flat,
+                             numpy=t_np, speedup=t_np / t_flat))
+            if t_flat > t_np:
+                slower.append(n)
+            print(f"  {n:>9,}{t_flat * 1e6:>11.2f}{t_np * 1e6:>11.2f}{t_np / t_flat:>9.2f}x",
+                  file=out, flush=True)
+        verdict = ("flatopt is at least as fast at every size measured" if not slower else
+                   f"flatopt is slower at {', '.join(f'{n:,}' for n in slower)} elements")
+        print(f"  {verdict}", file=out)
+    return rows
+
+
+# ---- end to end: a training loop, each phase timed -------------------------------------------
+
+def _mlp(torch, width, depth, seed=0):
+    torch.manual_seed(seed)
+    layers, n_in = [], 64
+    for _ in range(depth):
+        layers += [torch.nn.Linear(n_in, width), torch.nn.LayerNorm(width), torch.nn.GELU()]
+        n_in = width
+    layers.append(torch.nn.Linear(n_in, 10))
+    return torch.nn.Sequential(*layers)
+
+
+def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=64,
+               out=None, progress=None):
+    """A small MLP training loop (Adam, float32, synthetic 8x8-image-sized data): the
+    optimizers take turns, ``steps`` training steps each per round, and every phase of
+    every step is timed. Prints medians per step; returns one row per optimizer."""
+    out = sys.stdout if out is None else out
+    import flatopt.torch as flat_torch
+
+    threads = effective_n_threads(n_threads)
+    torch.set_num_threads(threads)
+    model = _mlp(torch, width, depth)
+    n_tensors = len(list(model.parameters()))
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(steps * batch, 64, generator=g)
+    y = torch.randint(0, 10, (steps * batch,), generator=g)
+    makers = {
+        "torch.optim.Adam(fused=True)": lambda ps: torch.optim.Adam(ps, lr=LR, fused=True),
+        "flatopt.torch.Adam": lambda ps: flat_torch.Adam(ps, lr=LR, n_threads=threads),
+    }
+    runs = {}
+    for label, make in makers.items():
+        m = copy.deepcopy(model)
+        runs[label] = (m, make(m.parameters()))
+    phases = ("zero_grad", "forward", "backward", "step")
+    times = {label: {p: [] for p in phases + ("total",)} for label in runs}
+    for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools, first step)
+        if progress is not None and r > 0:
+            progress.next(f"end to end, round {r} of {rounds}")
+        for label, (m, opt) in runs.items():
+            for i in range(steps):
+                xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                t1 = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(m(xb), yb)
+                t2 = time.perf_counter()
+                loss.backward()
+                t3 = time.perf_counter()
+                opt.step()
+                t4 = time.perf_counter()
+                if r > 0:
+                    for p, t in zip(phases + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                        times[label][p].append(t)
+    print(f"\nend to end: MLP 64-{width}x{depth}-10 ({n_tensors} tensors, {n_params:,} float32 "
+          f"parameters), Adam, batch {batch}, {threads} thread(s); ms per training step, "
+          f"medians of {rounds} x {steps} steps (total: of whole steps, not the sum of the "
+          f"phase medians)", file=out)
+    print(f"  {'optimizer':<30}" + "".join(f"{p:>10}" for p in phases + ("total",)), file=out)
+    rows = []
+    for label, t in times.items():
+        med = {p: statistics.median(v) for p, v in t.items()}
+        rows.append(dict(optimizer="adam", case="end to end", size=n_params, dtype="float32",
+                         threads=threads, impl=label, seconds=med["total"],
+                         **{p: med[p] for p in phases}))
+        print(f"  {label:<30}" + "".join(f"{med[p] * 1e3:>10.3f}" for p in phases + ("total",)),
+              file=out)
+    base, ours = rows[0]["seconds"], rows[1]["seconds"]
+    print(f"  flatopt.torch takes {ours / base:.2f}x the time of torch's fused Adam per "
+          f"training step", file=out, flush=True)
     return rows
 
 
@@ -470,7 +727,7 @@ def plot(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m flatopt.bench",
-                                     description=__doc__.split("\n\n")[0].strip('`'))
+                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
                         default=[n for n in ("sgd-momentum", "momentum", "adam") if n in OPTIMIZERS])
     parser.add_argument("--sizes", nargs="+", type=int, default=[2**16, 2**20, 2**23],
@@ -481,21 +738,50 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="default: flatopt.get_num_threads()")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
     parser.add_argument("--large", action="store_true", help="add 2**25 elements and the width-768 model")
-    parser.add_argument("--quick", action="store_true", help="small sizes and short timings (a smoke run)")
-    parser.add_argument("--no-torch", action="store_true", help="skip torch.optim even if installed")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and short timings (a smoke run; no DeepSpeed)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip torch.optim, DeepSpeed and the end-to-end loop even if installed")
+    parser.add_argument("--no-deepspeed", action="store_true",
+                        help="skip DeepSpeed's CPU Adam even if installed (its first use compiles for ~2 min)")
+    parser.add_argument("--no-crossover", action="store_true", help="skip the small-size table")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training loop")
     parser.add_argument("--plot", metavar="PNG", help="draw GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
+    crossover_sizes, e2e = CROSSOVER_SIZES, dict(steps=50, rounds=5)
     if args.quick:
         args.sizes, args.models, args.min_time = [2**10, 2**16], [], 0.02
+        crossover_sizes, e2e = (1, 64, 1024), dict(steps=5, rounds=1, width=32, depth=2)
     if args.large:
         args.sizes = sorted(set(args.sizes) | {2**25})
         args.models = sorted(set(args.models) | {768})
     cases = [flat_case(n) for n in args.sizes] + [model_case(w) for w in args.models]
-    rows = run([OPTIMIZERS[name] for name in args.optimizers], cases, args.dtypes, args.threads,
-               args.min_time, use_torch=not args.no_torch)
+    optims = [OPTIMIZERS[name] for name in args.optimizers]
+    torch = _import_torch(not args.no_torch)
+    use_deepspeed = torch is not None and not (args.no_deepspeed or args.quick)
+    threads = effective_n_threads(args.threads)
+
+    # Every task, in the order it runs, weighted by its expected cost in min-time units.
+    weights = [case_weight(o, c, torch) for o in optims for _ in args.dtypes for c in cases]
+    if not args.no_crossover:
+        weights += [2 * len(crossover_sizes)] * len(optims)
+    if torch is not None and not args.no_e2e:
+        weights += [max(1.0, 0.2 * e2e["steps"] * 0.005 / args.min_time)] * e2e["rounds"]
+    progress = Progress(weights)
+
+    print(header(threads, torch, use_deepspeed), flush=True)
+    rows = run(optims, cases, args.dtypes, args.threads, args.min_time, use_torch=torch is not None,
+               use_deepspeed=use_deepspeed, progress=progress)
+    if not args.no_crossover:
+        rows += crossover(optims, crossover_sizes, args.dtypes[0], args.threads, args.min_time,
+                          progress=progress)
+    if torch is not None and not args.no_e2e:
+        rows += end_to_end(torch, args.threads, progress=progress, **e2e)
+    progress.finish()
     if args.plot:
-        plot([r for r in rows if r["case"].startswith("flat")], args.plot)
+        plot([r for r in rows if str(r["case"]).startswith("flat")], args.plot)
         print(f"\nplot written to {args.plot}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Adam on one large float32 buffer: torch's fused Adam, DeepSpeed's CPU Adam, flatopt.
+
+For each size (powers of two and odd sizes alike, since buffer addresses and per-thread
+chunks depend on the exact size), every implementation steps the same kind of data:
+
+* ``torch fused``:    ``torch.optim.Adam(fused=True)`` on one tensor;
+* ``deepspeed``:      ``deepspeed.ops.adam.DeepSpeedCPUAdam`` (adamw_mode off) on one
+  tensor, when ``deepspeed`` is installed (``DS_BUILD_OPS=0 pip install deepspeed``; its
+  CPU op compiles on first use, about two minutes);
+* ``flatopt.torch``:  ``flatopt.torch.Adam`` on one tensor;
+* ``flatopt``:        ``flatopt.Adam`` (the NumPy API) on one array;
+* ``a += b``:         the in-place streaming reference: two arrays holding as many bytes
+  as Adam's four, so it shows what the memory system delivers to a one-pass update.
+
+The implementations take turns: each round runs each one for about ``--per`` seconds
+(steps timed one by one) and keeps that round's median; the table shows the median over
+``--rounds`` rounds, so a burst of load from other processes hits every column alike.
+``vs best`` is flatopt's time over the best of torch fused and DeepSpeed; ``%ref`` is
+flatopt's effective bandwidth (28 bytes an element: param, grad and two moments read,
+three written) as a share of the ``a += b`` reference. ``--cpu-time`` adds the process's
+CPU time per step (all threads), which other load distorts less than wall time; run it
+with ``OMP_WAIT_POLICY=passive`` so that idle OpenMP threads do not spin.
+
+Page size matters here: flatopt's buffers get transparent huge pages (NumPy asks for them
+for allocations of 4 MiB and up), torch's CPU allocator asks only when
+``THP_MEM_ALLOC_ENABLE=1`` is set. Measured on a 2-core Xeon (AVX-512, 2 threads), torch's
+fused Adam at 2**25 took 43.6 ms of CPU time a step on 4 KiB pages and 36.1 ms on huge
+pages; set the variable for a like-for-like comparison (the output says which it was).
+
+Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=src python
+benchmarks/bench_large.py`` (a few minutes; ``--sizes`` and ``--rounds`` to change).
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import flatopt
+import flatopt.torch as ft
+from flatopt import bench
+from flatopt._dispatch import kernels
+from flatopt._threads import effective_n_threads
+
+LR = 1e-3
+DEFAULT_SIZES = [2**16, 2**20, 2**20 + 3568, 2**23, 2**23 + 3568, 2**25, 2**25 + 3568]
+
+
+def size_name(n):
+    for k in range(40, 0, -1):
+        if n >= 2**k and n - 2**k < 2**k:
+            return f"2**{k}" if n == 2**k else f"2**{k}+{n - 2**k}"
+    return str(n)
+
+
+def make_impls(n, threads, use_deepspeed):
+    """name -> step function, each on its own freshly allocated data of ``n`` elements."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(n, dtype=np.float32)
+    g0 = (rng.standard_normal(n, dtype=np.float32) * 1e-3)
+
+    def torch_param():
+        p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        p.grad = torch.from_numpy(g0.copy())
+        return p
+
+    impls = {}
+    opt = torch.optim.Adam([torch_param()], lr=LR, fused=True)
+    impls["torch fused"] = opt.step
+    if use_deepspeed:
+        cls = bench.deepspeed_cpu_adam()
+        if cls is not None:
+            ds = cls([torch_param()], lr=LR, weight_decay=0.0, adamw_mode=False)
+            impls["deepspeed"] = ds.step
+    fto = ft.Adam([torch_param()], lr=LR, n_threads=threads)
+    impls["flatopt.torch"] = fto.step
+    fo = flatopt.Adam([p0.copy()], lr=LR, n_threads=threads)
+    fo.flat_grads[:] = g0
+    impls["flatopt"] = fo.step
+    a = flatopt.FlatLayout([(2 * n,)], np.float32).zeros()
+    b = flatopt.FlatLayout([(2 * n,)], np.float32).zeros()
+    b[:] = 1e-7
+    impls["a += b"] = lambda: kernels.stream_add(a, b, threads)
+    return impls, {"a += b": 3 * 2 * n * 4}
+
+
+def measure(impls, rounds, per, cpu_time):
+    """Median over rounds of each round's median step time (wall, and CPU if asked)."""
+    for step in impls.values():  # warm up: first-touch page faults, state allocation
+        for _ in range(3):
+            step()
+    wall = {k: [] for k in impls}
+    cpu = {k: [] for k in impls}
+    for _ in range(rounds):
+        for name, step in impls.items():
+            w, c = [], []
+            end = time.perf_counter() + per
+            while time.perf_counter() < end or len(w) < 3:
+                c0, t0 = time.process_time(), time.perf_counter()
+                step()
+                w.append(time.perf_counter() - t0)
+                c.append(time.process_time() - c0)
+            wall[name].append(statistics.median(w))
+            cpu[name].append(statistics.median(c))
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=lambda s: int(eval(s, {})), default=DEFAULT_SIZES,
+                        help="elements; expressions like 2**25+3568 are accepted")
+    parser.add_argument("--threads", type=int, default=None, help="default: flatopt.get_num_threads()")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--per", type=float, default=0.2, help="seconds per implementation per round")
+    parser.add_argument("--no-deepspeed", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="also report CPU time per step")
+    args = parser.parse_args(argv)
+
+    threads = effective_n_threads(args.threads)
+    torch.set_num_threads(threads)
+    use_ds = not args.no_deepspeed
+    print(bench.header(threads, torch, use_ds))
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1"
+    load = f"; load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
+    print(f"Adam float32, one buffer; median of {args.rounds} interleaved rounds; torch "
+          f"{'with' if thp else 'without'} huge pages (THP_MEM_ALLOC_ENABLE){load}")
+    results = []
+    for n in args.sizes:
+        impls, ref_bytes = make_impls(n, threads, use_ds)
+        wall, cpu = measure(impls, args.rounds, args.per, args.cpu_time)
+        results.append((n, wall, cpu, ref_bytes))
+        del impls
+        names = list(wall)
+        best = min(wall[k] for k in ("torch fused", "deepspeed") if k in wall)
+        ref = wall["a += b"]
+        ref_gbps = ref_bytes["a += b"] / ref / 1e9
+        gbps = 28 * n / wall["flatopt"] / 1e9
+        cols = "".join(f"{k:>15}" for k in names)
+        print(f"\n{size_name(n)} ({n:,} elements), ms per step, {threads} thread(s)\n  {'':<6}{cols}"
+              f"{'vs best':>9}{'%ref':>7}")
+        print(f"  {'wall':<6}" + "".join(f"{wall[k] * 1e3:>15.3f}" for k in names)
+              + f"{wall['flatopt'] / best:>8.2f}x{100 * gbps / ref_gbps:>6.0f}%", flush=True)
+        if args.cpu_time:
+            best_cpu = min(cpu[k] for k in ("torch fused", "deepspeed") if k in cpu)
+            print(f"  {'cpu':<6}" + "".join(f"{cpu[k] * 1e3:>15.3f}" for k in names)
+                  + f"{cpu['flatopt'] / best_cpu:>8.2f}x", flush=True)
+    if hasattr(os, "getloadavg"):
+        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    return results
+
+
+if __name__ == "__main__":
+    main()
