@@ -15,10 +15,12 @@ import numpy.typing as npt
 
 _F = TypeVar("_F", np.float32, np.float64)
 
+MIN_ELEMENTS_PER_THREAD: int
 PARALLEL_THRESHOLD: int
 NORM_BLOCK: int
 
 def parallel_used() -> bool: ...
+def parallel_threshold(n_threads: int) -> int: ...
 def sgd(
     param: npt.NDArray[_F], grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F],
     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
