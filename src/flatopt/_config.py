@@ -77,8 +77,10 @@ def build_info() -> dict[str, Any]:
         (the library loaded, as threadpoolctl reports it); ``compiler``, ``cflags``,
         ``ldflags``, ``cython_debug`` and ``platform`` of the build; ``wheel_tag`` (None
         unless installed from a wheel); ``isa`` (the instruction-set level in use),
-        ``isa_built``, ``isa_available`` and ``isa_supported``; ``parallel_threshold``
-        (below it a kernel runs on one thread), ``default_n_threads`` and ``python``.
+        ``isa_built``, ``isa_available`` and ``isa_supported``;
+        ``min_elements_per_thread`` (a kernel uses only as many threads as get this many
+        elements each) and ``parallel_threshold`` (below it a kernel runs on one thread
+        when given two); ``default_n_threads`` and ``python``.
 
     See Also
     --------
@@ -108,6 +110,7 @@ def build_info() -> dict[str, Any]:
         "isa_built": BUILD_CONFIG.get("isa_built"),
         "isa_available": _dispatch.available_levels(),
         "isa_supported": _dispatch.supported_levels(),
+        "min_elements_per_thread": _dispatch.kernels.MIN_ELEMENTS_PER_THREAD,
         "parallel_threshold": _dispatch.kernels.PARALLEL_THRESHOLD,
         "default_n_threads": get_num_threads(),
         "python": sys.version.split()[0],
