@@ -78,9 +78,10 @@ def build_info() -> dict[str, Any]:
         ``ldflags``, ``cython_debug`` and ``platform`` of the build; ``wheel_tag`` (None
         unless installed from a wheel); ``isa`` (the instruction-set level in use),
         ``isa_built``, ``isa_available`` and ``isa_supported``;
-        ``min_elements_per_thread`` (a kernel uses only as many threads as get this many
-        elements each) and ``parallel_threshold`` (below it a kernel runs on one thread
-        when given two); ``default_n_threads`` and ``python``.
+        ``min_elements_per_thread`` (a kernel runs on its ``n_threads`` only when each
+        gets at least this many elements, otherwise on the calling thread) and
+        ``parallel_threshold`` (that size for two threads); ``default_n_threads`` and
+        ``python``.
 
     See Also
     --------
