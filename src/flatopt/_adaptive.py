@@ -177,7 +177,8 @@ class Adagrad(Optimizer):
 
     ``sum += g*g``; ``p -= clr * g / (sqrt(sum) + eps)`` with the decayed learning rate
     ``clr = lr / (1 + (step-1)*lr_decay)``. ``sum`` starts at each group's
-    ``initial_accumulator_value`` (read once, at construction, as in torch).
+    ``initial_accumulator_value`` (read once, when the buffer is allocated). torch.optim
+    uses the constructor's value for every group; ``flatopt.torch.Adagrad`` does as torch.
     """
 
     _hyperparameters = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
