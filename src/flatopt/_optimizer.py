@@ -10,6 +10,7 @@ kernel call per group.
 
 import math
 import numbers
+import operator
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
 STATE_DICT_VERSION = 1
+
+# Hyperparameter types whose objects cannot change in place (see Optimizer._prepare).
+_IMMUTABLE = frozenset({float, int, bool, np.float64, np.float32, np.int64, np.bool_})
 
 
 def _normalize_groups(params):
@@ -125,6 +129,7 @@ class Optimizer(ClipGradNormMixin):
         self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
         self._norm_partials = None        # scratch for grad_norm, allocated once
         self._validated = [None] * len(self.param_groups)
+        self._getter = _tuple_getter(self._hyperparameters)
         self._prepare()
 
     # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
@@ -214,12 +219,33 @@ class Optimizer(ClipGradNormMixin):
     def _prepare(self):
         """Validate groups whose hyperparameters changed and allocate missing state.
 
-        Runs before any write; cheap when nothing changed (a tuple compare per group).
+        Runs before any write. When nothing changed it costs one C-level identity check
+        per group: the hyperparameter objects are the very ones validated last time (an
+        immutable object that is still there cannot have changed). Anything else (a new
+        float from a scheduler, a list of betas, a deleted key) takes the full comparison.
         """
+        groups, validated = self.param_groups, self._validated
+        if len(groups) == len(validated):
+            getter = self._getter
+            for group, seen in zip(groups, validated):
+                if seen is None or seen[1] is None or type(group) is not dict:
+                    break
+                try:
+                    if not all(map(operator.is_, getter(group), seen[1])):
+                        break
+                except KeyError:
+                    break
+            else:
+                return
+        self._prepare_groups()
+
+    def _prepare_groups(self):
+        """The full check behind :meth:`_prepare`."""
         changed = False
         if len(self.param_groups) != len(self._segments):
             raise ValueError(f"param_groups must keep its {len(self._segments)} groups; "
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
+        getter = self._getter
         for gi, group in enumerate(self.param_groups):
             try:
                 # What is remembered of each validated hyperparameter: its type as well as
@@ -230,7 +256,8 @@ class Optimizer(ClipGradNormMixin):
                 # step, up to 2000 steps, seen by tracemalloc in test_safety.py).
                 values = [(type(v), tuple(v) if type(v) is list else v)
                           for v in [group[k] for k in self._hyperparameters]]
-                same = values == self._validated[gi]
+                seen = self._validated[gi]
+                same = seen is not None and values == seen[0]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
             if not same:
@@ -240,8 +267,13 @@ class Optimizer(ClipGradNormMixin):
                 if missing:
                     raise ValueError(f"param_groups[{gi}] lacks {missing}")
                 self._check_group(group, f"param_groups[{gi}]")
-                self._validated[gi] = values
                 changed = True
+            # The objects themselves, for the identity check of the next _prepare, unless
+            # one of them can change in place (a list, an array): then always compare.
+            objects = getter(group)
+            immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+                            for v in objects)
+            self._validated[gi] = (values, objects if immutable else None)
         if not changed:
             return
         needed = set()
@@ -541,6 +573,21 @@ class Optimizer(ClipGradNormMixin):
             lines.append(f"  group {gi}: " + ", ".join(
                 f"{k}={group[k]!r}" for k in self._hyperparameters))
         return "\n".join(lines)
+
+
+def _tuple_getter(keys):
+    """A C-level callable returning ``group``'s values for ``keys``, as a tuple."""
+    return operator.itemgetter(*keys) if len(keys) > 1 else _OneKey(keys[0])
+
+
+class _OneKey:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, group):
+        return (group[self.key],)
 
 
 def _copy_plain(value):
