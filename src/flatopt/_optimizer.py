@@ -345,7 +345,8 @@ class Optimizer(ClipGradNormMixin):
         self._prepare()
         return grad_scale
 
-    def _finish_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads):
+    def _finish_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads,
+                     before_run=None):
         """Second half of the step routine: the writes. Returns False if skipped.
 
         ``flat_grad`` is the validated flat gradient. The factor left by
@@ -359,7 +360,8 @@ class Optimizer(ClipGradNormMixin):
           ``gi`` (a run of parameters that share a step count), at 1-based ``step``;
           ``fresh`` says these parameters have no state yet, and sets the group's
           first-step flags through :meth:`_start_run`. ``state["step"]`` is left alone
-          (the caller keeps per-parameter counts).
+          (the caller keeps per-parameter counts). ``before_run(gi, group, step - 1)``,
+          if given, is called before each run's kernel call (per-run state of the caller).
         """
         grad_scale *= self._pending_grad_scale
         self._pending_grad_scale = 1.0
@@ -378,13 +380,22 @@ class Optimizer(ClipGradNormMixin):
                 self._update(gi, group, seg, grad, step, grad_scale, n_threads)
             dict.__setitem__(self._state, "step", step)
             return True
-        buffers = {"param": self._flat_params,
-                   **{k: v for k, v in self._state.items() if isinstance(v, np.ndarray)}}
+        own = flat_grad is self._flat_grads
+        segments, buffers = self._segments, None
         for gi, lo, hi, step, fresh in runs:
             group = self.param_groups[gi]
-            seg = {k: v[lo:hi] for k, v in buffers.items()}
-            seg["grad"] = grad = flat_grad[lo:hi]
+            if own and segments[gi] == (lo, hi):  # a whole group: its cached views
+                seg = self._segment_views[gi]
+                grad = seg["grad"]
+            else:
+                if buffers is None:
+                    buffers = {"param": self._flat_params,
+                               **{k: v for k, v in self._state.items() if isinstance(v, np.ndarray)}}
+                seg = {k: v[lo:hi] for k, v in buffers.items()}
+                seg["grad"] = grad = flat_grad[lo:hi]
             self._start_run(gi, group, fresh)
+            if before_run is not None:
+                before_run(gi, group, step - 1)
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         return True
 
@@ -651,7 +662,7 @@ class _State(dict):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"state['step'] must be an int >= 0, got {value!r}")
             return dict.__setitem__(self, key, int(value))
-        if key in opt._plain_state and key in self:
+        if key in opt._plain_state:  # per-group values the subclass declares and checks
             opt._check_plain_state(key, value, len(opt.param_groups))
             return dict.__setitem__(self, key, list(value))
         current = self.get(key)

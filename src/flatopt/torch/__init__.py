@@ -120,7 +120,12 @@ Differences from torch.optim
 Importing this module imports torch; ``import flatopt`` never does.
 """
 
-from ._base import _FlatOptimizer
+import torch  # noqa: F401  (flatopt.torch.torch, for code appended below)
+
+from .. import _adaptive, _momentum  # noqa: F401
+from ._base import _FlatOptimizer  # noqa: F401
 from ._optimizers import SGD, Adadelta, Adagrad, Adam, AdamW, Momentum, RMSprop
+from ._optimizers import _doc, _wrap  # noqa: F401  (transitional; see _optimizers.py)
+from ._packing import _get_scalar_dtype  # noqa: F401
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]

@@ -8,10 +8,11 @@ run planning in ``_runs``, the checkpoint format in ``_checkpoint``; a step is t
 optimizer's step routine (``_begin_step`` / ``_finish_step``) called per dtype.
 """
 
+import copy as _copy
 import inspect
 import math
+import operator
 
-import numpy as np
 import torch
 
 from .._dispatch import kernels
@@ -86,6 +87,21 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _uses_state(self, group):
         """Whether a step with these hyperparameters uses (and counts) per-parameter state."""
         return True
+
+    # Optional: ``_before_update(self, numpy_opt, gi, group, count)``, called before the
+    # kernel runs over a run of NumPy group ``gi``'s parameters that have had ``count``
+    # updates (for per-parameter scalars torch keeps, such as NAdam's mu_product).
+    _before_update = None
+
+    def _param_state(self, bucket, i, copy):
+        """Parameter ``i`` of ``bucket``'s entry as ``state_dict()`` saves it (None: none).
+        Override to add per-parameter values that are not views (call this first)."""
+        entry = self.state.get(bucket.params[i])
+        if entry is None:
+            return None
+        if not copy:
+            return entry
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy.deepcopy(v)) for k, v in entry.items()}
 
     def _fresh_state(self, bucket, name):
         """A whole buffer ``name`` of ``bucket`` as a parameter without state has it."""
@@ -194,14 +210,30 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     # -- step ----------------------------------------------------------------------------
     def _sync_groups(self, bucket):
         """Copy hyperparameters from the torch groups (LR schedulers edit those) into the
-        NumPy groups; the NumPy step routine validates them."""
+        NumPy groups; the NumPy step routine validates them. When the torch groups hold
+        the very objects copied last time (the usual step), nothing is copied."""
+        getter = bucket.opt._getter
+        groups = self.param_groups
+        synced = bucket.synced
+        if synced is not None:
+            try:
+                if all(all(map(operator.is_, getter(groups[tgi]), seen))
+                       for tgi, seen in zip(bucket.group_map, synced)):
+                    return
+            except (KeyError, IndexError, TypeError):
+                pass
         hyper = self._numpy_class._hyperparameters
         for ngi, tgi in enumerate(bucket.group_map):
-            group = self.param_groups[tgi]
+            group = groups[tgi]
             numpy_group = bucket.opt.param_groups[ngi]
             for key in hyper:
                 value = group[key]
                 numpy_group[key] = value if type(value) in (float, int, bool) else _packing.as_python(value)
+        objects = [getter(groups[tgi]) for tgi in bucket.group_map]
+        # Remembered only when no value can change in place (a tensor lr, a list of betas).
+        bucket.synced = objects if all(
+            type(v) in (float, int, bool) or (type(v) is tuple and all(type(x) in (float, int, bool) for x in v))
+            for values in objects for v in values) else None
 
     def step(self, closure=None, *, grad_scale=1.0, skip_if_nonfinite=False):
         """Perform one optimization step (one kernel call per group and dtype).
@@ -242,8 +274,12 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
                 runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
                 bucket.opt._pending_grad_scale = pending
+                before_run = None
+                if self._before_update is not None:
+                    def before_run(gi, group, count, numpy_opt=bucket.opt):
+                        self._before_update(numpy_opt, gi, group, count)
                 if not bucket.opt._finish_step(bucket.opt.flat_grads, runs, scale,
-                                               skip_if_nonfinite, n_threads):
+                                               skip_if_nonfinite, n_threads, before_run):
                     self.last_step_skipped = True
                     break
                 self._after_update(bucket, taking_part, runs, advance)
@@ -255,12 +291,13 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """Advance step counts, give newly stateful parameters their entries, and bump
         the version counters of the parameters written (as torch's in-place updates do)."""
         counts = bucket.counts
-        fresh = [i for a, b in advance if counts[a] == 0 for i in range(a, b)]
+        fresh = None
         for a, b in advance:
+            if counts[a] == 0:  # these parameters get state now
+                fresh = (fresh or []) + list(range(a, b))
             counts[a:b] += 1
-        names = tuple(k for k, v in bucket.opt.state.items() if isinstance(v, np.ndarray))
-        if names != getattr(bucket, "state_names", None):  # a buffer was allocated: all entries
-            bucket.state_names = names
+        if len(bucket.opt.state) != bucket.n_state:  # a buffer was allocated: all entries
+            bucket.n_state = len(bucket.opt.state)
             fresh = [i for i in range(len(bucket.params)) if counts[i] > 0 or self._eager_state]
         if fresh:
             _checkpoint.refresh_entries(self, bucket, fresh)

@@ -110,11 +110,16 @@ def state_dict(opt):
         packed["params"] = [param_mappings[id(p)] for p in group["params"]]
         start += len(packed["params"])
         param_groups.append(packed)
+    where = {p: (bucket, i) for bucket in opt._buckets for i, p in enumerate(bucket.params)}
     state = {}
     for key, entry in opt.state.items():
-        pid = param_mappings[id(key)] if isinstance(key, torch.Tensor) else key
-        state[pid] = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                      for k, v in entry.items()}
+        if isinstance(key, torch.Tensor) and key in where:
+            entry = opt._param_state(*where[key], copy=True)
+            if entry is not None:
+                state[param_mappings[id(key)]] = entry
+        else:
+            pid = param_mappings[id(key)] if isinstance(key, torch.Tensor) else key
+            state[pid] = copy.deepcopy(entry)
     result = {"state": state, "param_groups": param_groups}
     for hook in opt._optimizer_state_dict_post_hooks.values():
         out = hook(opt, result)
@@ -240,7 +245,9 @@ def install_state(opt, entries):
                 state[p] = make_entry(opt, bucket, i, extras)
             elif entry is not None:
                 state[p] = dict(entry)
-        bucket.state_names = tuple(k for k, v in bucket.opt.state.items() if isinstance(v, np.ndarray))
+        bucket.n_state = len(bucket.opt.state)
+        bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
+        bucket.synced = None
     for key, value in entries.items():
         if not isinstance(key, torch.Tensor):
             state[key] = value

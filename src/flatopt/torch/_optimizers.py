@@ -129,3 +129,47 @@ class Adagrad(_FlatOptimizer):
 
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]
+
+
+# -- transitional: classes made by a function ------------------------------------------------------
+def _doc(name):
+    return f"""torch.optim.{name} on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format(name)}
+    """
+
+
+def _wrap(numpy_class, doc, fixed=None, **attributes):
+    """Make a drop-in class for ``numpy_class`` with the signature of the torch.optim class
+    of the same name (or the NumPy class's) plus keyword-only ``n_threads``.
+
+    Transitional, for optimizers declared this way before the classes were written out;
+    prefer writing the class out as above (its signature then shows in ``help()`` and in
+    the source). ``attributes`` may set ``_torch_step``, ``_eager_state``,
+    ``_uses_state``, ``_before_update``, ``_param_state``, ``load_state_dict``, ...
+    """
+    import inspect
+
+    import torch
+
+    name = numpy_class.__name__
+    torch_class = getattr(torch.optim, name, None)
+    source = inspect.signature((torch_class or numpy_class).__init__)
+    parameters = [p for p in source.parameters.values() if p.name not in ("dtype", "n_threads", "adopt")]
+    parameters.append(inspect.Parameter("n_threads", inspect.Parameter.KEYWORD_ONLY, default=None))
+    signature = source.replace(parameters=parameters)
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        params = arguments.pop("params")
+        n_threads = arguments.pop("n_threads")
+        _FlatOptimizer.__init__(self, params, arguments, n_threads=n_threads)
+
+    __init__.__signature__ = signature
+    __init__.__doc__ = doc
+    return type(name, (_FlatOptimizer,), {
+        "__init__": __init__, "__doc__": doc, "__module__": "flatopt.torch",
+        "_numpy_class": numpy_class, "_fixed": dict(fixed or {}), **attributes,
+    })

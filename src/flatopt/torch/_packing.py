@@ -99,6 +99,12 @@ class Bucket:
         self.hooks = {}
         self.all_taking_part = np.ones(len(params), dtype=bool)  # read-only by convention
         self.index = {p: i for i, p in enumerate(params)}
+        # Element bounds of each NumPy group, and whether every group's parameters share
+        # one step count (then a step is one run per group; see _runs.plan_runs).
+        self.group_bounds = [tuple(int(x) for x in s) for s in numpy_opt._segments]
+        self.uniform = False
+        self.synced = None      # the torch groups' hyperparameter objects last copied
+        self.n_state = None     # how many state entries opt.state's entries were made for
 
     def state_view(self, name, i):
         a, b = self.starts[i], self.stops[i]

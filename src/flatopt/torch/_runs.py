@@ -12,13 +12,34 @@ def plan_runs(bucket, taking_part, uses_state):
     it, the parameter ranges ``(a, b)`` whose step counts advance."""
     runs, advance = [], []
     counts = bucket.counts
+    if taking_part is bucket.all_taking_part and bucket.uniform:
+        # The usual case: every parameter takes part and each group's parameters share
+        # one step count (kept true by the step that made it so): one run per group.
+        for gi, (first, stop) in enumerate(bucket.ranges):
+            if first == stop:
+                continue
+            count = int(counts[first])
+            runs.append((gi, bucket.group_bounds[gi][0], bucket.group_bounds[gi][1], count + 1, count == 0))
+            if uses_state(bucket.opt.param_groups[gi]):
+                advance.append((first, stop))
+        return runs, advance
     for gi, (first, stop) in enumerate(bucket.ranges):
         counting = uses_state(bucket.opt.param_groups[gi])
         for a, b, count in param_runs(taking_part, counts, first, stop):
             runs.append((gi, int(bucket.starts[a]), int(bucket.stops[b - 1]), count + 1, count == 0))
             if counting:
                 advance.append((a, b))
+    # After this step, is every group's count uniform again?
+    bucket.uniform = taking_part is bucket.all_taking_part and all(
+        len(r) <= 1 for r in _per_group(runs, len(bucket.ranges)))
     return runs, advance
+
+
+def _per_group(runs, n_groups):
+    groups = [[] for _ in range(n_groups)]
+    for run in runs:
+        groups[run[0]].append(run)
+    return groups
 
 
 def param_runs(taking_part, counts, first, stop):
