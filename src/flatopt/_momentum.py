@@ -66,13 +66,17 @@ class SGD(Optimizer):
 
     def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
         momentum = group["momentum"]
-        initialized = self.state["momentum_buffer_initialized"]
-        buf = seg["momentum_buffer"] if momentum != 0 else seg["param"][:0]
-        kernels.sgd(seg["param"], grad, buf, group["lr"], momentum, group["dampening"],
-                     group["weight_decay"], group["nesterov"], group["maximize"],
-                     momentum != 0 and not initialized[gi], grad_scale, n_threads)
         if momentum != 0:
+            initialized = self._state["momentum_buffer_initialized"]
+            kernels.sgd(seg["param"], grad, seg["momentum_buffer"], group["lr"], momentum,
+                        group["dampening"], group["weight_decay"], group["nesterov"],
+                        group["maximize"], not initialized[gi], grad_scale, n_threads)
             initialized[gi] = True
+        else:
+            param = seg["param"]
+            kernels.sgd(param, grad, param[:0], group["lr"], momentum, group["dampening"],
+                        group["weight_decay"], group["nesterov"], group["maximize"], False,
+                        grad_scale, n_threads)
 
 
 class Momentum(Optimizer):

@@ -128,8 +128,8 @@ class Optimizer(ClipGradNormMixin):
         self.skipped_steps = 0            # steps skipped by step(skip_if_nonfinite=True)
         self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
         self._norm_partials = None        # scratch for grad_norm, allocated once
-        self._validated = [None] * len(self.param_groups)
         self._getter = _tuple_getter(self._hyperparameters)
+        self._forget_validation()
         self._prepare()
 
     # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
@@ -184,7 +184,7 @@ class Optimizer(ClipGradNormMixin):
         for group, n in zip(self.param_groups, self._group_sizes):
             group["params"] = list(self._params[first:first + n])
             first += n
-        self._validated = [None] * len(self.param_groups)
+        self._forget_validation()
         self._prepare()
 
     def _add_state(self, name):
@@ -222,22 +222,26 @@ class Optimizer(ClipGradNormMixin):
         Runs before any write. When nothing changed it costs one C-level identity check
         per group: the hyperparameter objects are the very ones validated last time (an
         immutable object that is still there cannot have changed). Anything else (a new
-        float from a scheduler, a list of betas, a deleted key) takes the full comparison.
+        float from a scheduler, a list of betas, a deleted key, a group added) takes the
+        full comparison of :meth:`_prepare_groups`.
         """
-        groups, validated = self.param_groups, self._validated
-        if len(groups) == len(validated):
-            getter = self._getter
-            for group, seen in zip(groups, validated):
-                if seen is None or seen[1] is None or type(group) is not dict:
-                    break
-                try:
-                    if not all(map(operator.is_, getter(group), seen[1])):
+        groups, seen = self.param_groups, self._seen
+        if len(groups) == len(seen):
+            getter, same = self._getter, operator.is_
+            try:
+                for group, objects in zip(groups, seen):
+                    if not all(map(same, getter(group), objects)):
                         break
-                except KeyError:
-                    break
-            else:
-                return
+                else:
+                    return
+            except (KeyError, TypeError, IndexError):  # a key deleted, not a dict, not seen
+                pass
         self._prepare_groups()
+
+    def _forget_validation(self):
+        """Make the next :meth:`_prepare` check every group in full."""
+        self._validated = [None] * len(self.param_groups)
+        self._seen = [None] * len(self.param_groups)
 
     def _prepare_groups(self):
         """The full check behind :meth:`_prepare`."""
@@ -256,8 +260,7 @@ class Optimizer(ClipGradNormMixin):
                 # step, up to 2000 steps, seen by tracemalloc in test_safety.py).
                 values = [(type(v), tuple(v) if type(v) is list else v)
                           for v in [group[k] for k in self._hyperparameters]]
-                seen = self._validated[gi]
-                same = seen is not None and values == seen[0]
+                same = values == self._validated[gi]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
             if not same:
@@ -273,7 +276,8 @@ class Optimizer(ClipGradNormMixin):
             objects = getter(group)
             immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
                             for v in objects)
-            self._validated[gi] = (values, objects if immutable else None)
+            self._validated[gi] = values
+            self._seen[gi] = objects if immutable else None
         if not changed:
             return
         needed = set()
@@ -363,22 +367,27 @@ class Optimizer(ClipGradNormMixin):
           (the caller keeps per-parameter counts). ``before_run(gi, group, step - 1)``,
           if given, is called before each run's kernel call (per-run state of the caller).
         """
-        grad_scale *= self._pending_grad_scale
-        self._pending_grad_scale = 1.0
+        pending = self._pending_grad_scale
+        if pending != 1.0:
+            grad_scale *= pending
+            self._pending_grad_scale = 1.0
         if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
             self.skipped_steps += 1
             return False
         if runs is None:
-            step = self._state["step"] + 1
-            own = flat_grad is self._flat_grads
-            for gi, (group, seg) in enumerate(zip(self.param_groups, self._segment_views)):
-                if own:
-                    grad = seg["grad"]
-                else:
-                    a, b = self._segments[gi]
-                    grad = flat_grad[a:b]
-                self._update(gi, group, seg, grad, step, grad_scale, n_threads)
-            dict.__setitem__(self._state, "step", step)
+            state = self._state
+            step = state["step"] + 1
+            update = self._update
+            if flat_grad is self._flat_grads:
+                gi = 0
+                for group, seg in zip(self.param_groups, self._segment_views):
+                    update(gi, group, seg, seg["grad"], step, grad_scale, n_threads)
+                    gi += 1
+            else:
+                for gi, (group, seg, (a, b)) in enumerate(zip(self.param_groups, self._segment_views,
+                                                              self._segments)):
+                    update(gi, group, seg, flat_grad[a:b], step, grad_scale, n_threads)
+            dict.__setitem__(state, "step", step)
             return True
         own = flat_grad is self._flat_grads
         segments, buffers = self._segments, None
@@ -419,12 +428,15 @@ class Optimizer(ClipGradNormMixin):
         the step was taken, False when it was skipped.
         """
         grad_scale = self._begin_step(grad_scale, skip_if_nonfinite)
-        if grads is not None and self._pending_grad_scale != 1.0 and not self._is_own_grads(grads):
-            raise ValueError(
-                "grads: clip_grad_norm_ measured flat_grads, but step() was given other "
-                "gradients; clip those instead, or call zero_grad() to drop the clip factor")
-        flat = self._resolve_grads(grads)
-        flat_grad = self._flat_grads if flat is None else flat
+        if grads is None:
+            flat_grad = self._flat_grads
+        else:
+            if self._pending_grad_scale != 1.0 and not self._is_own_grads(grads):
+                raise ValueError(
+                    "grads: clip_grad_norm_ measured flat_grads, but step() was given other "
+                    "gradients; clip those instead, or call zero_grad() to drop the clip factor")
+            flat = self._resolve_grads(grads)
+            flat_grad = self._flat_grads if flat is None else flat
         return self._finish_step(flat_grad, None, grad_scale, skip_if_nonfinite,
                                  effective_n_threads(self._n_threads))
 
@@ -546,7 +558,7 @@ class Optimizer(ClipGradNormMixin):
                 if key not in self.state:
                     dict.__setitem__(self._state, key, self.layout.zeros())
                 np.copyto(self._state[key], value)
-        self._validated = [None] * len(self.param_groups)
+        self._forget_validation()
         self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         self._prepare()
 

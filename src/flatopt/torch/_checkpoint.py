@@ -220,7 +220,7 @@ def install_state(opt, entries):
     for bucket in opt._buckets:
         for key in {k for p in bucket.params for k in entries.get(p, ()) if k in known} - set(bucket.opt.state):
             bucket.opt._add_state(key)
-        bucket.opt._validated = [None] * len(bucket.opt.param_groups)
+        bucket.opt._forget_validation()
         bucket.opt._prepare()
         fresh = {}
         for i, p in enumerate(bucket.params):
