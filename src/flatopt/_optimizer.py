@@ -83,8 +83,16 @@ def _check_disjoint(arrays):
 class Optimizer(ClipGradNormMixin):
     """Base class of flatopt's NumPy optimizers.
 
-    Subclasses set ``_hyperparameters`` (names in constructor order) and implement
-    ``_check(group)``, ``_state_names(group)`` and ``_update(...)``.
+    A subclass sets ``_hyperparameters`` (names in constructor order) and
+    ``_all_state_names``, implements ``_check(group, where)``, ``_state_names(group)`` and
+    ``_update(gi, group, seg, grad, step, grad_scale, n_threads)`` (one kernel call), and
+    optionally ``_init_state(name, buffer)``, ``_plain_state`` with
+    ``_check_plain_state`` (per-group values, such as SGD's first-step flags) and
+    ``_start_run(gi, group, fresh)``. Its ``__init__`` takes torch's arguments plus
+    keyword-only ``n_threads=None, dtype=None, adopt=False`` and calls
+    ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)``.
+    A step is ``_begin_step`` then ``_finish_step`` (see there); nothing else calls
+    ``_update``.
     """
 
     _hyperparameters = ()
