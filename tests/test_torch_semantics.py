@@ -330,3 +330,26 @@ def test_public_classes_are_written_out_with_torchs_signature():
         warnings.simplefilter("error")
         help_text = ft.Adam.__init__.__doc__ or ft.Adam.__doc__
     assert "torch.optim.Adam" in help_text
+
+
+def test_transitional_wrap_and_before_update_hook():
+    """Drop-ins declared with ``_wrap`` (as optimizers added in parallel were) still work,
+    and ``_before_update`` sees each run's count with the earlier runs already counted."""
+    import inspect
+    seen = []
+
+    def before_update(self, numpy_opt, gi, group, count):
+        bucket = self._buckets[0]
+        seen.append((count, bucket.counts.tolist()))
+
+    Wrapped = ft._wrap(flatopt.Adam, ft._doc("Adam"), _torch_step=True, _before_update=before_update)
+    assert list(inspect.signature(Wrapped).parameters)[:-1] == list(inspect.signature(torch.optim.Adam).parameters)
+    a, b, c = (torch.nn.Parameter(torch.ones(2, dtype=torch.float64)) for _ in range(3))
+    opt = Wrapped([a, b, c], lr=0.1)
+    for p in (a, b, c):
+        p.grad = torch.ones(2, dtype=torch.float64)
+    opt.step()                      # one run: counts 0
+    b.grad = None
+    opt.step()                      # runs [a] and [c], both at count 1
+    assert seen == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0]), (1, [2.0, 1.0, 1.0])]
+    assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [2, 1, 2]

@@ -274,28 +274,42 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
                 runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
                 bucket.opt._pending_grad_scale = pending
-                before_run = None
+                before_run, done = None, [0]
                 if self._before_update is not None:
-                    def before_run(gi, group, count, numpy_opt=bucket.opt):
+                    # The hook sees the counts of the runs already taken advanced, as it
+                    # would if every run were a separate step.
+                    def before_run(gi, group, count, numpy_opt=bucket.opt, counts=bucket.counts,
+                                   advance=advance, done=done):
+                        k = done[0]
+                        if k and advance[k - 1] is not None:
+                            a, b = advance[k - 1]
+                            counts[a:b] += 1
+                        done[0] = k + 1
                         self._before_update(numpy_opt, gi, group, count)
                 if not bucket.opt._finish_step(bucket.opt.flat_grads, runs, scale,
                                                skip_if_nonfinite, n_threads, before_run):
                     self.last_step_skipped = True
                     break
-                self._after_update(bucket, taking_part, runs, advance)
+                # Counts not yet advanced: all runs but those the hook advanced.
+                self._after_update(bucket, taking_part, runs, advance, max(done[0] - 1, 0))
         if self.last_step_skipped:
             self.skipped_steps += 1
         return loss
 
-    def _after_update(self, bucket, taking_part, runs, advance):
-        """Advance step counts, give newly stateful parameters their entries, and bump
-        the version counters of the parameters written (as torch's in-place updates do)."""
+    def _after_update(self, bucket, taking_part, runs, advance, advanced=0):
+        """Advance step counts (of the runs from ``advanced`` on), give newly stateful
+        parameters their entries, and bump the version counters of the parameters
+        written (as torch's in-place updates do)."""
         counts = bucket.counts
         fresh = None
-        for a, b in advance:
-            if counts[a] == 0:  # these parameters get state now
+        for k, (run, span) in enumerate(zip(runs, advance)):
+            if span is None:
+                continue
+            a, b = span
+            if run[4]:  # these parameters get state now
                 fresh = (fresh or []) + list(range(a, b))
-            counts[a:b] += 1
+            if k >= advanced:
+                counts[a:b] += 1
         if len(bucket.opt.state) != bucket.n_state:  # a buffer was allocated: all entries
             bucket.n_state = len(bucket.opt.state)
             fresh = [i for i in range(len(bucket.params)) if counts[i] > 0 or self._eager_state]

@@ -9,7 +9,8 @@ group that share a step count: one run per group in the usual case.
 def plan_runs(bucket, taking_part, uses_state):
     """The runs of one bucket for the NumPy step routine: a list of
     ``(gi, lo, hi, step, fresh)`` (see ``flatopt.Optimizer._finish_step``) and, beside
-    it, the parameter ranges ``(a, b)`` whose step counts advance."""
+    it, for each run, the parameter range ``(a, b)`` whose step counts it advances (None
+    when its group keeps no state)."""
     runs, advance = [], []
     counts = bucket.counts
     if taking_part is bucket.all_taking_part and bucket.uniform:
@@ -20,15 +21,13 @@ def plan_runs(bucket, taking_part, uses_state):
                 continue
             count = int(counts[first])
             runs.append((gi, bucket.group_bounds[gi][0], bucket.group_bounds[gi][1], count + 1, count == 0))
-            if uses_state(bucket.opt.param_groups[gi]):
-                advance.append((first, stop))
+            advance.append((first, stop) if uses_state(bucket.opt.param_groups[gi]) else None)
         return runs, advance
     for gi, (first, stop) in enumerate(bucket.ranges):
         counting = uses_state(bucket.opt.param_groups[gi])
         for a, b, count in param_runs(taking_part, counts, first, stop):
             runs.append((gi, int(bucket.starts[a]), int(bucket.stops[b - 1]), count + 1, count == 0))
-            if counting:
-                advance.append((a, b))
+            advance.append((a, b) if counting else None)
     # After this step, is every group's count uniform again?
     bucket.uniform = taking_part is bucket.all_taking_part and all(
         len(r) <= 1 for r in _per_group(runs, len(bucket.ranges)))
