@@ -353,3 +353,18 @@ def test_transitional_wrap_and_before_update_hook():
     opt.step()                      # runs [a] and [c], both at count 1
     assert seen == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0]), (1, [2.0, 1.0, 1.0])]
     assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [2, 1, 2]
+
+
+def test_torch_clip_factor_does_not_survive_zero_grad():
+    """Item 9 for flatopt.torch: a clip factor belongs to the gradients it measured."""
+    models = [net(), net()]
+    opts = [ft.SGD(m.parameters(), lr=0.1) for m in models]
+    x, y = data()
+    ((models[0](x[0]) - y[0]) ** 2).sum().mul(100).backward()
+    opts[0].clip_grad_norm_(1e-3)   # a tiny factor, pending
+    opts[0].zero_grad()             # the batch is dropped
+    for m, opt in zip(models, opts):
+        opt.zero_grad()
+        ((m(x[1]) - y[1]) ** 2).mean().backward()
+        opt.step()
+    assert torch.equal(flat_params(models[0]), flat_params(models[1]))
