@@ -38,7 +38,8 @@ def test_params_and_grads_are_views():
 
 def test_flattened_views_are_adopted_without_copy():
     flat, views = flatopt.flatten(make_params(np.float32))
-    opt = flatopt.Momentum(views, lr=0.5, beta=0.0)
+    opt = flatopt.Momentum(views, lr=0.5, beta=0.0, adopt=True)
+    assert opt.adopted
     assert np.shares_memory(opt.flat_params, flat) and opt.flat_params.ctypes.data == flat.ctypes.data
     opt.grads[0][...] = 1.0
     opt.step()
@@ -50,7 +51,9 @@ def test_non_contiguous_views_are_copied():
     flat, views = flatopt.flatten(make_params())
     reordered = [views[1], views[0]]
     opt = flatopt.SGD(reordered, lr=0.1)
-    assert not np.shares_memory(opt.flat_params, flat)
+    assert not np.shares_memory(opt.flat_params, flat) and not opt.adopted
+    with pytest.raises(ValueError, match="adopt=True"):
+        flatopt.SGD(reordered, lr=0.1, adopt=True)
 
 
 def test_step_with_grad_list_flat_array_and_views():

@@ -283,7 +283,7 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
         exp_avg_sq[i] = v
         if amsgrad:
             v_max = max_exp_avg_sq[i]
-            if v_max > v:
+            if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
                 v = v_max
             max_exp_avg_sq[i] = v
         param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)

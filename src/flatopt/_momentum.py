@@ -40,11 +40,11 @@ class SGD(Optimizer):
     _plain_state = ("momentum_buffer_initialized",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, n_threads=None, dtype=None):
+                 nesterov=False, *, maximize=False, n_threads=None, dtype=None, adopt=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
-        self.state["momentum_buffer_initialized"] = [False] * len(self.param_groups)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        dict.__setitem__(self.state, "momentum_buffer_initialized", [False] * len(self.param_groups))
 
     def _check(self, group, where="SGD"):
         check_sgd(group, where)
@@ -59,15 +59,24 @@ class SGD(Optimizer):
             raise ValueError("state_dict['state'] lacks 'momentum_buffer', but "
                              "'momentum_buffer_initialized' says it was initialised")
 
+    def _start_run(self, gi, group, fresh):
+        # A run of parameters without a momentum buffer yet starts it from the gradient.
+        if group["momentum"] != 0:
+            self.state["momentum_buffer_initialized"][gi] = not fresh
+
     def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
         momentum = group["momentum"]
-        initialized = self.state["momentum_buffer_initialized"]
-        buf = seg["momentum_buffer"] if momentum != 0 else seg["param"][:0]
-        kernels.sgd(seg["param"], grad, buf, group["lr"], momentum, group["dampening"],
-                     group["weight_decay"], group["nesterov"], group["maximize"],
-                     momentum != 0 and not initialized[gi], grad_scale, n_threads)
         if momentum != 0:
+            initialized = self._state["momentum_buffer_initialized"]
+            kernels.sgd(seg["param"], grad, seg["momentum_buffer"], group["lr"], momentum,
+                        group["dampening"], group["weight_decay"], group["nesterov"],
+                        group["maximize"], not initialized[gi], grad_scale, n_threads)
             initialized[gi] = True
+        else:
+            param = seg["param"]
+            kernels.sgd(param, grad, param[:0], group["lr"], momentum, group["dampening"],
+                        group["weight_decay"], group["nesterov"], group["maximize"], False,
+                        grad_scale, n_threads)
 
 
 class Momentum(Optimizer):
@@ -81,9 +90,9 @@ class Momentum(Optimizer):
     _all_state_names = ("momentum_buffer",)
 
     def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *,
-                 n_threads=None, dtype=None):
+                 n_threads=None, dtype=None, adopt=False):
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check(self, group, where="Momentum"):
         check_momentum(group, where)

@@ -10,6 +10,7 @@ kernel call per group.
 
 import math
 import numbers
+import operator
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
 STATE_DICT_VERSION = 1
+
+# Hyperparameter types whose objects cannot change in place (see Optimizer._prepare).
+_IMMUTABLE = frozenset({float, int, bool, np.float64, np.float32, np.int64, np.bool_})
 
 
 def _normalize_groups(params):
@@ -79,14 +83,23 @@ def _check_disjoint(arrays):
 class Optimizer(ClipGradNormMixin):
     """Base class of flatopt's NumPy optimizers.
 
-    Subclasses set ``_hyperparameters`` (names in constructor order) and implement
-    ``_check(group)``, ``_state_names(group)`` and ``_update(...)``.
+    A subclass sets ``_hyperparameters`` (names in constructor order) and
+    ``_all_state_names``, implements ``_check(group, where)``, ``_state_names(group)`` and
+    ``_update(gi, group, seg, grad, step, grad_scale, n_threads)`` (one kernel call), and
+    optionally ``_init_state(name, buffer)``, ``_plain_state`` with
+    ``_check_plain_state`` (per-group values, such as SGD's first-step flags) and
+    ``_start_run(gi, group, fresh)``. Its ``__init__`` takes torch's arguments plus
+    keyword-only ``n_threads=None, dtype=None, adopt=False`` and calls
+    ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)``.
+    A step is ``_begin_step`` then ``_finish_step`` (see there); nothing else calls
+    ``_update``.
     """
 
     _hyperparameters = ()
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None):
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False):
         self._n_threads = check_n_threads(n_threads)
+        adopt = check_bool(adopt, "adopt")
         self.defaults = dict(defaults)
         self._check(self.defaults)
         groups = _normalize_groups(params)
@@ -99,28 +112,95 @@ class Optimizer(ClipGradNormMixin):
             self._check_group(group, f"param_groups[{gi}]")
             self.param_groups.append(group)
 
-        flat = adopt(arrays, self.layout)
-        if flat is None:
+        if adopt:
+            flat = _adopt_or_explain(arrays, self.layout)
+        else:
             _check_disjoint(arrays)
             flat = self.layout.pack(arrays)
-        self.flat_params = flat
-        self.flat_grads = self.layout.zeros()
-        self.params = self.layout.split(self.flat_params)
-        self.grads = self.layout.split(self.flat_grads)
+        self._adopted = adopt
+        self._flat_params = flat
+        self._flat_grads = self.layout.zeros()
+        self._params = _Views(self.layout.split(self._flat_params))
+        self._grads = _Views(self.layout.split(self._flat_grads))
 
+        self._group_sizes = [len(group_arrays) for group_arrays, _ in groups]
         self._segments, first, start = [], 0, 0
         for group, (group_arrays, _) in zip(self.param_groups, groups):
-            group["params"] = self.params[first:first + len(group_arrays)]
+            group["params"] = list(self._params[first:first + len(group_arrays)])
             stop = start + sum(a.size for a in group_arrays)
             self._segments.append((start, stop))
             first, start = first + len(group_arrays), stop
 
-        self.state = {"step": 0}
+        self._state = _State(self)
+        dict.__setitem__(self._state, "step", 0)
         self.skipped_steps = 0            # steps skipped by step(skip_if_nonfinite=True)
         self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
         self._norm_partials = None        # scratch for grad_norm, allocated once
-        self._validated = [None] * len(self.param_groups)
+        self._getter = _tuple_getter(self._hyperparameters)
+        self._forget_validation()
         self._prepare()
+
+    # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
+    @property
+    def flat_params(self):
+        """The flat parameter buffer (1-D, 64-byte aligned); update it in place only."""
+        return self._flat_params
+
+    @property
+    def flat_grads(self):
+        """The flat gradient buffer the model writes into (through :attr:`grads`)."""
+        return self._flat_grads
+
+    @property
+    def params(self):
+        """The parameters: a read-only list of views into :attr:`flat_params` (input order)."""
+        return self._params
+
+    @property
+    def grads(self):
+        """The gradients: a read-only list of views into :attr:`flat_grads` (input order)."""
+        return self._grads
+
+    @property
+    def adopted(self):
+        """True when the caller's arrays are the parameters (``adopt=True``): ``step()``
+        updates them in place. False when they were copied: use :attr:`params`."""
+        return self._adopted
+
+    @property
+    def state(self):
+        """The state: ``"step"`` plus flat arrays of the parameters' layout.
+
+        Assigning an array to an existing entry copies it into the live buffer (shape and
+        dtype checked); entries cannot be added or removed (use :meth:`load_state_dict`).
+        """
+        return self._state
+
+    # -- copy and pickle: the views are rebuilt over the copied buffers --------------------
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for key in ("_params", "_grads", "_segment_views"):
+            d.pop(key, None)
+        d["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._params = _Views(self.layout.split(self._flat_params))
+        self._grads = _Views(self.layout.split(self._flat_grads))
+        first = 0
+        for group, n in zip(self.param_groups, self._group_sizes):
+            group["params"] = list(self._params[first:first + n])
+            first += n
+        self._forget_validation()
+        self._prepare()
+
+    def _add_state(self, name):
+        """Allocate (and initialise) the state buffer ``name``; internal."""
+        buf = self.layout.zeros()
+        self._init_state(name, buf)
+        dict.__setitem__(self._state, name, buf)
+        return buf
 
     def _check_group(self, group, where):
         """Validate ``group``'s hyperparameters, then check they fit the buffers' dtype."""
@@ -147,12 +227,37 @@ class Optimizer(ClipGradNormMixin):
     def _prepare(self):
         """Validate groups whose hyperparameters changed and allocate missing state.
 
-        Runs before any write; cheap when nothing changed (a tuple compare per group).
+        Runs before any write. When nothing changed it costs one C-level identity check
+        per group: the hyperparameter objects are the very ones validated last time (an
+        immutable object that is still there cannot have changed). Anything else (a new
+        float from a scheduler, a list of betas, a deleted key, a group added) takes the
+        full comparison of :meth:`_prepare_groups`.
         """
+        groups, seen = self.param_groups, self._seen
+        if len(groups) == len(seen):
+            getter, same = self._getter, operator.is_
+            try:
+                for group, objects in zip(groups, seen):
+                    if not all(map(same, getter(group), objects)):
+                        break
+                else:
+                    return
+            except (KeyError, TypeError, IndexError):  # a key deleted, not a dict, not seen
+                pass
+        self._prepare_groups()
+
+    def _forget_validation(self):
+        """Make the next :meth:`_prepare` check every group in full."""
+        self._validated = [None] * len(self.param_groups)
+        self._seen = [None] * len(self.param_groups)
+
+    def _prepare_groups(self):
+        """The full check behind :meth:`_prepare`."""
         changed = False
         if len(self.param_groups) != len(self._segments):
             raise ValueError(f"param_groups must keep its {len(self._segments)} groups; "
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
+        getter = self._getter
         for gi, group in enumerate(self.param_groups):
             try:
                 # What is remembered of each validated hyperparameter: its type as well as
@@ -173,17 +278,22 @@ class Optimizer(ClipGradNormMixin):
                 if missing:
                     raise ValueError(f"param_groups[{gi}] lacks {missing}")
                 self._check_group(group, f"param_groups[{gi}]")
-                self._validated[gi] = values
                 changed = True
+            # The objects themselves, for the identity check of the next _prepare, unless
+            # one of them can change in place (a list, an array): then always compare.
+            objects = getter(group)
+            immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+                            for v in objects)
+            self._validated[gi] = values
+            self._seen[gi] = objects if immutable else None
         if not changed:
             return
         needed = set()
         for group in self.param_groups:
             needed.update(self._state_names(group))
-        new = [name for name in sorted(needed) if name not in self.state]
-        for name in new:
-            self.state[name] = self.layout.zeros()
-            self._init_state(name, self.state[name])
+        for name in sorted(needed):
+            if name not in self.state:
+                self._add_state(name)
         self._segment_views = [
             {"param": self.flat_params[a:b], "grad": self.flat_grads[a:b],
              **{name: buf[a:b] for name, buf in self.state.items() if isinstance(buf, np.ndarray)}}
@@ -222,6 +332,94 @@ class Optimizer(ClipGradNormMixin):
         return {"params": self.flat_params,
                 **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
 
+    # -- the step routine ------------------------------------------------------------------
+    # Every front end takes a step through the two halves of this one routine, in order:
+    #
+    #   grad_scale = opt._begin_step(grad_scale, skip_if_nonfinite)   # checks, no write
+    #   ... the front end validates its gradients and places them in flat_grads ...
+    #   taken = opt._finish_step(flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads)
+    #
+    # step() below is one front end; flatopt.torch's adapters (which pass runs of
+    # parameters sharing a step count) are the other. Nothing else calls _update.
+    def _begin_step(self, grad_scale, skip_if_nonfinite):
+        """First half of the step routine: validate, write nothing.
+
+        Checks ``grad_scale`` (a finite real that fits the buffers' dtype) and
+        ``skip_if_nonfinite`` (a bool), then :meth:`_prepare`: hyperparameters of groups
+        that changed since the last step are validated (and checked to fit the dtype), and
+        state buffers they need are allocated. Returns ``grad_scale`` as a float.
+        """
+        if type(grad_scale) is not float or grad_scale != 1.0:
+            grad_scale = check_real(grad_scale, "grad_scale")
+            check_fits({"grad_scale": grad_scale}, self.layout.dtype, "step")
+        if skip_if_nonfinite is not False:
+            check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+        self._prepare()
+        return grad_scale
+
+    def _finish_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads,
+                     before_run=None):
+        """Second half of the step routine: the writes. Returns False if skipped.
+
+        ``flat_grad`` is the validated flat gradient. The factor left by
+        :meth:`clip_grad_norm_` multiplies ``grad_scale`` and is consumed (it belongs to
+        one step). With ``skip_if_nonfinite`` an inf/NaN gradient skips the step (counted
+        in :attr:`skipped_steps`, nothing else written). Then the kernel runs:
+
+        * ``runs is None``: once per group over its whole segment, at step
+          ``state["step"] + 1``, which then advances;
+        * otherwise once per ``(gi, lo, hi, step, fresh)``: elements ``[lo, hi)`` of group
+          ``gi`` (a run of parameters that share a step count), at 1-based ``step``;
+          ``fresh`` says these parameters have no state yet, and sets the group's
+          first-step flags through :meth:`_start_run`. ``state["step"]`` is left alone
+          (the caller keeps per-parameter counts). ``before_run(gi, group, step - 1)``,
+          if given, is called before each run's kernel call (per-run state of the caller).
+        """
+        pending = self._pending_grad_scale
+        if pending != 1.0:
+            grad_scale *= pending
+            self._pending_grad_scale = 1.0
+        if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
+            self.skipped_steps += 1
+            return False
+        if runs is None:
+            state = self._state
+            step = state["step"] + 1
+            update = self._update
+            if flat_grad is self._flat_grads:
+                gi = 0
+                for group, seg in zip(self.param_groups, self._segment_views):
+                    update(gi, group, seg, seg["grad"], step, grad_scale, n_threads)
+                    gi += 1
+            else:
+                for gi, (group, seg, (a, b)) in enumerate(zip(self.param_groups, self._segment_views,
+                                                              self._segments)):
+                    update(gi, group, seg, flat_grad[a:b], step, grad_scale, n_threads)
+            dict.__setitem__(state, "step", step)
+            return True
+        own = flat_grad is self._flat_grads
+        segments, buffers = self._segments, None
+        for gi, lo, hi, step, fresh in runs:
+            group = self.param_groups[gi]
+            if own and segments[gi] == (lo, hi):  # a whole group: its cached views
+                seg = self._segment_views[gi]
+                grad = seg["grad"]
+            else:
+                if buffers is None:
+                    buffers = {"param": self._flat_params,
+                               **{k: v for k, v in self._state.items() if isinstance(v, np.ndarray)}}
+                seg = {k: v[lo:hi] for k, v in buffers.items()}
+                seg["grad"] = grad = flat_grad[lo:hi]
+            self._start_run(gi, group, fresh)
+            if before_run is not None:
+                before_run(gi, group, step - 1)
+            self._update(gi, group, seg, grad, step, grad_scale, n_threads)
+        return True
+
+    def _start_run(self, gi, group, fresh):
+        """Set group ``gi``'s first-step flags for a run whose parameters are ``fresh``
+        (have no state yet). Only optimizers with such flags (SGD) override this."""
+
     def step(self, grads=None, *, grad_scale=1.0, skip_if_nonfinite=False):
         """Take one optimization step over every parameter: one kernel call per group.
 
@@ -230,36 +428,31 @@ class Optimizer(ClipGradNormMixin):
         a 1-D array of the flat length and dtype is read directly (it may be read-only).
         ``grad_scale`` multiplies every gradient on the fly (loss-scale unscaling,
         averaging, clipping) without an extra pass; a factor set by
-        :meth:`clip_grad_norm_` multiplies it once more.
+        :meth:`clip_grad_norm_` multiplies it once more (it measured :attr:`flat_grads`,
+        so passing other ``grads`` after clipping raises).
 
         With ``skip_if_nonfinite``, a gradient holding inf or NaN skips the step: params
         and state stay bit-identical, :attr:`skipped_steps` counts it. Returns True when
         the step was taken, False when it was skipped.
         """
-        if type(grad_scale) is not float or grad_scale != 1.0:
-            grad_scale = check_real(grad_scale, "grad_scale")
-            check_fits({"grad_scale": grad_scale}, self.layout.dtype, "step")
-        if skip_if_nonfinite is not False:
-            check_bool(skip_if_nonfinite, "skip_if_nonfinite")
-        self._prepare()
-        flat = self._resolve_grads(grads)
-        flat_grad = self.flat_grads if flat is None else flat
-        n_threads = effective_n_threads(self._n_threads)
-        grad_scale *= self._pending_grad_scale
-        self._pending_grad_scale = 1.0
-        if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
-            self.skipped_steps += 1
-            return False
-        step = self.state["step"] + 1
-        for gi, (group, seg) in enumerate(zip(self.param_groups, self._segment_views)):
-            if flat is None:
-                grad = seg["grad"]
-            else:
-                a, b = self._segments[gi]
-                grad = flat[a:b]
-            self._update(gi, group, seg, grad, step, grad_scale, n_threads)
-        self.state["step"] = step
-        return True
+        grad_scale = self._begin_step(grad_scale, skip_if_nonfinite)
+        if grads is None:
+            flat_grad = self._flat_grads
+        else:
+            if self._pending_grad_scale != 1.0 and not self._is_own_grads(grads):
+                raise ValueError(
+                    "grads: clip_grad_norm_ measured flat_grads, but step() was given other "
+                    "gradients; clip those instead, or call zero_grad() to drop the clip factor")
+            flat = self._resolve_grads(grads)
+            flat_grad = self._flat_grads if flat is None else flat
+        return self._finish_step(flat_grad, None, grad_scale, skip_if_nonfinite,
+                                 effective_n_threads(self._n_threads))
+
+    def _is_own_grads(self, grads):
+        if grads is self._grads or grads is self._flat_grads:
+            return True
+        return (isinstance(grads, (list, tuple)) and len(grads) == len(self._grads)
+                and all(g is v for g, v in zip(grads, self._grads)))
 
     def grad_norm(self, norm_type=2.0):
         """The ``norm_type``-norm of :attr:`flat_grads` in one read-only pass.
@@ -277,9 +470,11 @@ class Optimizer(ClipGradNormMixin):
         """Zero :attr:`flat_grads` in place (the grad views stay valid).
 
         ``set_to_none`` is accepted for torch compatibility; flat gradients cannot be
-        None, so they are zeroed either way.
+        None, so they are zeroed either way. A pending :meth:`clip_grad_norm_` factor is
+        dropped with the gradients it measured.
         """
-        self.flat_grads.fill(0)
+        self._flat_grads.fill(0)
+        self._pending_grad_scale = 1.0
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self):
@@ -361,17 +556,17 @@ class Optimizer(ClipGradNormMixin):
             self.param_groups[gi].update(group)
         for key in [k for k in self.state if k != "step"]:
             if key not in state:
-                del self.state[key]
+                dict.__delitem__(self._state, key)
         for key, value in state.items():
             if key == "step":
-                self.state["step"] = int(value)
+                dict.__setitem__(self._state, "step", int(value))
             elif key in self._plain_state:
-                self.state[key] = _copy_plain(value)
+                dict.__setitem__(self._state, key, _copy_plain(value))
             else:
                 if key not in self.state:
-                    self.state[key] = self.layout.zeros()
-                np.copyto(self.state[key], value)
-        self._validated = [None] * len(self.param_groups)
+                    dict.__setitem__(self._state, key, self.layout.zeros())
+                np.copyto(self._state[key], value)
+        self._forget_validation()
         self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         self._prepare()
 
@@ -411,5 +606,114 @@ class Optimizer(ClipGradNormMixin):
         return "\n".join(lines)
 
 
+def _tuple_getter(keys):
+    """A C-level callable returning ``group``'s values for ``keys``, as a tuple."""
+    return operator.itemgetter(*keys) if len(keys) > 1 else _OneKey(keys[0])
+
+
+class _OneKey:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, group):
+        return (group[self.key],)
+
+
 def _copy_plain(value):
     return list(value) if isinstance(value, list) else value
+
+
+def _adopt_or_explain(arrays, layout):
+    """The flat buffer ``arrays`` are back-to-back views of (``adopt=True``), or raise."""
+    flat = adopt(arrays, layout)
+    if flat is not None:
+        return flat
+    for i, a in enumerate(arrays):
+        if a.dtype != layout.dtype:
+            reason = f"params[{i}] has dtype {a.dtype}, not {layout.dtype}"
+            break
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            reason = f"params[{i}] is not a writable C-contiguous array"
+            break
+    else:
+        reason = "they are not back-to-back views of one flat buffer, in order"
+    raise ValueError(
+        f"params cannot be adopted (adopt=True): {reason}. Pass the views returned by "
+        "flatopt.flatten (in order), or adopt=False to copy them and use opt.params")
+
+
+class _Views(list):
+    """``opt.params`` / ``opt.grads``: a list of the buffer views that cannot be changed
+    (the kernel reads the flat buffers; a replaced element would silently not be them).
+    Slicing and ``+`` give ordinary lists."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("this list of views into the flat buffer is read-only; write into the "
+                        "arrays instead (a[...] = values)")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return (_Views, (list(self),))
+
+
+class _State(dict):
+    """``opt.state``: a dict whose arrays are the live flat buffers the kernel reads.
+
+    Writing an array to an existing buffer entry copies it in (never rebinds: the kernel
+    keeps views of the buffer); ``"step"`` takes an int >= 0 and a per-group flag entry a
+    list of bools. Entries cannot be added or removed: the optimizer allocates them.
+    """
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt):
+        super().__init__()
+        self._opt = opt
+
+    def __setitem__(self, key, value):
+        opt = self._opt
+        if key == "step":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state['step'] must be an int >= 0, got {value!r}")
+            return dict.__setitem__(self, key, int(value))
+        if key in opt._plain_state:  # per-group values the subclass declares and checks
+            opt._check_plain_state(key, value, len(opt.param_groups))
+            return dict.__setitem__(self, key, list(value))
+        current = self.get(key)
+        if not isinstance(current, np.ndarray):
+            raise KeyError(f"state[{key!r}]: entries cannot be added ({type(opt).__name__} "
+                           f"allocates its state buffers; it has {sorted(self)})")
+        if not isinstance(value, np.ndarray) or value.shape != current.shape or value.dtype.kind not in "fiu":
+            raise ValueError(f"state[{key!r}] must be set to a real array of shape {current.shape}, "
+                             f"got {describe(value)}")
+        np.copyto(current, value, casting="same_kind")
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("state entries cannot be removed; use load_state_dict()")
+
+    __delitem__ = pop = popitem = clear = _refuse
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __reduce__(self):
+        return (_restore_state, (self._opt, dict(self)))
+
+
+def _restore_state(opt, items):
+    state = _State(opt)
+    for key, value in items.items():
+        dict.__setitem__(state, key, value)
+    return state

@@ -11,6 +11,7 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _LARGEST = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
+_TINIEST = {d: float(np.finfo(d).smallest_subnormal) for d in FLOAT_DTYPES}
 
 
 def describe(x):
@@ -56,27 +57,33 @@ def check_real(value, name, *, low=None, high=None, low_open=False, high_open=Fa
     return value
 
 
-def check_fits(values, dtype, where):
-    """Raise if a real hyperparameter in ``values`` (a dict) overflows ``dtype``.
+def check_fits(values, dtype, where, positive=("eps",)):
+    """Raise if a real hyperparameter in ``values`` (a dict) does not survive ``dtype``.
 
     The kernels cast their scalars to the buffer's dtype, so a value that is finite as a
     double but beyond float32's range (about 3.4e38) would become inf and turn every
-    element into inf or nan. Bools and non-numbers are left to the other checks; tuples
-    (such as ``betas``) are checked element by element.
+    element into inf or nan; and one that must be > 0 (the names in ``positive``) must not
+    round to 0 (``eps=1e-46`` is 0 in float32, and makes 0/0). Bools and non-numbers are
+    left to the other checks; tuples and lists (such as ``betas``) are checked element by
+    element.
     """
-    largest = _LARGEST[np.dtype(dtype)]
+    dtype = np.dtype(dtype)
+    largest = _LARGEST[dtype]
     for key, value in values.items():
-        items = value if isinstance(value, tuple) else (value,)
+        items = value if isinstance(value, (tuple, list)) else (value,)
         for v in items:
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
                 continue
             try:
-                too_big = abs(float(v)) > largest
+                magnitude = abs(float(v))
             except OverflowError:
-                too_big = True
-            if too_big:
-                raise ValueError(f"Invalid {where} {key}: {v!r} (overflows {np.dtype(dtype).name}, "
+                magnitude = math.inf
+            if magnitude > largest:
+                raise ValueError(f"Invalid {where} {key}: {v!r} (overflows {dtype.name}, "
                                  f"whose largest value is {largest:.7g})")
+            if key in positive and magnitude > 0 and dtype.type(magnitude) == 0:
+                raise ValueError(f"Invalid {where} {key}: {v!r} (rounds to 0 in {dtype.name}, "
+                                 f"whose smallest positive value is {_TINIEST[dtype]:.7g})")
 
 
 def check_bool(value, name):

@@ -59,7 +59,8 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
     check_momentum(dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), "momentum_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, momentum_buffer=momentum_buffer)
-    check_fits(dict(lr=lr, weight_decay=weight_decay, grad_scale=grad_scale), param.dtype, "momentum_")
+    check_fits(dict(lr=lr, beta=beta, weight_decay=weight_decay, grad_scale=grad_scale), param.dtype,
+               "momentum_")
     kernels.momentum(param, grad, momentum_buffer, lr, beta, weight_decay, maximize,
                       grad_scale, n_threads)
 
@@ -103,6 +104,8 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
     else:
         _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         max_exp_avg_sq = param[:0]
+    check_fits(dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    grad_scale=grad_scale), param.dtype, "adam_")
     kernels.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
                   eps, weight_decay, amsgrad, decoupled, maximize, grad_scale, n_threads)
 
@@ -128,6 +131,8 @@ def rmsprop_(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr
             raise ValueError("momentum_buffer is required when momentum > 0, got None")
         state["momentum_buffer"] = momentum_buffer
     _check_buffers(param, grad, **state)
+    check_fits(dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                    grad_scale=grad_scale), param.dtype, "rmsprop_")
     kernels.rmsprop(param, grad, square_avg, grad_avg if centered else param[:0],
                      momentum_buffer if momentum > 0 else param[:0], lr, alpha, eps,
                      weight_decay, momentum, centered, maximize, grad_scale, n_threads)
@@ -140,6 +145,8 @@ def adadelta_(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay=
                    "adadelta_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, square_avg=square_avg, acc_delta=acc_delta)
+    check_fits(dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale),
+               param.dtype, "adadelta_")
     kernels.adadelta(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, maximize,
                       grad_scale, n_threads)
 
@@ -157,6 +164,8 @@ def adagrad_(param, grad, state_sum, *, step, lr, eps, lr_decay=0.0, weight_deca
     step = check_step(step)
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, state_sum=state_sum)
+    check_fits(dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                    grad_scale=grad_scale), param.dtype, "adagrad_")
     kernels.adagrad(param, grad, state_sum, step, lr, lr_decay, eps, weight_decay, maximize,
                      grad_scale, n_threads)
 

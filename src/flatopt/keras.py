@@ -82,9 +82,9 @@ class _KerasOptimizer(Optimizer):
     """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
     and Keras's decoupled weight decay (None or 0: off)."""
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None):
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False):
         self._lrs = None
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     @property
     def iterations(self):
@@ -136,10 +136,10 @@ class SGD(_KerasOptimizer):
     _all_state_names = ("momentum",)
 
     def __init__(self, params, learning_rate=0.01, momentum=0.0, nesterov=False,
-                 weight_decay=None, *, n_threads=None, dtype=None):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
                                       nesterov=nesterov, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_unit(group, "momentum", where)
@@ -169,11 +169,11 @@ class Adam(_KerasOptimizer):
     _all_state_names = ("momentum", "velocity", "velocity_hat")
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None):
+                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, amsgrad=amsgrad,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_betas(group, where)
@@ -198,9 +198,10 @@ class AdamW(Adam):
     weight decay is decoupled for every optimizer; AdamW only changes the default)."""
 
     def __init__(self, params, learning_rate=0.001, weight_decay=0.004, beta_1=0.9,
-                 beta_2=0.999, epsilon=1e-7, amsgrad=False, *, n_threads=None, dtype=None):
+                 beta_2=0.999, epsilon=1e-7, amsgrad=False, *, n_threads=None, dtype=None,
+                 adopt=False):
         super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         super()._check_own(group, where)
@@ -217,11 +218,11 @@ class RMSprop(_KerasOptimizer):
     _all_state_names = ("velocity", "momentum", "average_gradient")
 
     def __init__(self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
-                 centered=False, weight_decay=None, *, n_threads=None, dtype=None):
+                 centered=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
                                       epsilon=epsilon, centered=centered,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_unit(group, "rho", where)
@@ -252,10 +253,10 @@ class Adadelta(_KerasOptimizer):
     _all_state_names = ("accumulated_grad", "accumulated_delta_var")
 
     def __init__(self, params, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
-                 *, n_threads=None, dtype=None):
+                 *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_unit(group, "rho", where)
@@ -281,11 +282,11 @@ class Adagrad(_KerasOptimizer):
     _all_state_names = ("accumulator",)
 
     def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate,
                                       initial_accumulator_value=initial_accumulator_value,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
@@ -312,10 +313,10 @@ class Adamax(_KerasOptimizer):
     _all_state_names = ("m", "u")
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_betas(group, where)
@@ -341,10 +342,10 @@ class Nadam(_KerasOptimizer):
     _plain_state = ("u_product",)
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
         self.state["u_product"] = [1.0] * len(self.param_groups)
 
     def _check_own(self, group, where):
@@ -378,10 +379,10 @@ class Lion(_KerasOptimizer):
     _all_state_names = ("momentum",)
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.99, weight_decay=None,
-                 *, n_threads=None, dtype=None):
+                 *, n_threads=None, dtype=None, adopt=False):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt)
 
     def _check_own(self, group, where):
         _check_betas(group, where)

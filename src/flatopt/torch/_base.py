@@ -1,0 +1,377 @@
+"""The base class of flatopt.torch's optimizers: torch.optim.Optimizer over flat buffers.
+
+A public class (see ``_optimizers.py``) sets ``_numpy_class`` (the flatopt optimizer that
+owns the buffers and runs the kernel), ``_torch_step`` (torch keeps a per-parameter
+``step`` tensor) and ``_eager_state`` (torch creates state at construction), and may
+override :meth:`_uses_state` and :meth:`_fresh_state`. Packing lives in ``_packing``,
+run planning in ``_runs``, the checkpoint format in ``_checkpoint``; a step is the NumPy
+optimizer's step routine (``_begin_step`` / ``_finish_step``) called per dtype.
+"""
+
+import copy as _copy
+import inspect
+import math
+import operator
+
+import torch
+
+from .._dispatch import kernels
+from .._norms import ClipGradNormMixin, check_norm_type
+from .._threads import check_n_threads, effective_n_threads
+from .._validation import check_bool, check_fits, check_real
+from . import _checkpoint, _packing, _runs
+
+# torch.optim arguments that select an implementation, not the update. foreach and fused
+# are kept (they are part of torch's state dict) but ignored; the others must be False.
+_IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
+
+try:
+    _increment_version = torch.autograd.graph.increment_version
+except AttributeError:  # torch < 2.1: one call per tensor
+    def _increment_version(tensors):
+        for t in tensors:
+            torch._C._autograd._increment_version(t)
+
+
+def _restore(cls, param_groups, defaults, n_threads, entries, extra):
+    """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``)."""
+    opt = cls.__new__(cls)
+    _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt._install_state({params[i]: e for i, e in entries.items()})
+    opt.__dict__.update(extra)
+    return opt
+
+
+class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
+    """Base class of flatopt.torch's optimizers (see the module docstring)."""
+
+    _numpy_class = None
+    _torch_class = None
+    _torch_step = False
+    _eager_state = False
+    _fixed = {}
+    _unsupported_defaults = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        numpy_class = cls.__dict__.get("_numpy_class")
+        if numpy_class is None:
+            return
+        cls._torch_class = getattr(torch.optim, cls.__name__, None)
+        hyper = numpy_class._hyperparameters
+        own = inspect.signature(cls.__init__).parameters
+        missing = [k for k in hyper if k not in own and k not in cls._fixed]
+        if missing:
+            raise TypeError(f"{cls.__name__}.__init__ lacks argument(s) {missing} of flatopt.{numpy_class.__name__}")
+        cls._unsupported_defaults = {
+            p.name: p.default for p in list(own.values())[2:]
+            if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name != "n_threads"}
+
+    def __init__(self, params, defaults, *, n_threads=None):
+        self._n_threads = check_n_threads(n_threads)
+        defaults = {**defaults, **self._fixed}
+        self._check_group(defaults, "defaults")  # hyperparameters first, as torch does
+        if isinstance(params, torch.Tensor):  # torch's own check, before list() iterates rows
+            raise TypeError(f"params must be an iterable of Tensors or dicts, got {torch.typename(params)}")
+        self._buckets = []
+        self.skipped_steps = 0            # steps skipped by step(skip_if_nonfinite=True)
+        self.last_step_skipped = False
+        self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
+        self._constructing = True
+        super().__init__(params, defaults)
+        self._repack()
+        self._constructing = False
+
+    # -- hooks for subclasses ----------------------------------------------------------
+    def _uses_state(self, group):
+        """Whether a step with these hyperparameters uses (and counts) per-parameter state."""
+        return True
+
+    # Optional: ``_before_update(self, numpy_opt, gi, group, count)``, called before the
+    # kernel runs over a run of NumPy group ``gi``'s parameters that have had ``count``
+    # updates (for per-parameter scalars torch keeps, such as NAdam's mu_product).
+    _before_update = None
+
+    def _param_state(self, bucket, i, copy):
+        """Parameter ``i`` of ``bucket``'s entry as ``state_dict()`` saves it (None: none).
+        Override to add per-parameter values that are not views (call this first)."""
+        entry = self.state.get(bucket.params[i])
+        if entry is None:
+            return None
+        if not copy:
+            return entry
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy.deepcopy(v)) for k, v in entry.items()}
+
+    def _fresh_state(self, bucket, name):
+        """A whole buffer ``name`` of ``bucket`` as a parameter without state has it."""
+        buf = bucket.opt.layout.zeros()
+        bucket.opt._init_state(name, buf)
+        return buf
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def state(self):
+        """Per-parameter state as torch.optim keeps it: a ``defaultdict(dict)`` mapping a
+        parameter to its entry (``{}`` when it has none). Buffers are live views of the
+        flat state; assigning to them copies in. Replace it with ``load_state_dict()``."""
+        return self._state_map
+
+    @state.setter
+    def state(self, value):
+        # torch.optim.Optimizer.__init__ assigns an empty defaultdict; nothing else may.
+        if not getattr(self, "_constructing", False) or len(value):
+            raise AttributeError(f"{type(self).__name__}.state cannot be assigned; use load_state_dict()")
+        self._state_map = value
+
+    # -- groups ------------------------------------------------------------------------------
+    def _constructor_defaults(self):
+        sig = inspect.signature(type(self).__init__).parameters
+        return {k: p.default for k, p in sig.items()
+                if p.default is not inspect.Parameter.empty and k != "n_threads"}
+
+    def _hyperparameters(self, group):
+        return {k: _packing.as_python(group[k]) for k in self._numpy_class._hyperparameters}
+
+    def _check_group(self, group, where, gi=None):
+        """Validate a group's hyperparameters (the NumPy class's rules, torch's rules for
+        tensors, the dtypes of the buffers holding group ``gi``) and the torch-only flags."""
+        name = type(self).__name__
+        for key, required in _IMPLEMENTATION_FLAGS.items():
+            if key in group and required is not None and bool(group[key]) != required:
+                raise ValueError(f"{name} {where}: {key}={group[key]!r} is not supported by flatopt.torch")
+        for key, default in self._unsupported_defaults.items():
+            if key in group and group[key] != default:
+                raise NotImplementedError(
+                    f"{name} {where}: {key}={group[key]!r} is not supported by flatopt.torch "
+                    f"(only the default {default!r})")
+        betas = group.get("betas")
+        if isinstance(betas, (tuple, list)) and any(isinstance(b, torch.Tensor) for b in betas) \
+                and not all(isinstance(b, torch.Tensor) for b in betas):
+            raise ValueError(f"{name} {where}: betas must be either both floats or both Tensors")
+        hyper = self._hyperparameters(group)
+        # _check validates a plain dict and uses no instance state.
+        self._numpy_class._check(None, hyper, f"{name} {where}")
+        for bucket in self._buckets if gi is not None else ():
+            if gi in bucket.group_map:
+                check_fits(hyper, bucket.opt.layout.dtype, f"{name} {where}")
+
+    def add_param_group(self, param_group):
+        """Add a parameter group, as torch.optim does: the buffers are packed again once
+        (parameters rebound to a new flat buffer, state carried over). Everything is
+        validated before anything is rebound."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        super().add_param_group(param_group)  # torch's checks and defaults; appends
+        if self._constructing:
+            return
+        try:
+            self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+            self._repack()
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _repack(self):
+        """Pack every parameter into new flat buffers, carrying state and gradients over.
+        New buffers are built and validated first; nothing is rebound if that fails."""
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{gi}]")
+        buckets = _packing.make_buckets(self)  # raises before any parameter is touched
+        carried = self._carried_state()
+        for bucket in self._buckets:
+            bucket.remove_hooks()
+        self._buckets = buckets
+        for bucket in buckets:
+            _packing.bind(bucket)
+        self._install_state(carried)
+
+    def _carried_state(self):
+        """A copy of every parameter's state entry, to carry over to new buffers."""
+        return {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in e.items()}
+                for p, e in self.state.items() if isinstance(p, torch.Tensor)}
+
+    def _install_state(self, entries):
+        """Replace all state by torch-format ``entries`` ({parameter: entry}); subclasses
+        with state outside the flat buffers (NAdam's mu_product) extend this."""
+        _checkpoint.install_state(self, entries)
+
+    def __del__(self):
+        for bucket in getattr(self, "_buckets", ()):
+            bucket.remove_hooks()
+
+    # -- copy and pickle --------------------------------------------------------------------
+    def __reduce_ex__(self, protocol):
+        """Copies and pickles rebuild the optimizer over new flat buffers: a deep copy's
+        parameters are the copied ones when they were deep-copied with it (a model and its
+        optimizer in one ``deepcopy``), new tensors otherwise, as with torch.optim."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        first = {}
+        for i, p in enumerate(params):
+            first.setdefault(p, i)
+        entries = {first[p]: e for p, e in self._carried_state().items()}
+        extra = {k: v for k, v in self.__dict__.items() if k.startswith("_optimizer_")}
+        extra.update(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
+                     _pending_grad_scale=self._pending_grad_scale)
+        return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra))
+
+    # -- step ----------------------------------------------------------------------------
+    def _sync_groups(self, bucket):
+        """Copy hyperparameters from the torch groups (LR schedulers edit those) into the
+        NumPy groups; the NumPy step routine validates them. When the torch groups hold
+        the very objects copied last time (the usual step), nothing is copied."""
+        getter = bucket.opt._getter
+        groups = self.param_groups
+        synced = bucket.synced
+        if synced is not None:
+            try:
+                if all(all(map(operator.is_, getter(groups[tgi]), seen))
+                       for tgi, seen in zip(bucket.group_map, synced)):
+                    return
+            except (KeyError, IndexError, TypeError):
+                pass
+        hyper = self._numpy_class._hyperparameters
+        for ngi, tgi in enumerate(bucket.group_map):
+            group = groups[tgi]
+            numpy_group = bucket.opt.param_groups[ngi]
+            for key in hyper:
+                value = group[key]
+                numpy_group[key] = value if type(value) in (float, int, bool) else _packing.as_python(value)
+        objects = [getter(groups[tgi]) for tgi in bucket.group_map]
+        # Remembered only when no value can change in place (a tensor lr, a list of betas).
+        bucket.synced = objects if all(
+            type(v) in (float, int, bool) or (type(v) is tuple and all(type(x) in (float, int, bool) for x in v))
+            for values in objects for v in values) else None
+
+    def step(self, closure=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+        """Perform one optimization step (one kernel call per group and dtype).
+
+        ``closure``: optional callable that re-evaluates the model and returns the loss,
+        called with gradients enabled, as in torch.optim. Returns its loss, or None.
+
+        flatopt extensions (keyword-only): ``grad_scale`` multiplies every gradient inside
+        the kernel (loss-scale unscaling at no extra pass), times any factor left by
+        :meth:`clip_grad_norm_`. With ``skip_if_nonfinite``, a gradient holding inf or NaN
+        skips the step: params and state stay bit-identical, :attr:`skipped_steps` counts
+        it and :attr:`last_step_skipped` is True.
+        """
+        if grad_scale != 1.0:
+            grad_scale = check_real(grad_scale, "grad_scale")
+        check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        # First half of the step routine for every dtype: validate everything, write nothing.
+        scales, plans = [], []
+        for bucket in self._buckets:
+            self._sync_groups(bucket)
+            scales.append(bucket.opt._begin_step(grad_scale, skip_if_nonfinite))
+        for bucket in self._buckets:
+            plans.append(_packing.gather(bucket, name))
+        n_threads = effective_n_threads(self._n_threads)
+        for bucket, (taking_part, copies) in zip(self._buckets, plans):
+            _packing.copy_in(bucket, taking_part, copies)
+        pending, self._pending_grad_scale = self._pending_grad_scale, 1.0
+        self.last_step_skipped = False
+        if skip_if_nonfinite and len(self._buckets) > 1 and any(
+                kernels.count_nonfinite(b.opt.flat_grads, n_threads) for b in self._buckets):
+            self.last_step_skipped = True
+        else:
+            for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
+                runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
+                bucket.opt._pending_grad_scale = pending
+                before_run, done = None, [0]
+                if self._before_update is not None:
+                    # The hook sees the counts of the runs already taken advanced, as it
+                    # would if every run were a separate step.
+                    def before_run(gi, group, count, numpy_opt=bucket.opt, counts=bucket.counts,
+                                   advance=advance, done=done):
+                        k = done[0]
+                        if k and advance[k - 1] is not None:
+                            a, b = advance[k - 1]
+                            counts[a:b] += 1
+                        done[0] = k + 1
+                        self._before_update(numpy_opt, gi, group, count)
+                if not bucket.opt._finish_step(bucket.opt.flat_grads, runs, scale,
+                                               skip_if_nonfinite, n_threads, before_run):
+                    self.last_step_skipped = True
+                    break
+                # Counts not yet advanced: all runs but those the hook advanced.
+                self._after_update(bucket, taking_part, runs, advance, max(done[0] - 1, 0))
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+        return loss
+
+    def _after_update(self, bucket, taking_part, runs, advance, advanced=0):
+        """Advance step counts (of the runs from ``advanced`` on), give newly stateful
+        parameters their entries, and bump the version counters of the parameters
+        written (as torch's in-place updates do)."""
+        counts = bucket.counts
+        fresh = None
+        for k, (run, span) in enumerate(zip(runs, advance)):
+            if span is None:
+                continue
+            a, b = span
+            if run[4]:  # these parameters get state now
+                fresh = (fresh or []) + list(range(a, b))
+            if k >= advanced:
+                counts[a:b] += 1
+        if len(bucket.opt.state) != bucket.n_state:  # a buffer was allocated: all entries
+            bucket.n_state = len(bucket.opt.state)
+            fresh = [i for i in range(len(bucket.params)) if counts[i] > 0 or self._eager_state]
+        if fresh:
+            _checkpoint.refresh_entries(self, bucket, fresh)
+        _increment_version(_runs.updated_params(bucket, taking_part))
+
+    def grad_norm(self, norm_type=2.0):
+        """The global ``norm_type``-norm of every gradient, in one read-only pass per dtype.
+
+        As ``torch.nn.utils.get_total_norm`` over the parameters' grads (None counts as
+        zero), accumulated in double over fixed blocks: bit-identical for any thread
+        count; inf or nan when a gradient is not finite.
+        """
+        norm_type = check_norm_type(norm_type)
+        name = type(self).__name__
+        plans = [_packing.gather(bucket, name) for bucket in self._buckets]
+        for bucket, plan in zip(self._buckets, plans):
+            _packing.copy_in(bucket, *plan)
+        norms = [b.opt.grad_norm(norm_type) for b in self._buckets]
+        if norm_type == math.inf:
+            return max(norms, default=0.0)
+        return math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+
+    def zero_grad(self, set_to_none=True):
+        """Zero the flat gradient buffers in one pass; with ``set_to_none`` (the default,
+        as in torch) also set every ``p.grad`` to None. A pending :meth:`clip_grad_norm_`
+        factor is dropped with the gradients it measured.
+
+        After ``set_to_none``, a parameter that the next backward pass reaches gets its
+        flat-buffer view back (zeroed) from a gradient hook, and one it does not reach
+        keeps ``grad`` None and is skipped by ``step()``, as in torch. Without it, the
+        views stay attached and hold zeros.
+        """
+        self._pending_grad_scale = 1.0
+        for bucket in self._buckets:
+            bucket.flat_grad.zero_()
+            bucket.dirty[:] = False
+            bucket.sparse[:] = False
+            for p, view in zip(bucket.params, bucket.grad_views):
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None and p.grad is not view:
+                    p.grad = view
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self):
+        """The optimizer's state in torch.optim's format (see :mod:`flatopt.torch`):
+        ``{"state": {id: {...}}, "param_groups": [{..., "params": [ids]}]}`` with ids
+        numbering the parameters as torch does; the tensors are copies."""
+        return _checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict from this class or from the torch.optim optimizer of the same
+        name, saved by any torch version (keys added later get the defaults torch's
+        ``__setstate__`` gives them). Everything is checked before anything changes."""
+        _checkpoint.load_state_dict(self, state_dict)

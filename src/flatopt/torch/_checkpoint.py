@@ -1,0 +1,254 @@
+"""torch.optim's checkpoint format, and ``opt.state`` as torch's per-parameter mapping.
+
+``opt.state`` is a real ``defaultdict(dict)`` keyed by parameter, as in torch: a
+parameter with state maps to a :class:`ParamState` whose tensors are live views of the
+flat state buffers (``step`` is a 0-d view of the bucket's step counts). Everything that
+replaces state (``load_state_dict``, ``add_param_group``'s re-pack, copy and pickle) goes
+through :func:`install_state`, which writes the flat buffers from torch-format entries.
+"""
+
+import copy
+from collections import defaultdict
+from itertools import chain
+
+import numpy as np
+import torch
+
+
+class ParamState(dict):
+    """``opt.state[p]`` for a parameter with state: torch's entry, live.
+
+    Its buffer entries (and ``step``) are views of the flat buffers the kernel updates;
+    assigning a tensor or number to one copies it in, so the kernel and
+    ``state_dict()`` always agree. Other keys (written by hooks, say) are kept as given.
+    """
+
+    __slots__ = ("live",)
+
+    def __init__(self):
+        super().__init__()
+        self.live = set()
+
+    def _set_live(self, key, view):
+        dict.__setitem__(self, key, view)
+        self.live.add(key)
+
+    def __setitem__(self, key, value):
+        if key in self.live:
+            view = dict.__getitem__(self, key)
+            if isinstance(value, torch.Tensor) and value.shape not in (view.shape, ()):
+                raise ValueError(f"state[{key!r}] must have shape {tuple(view.shape)}, got {tuple(value.shape)}")
+            with torch.no_grad():
+                view.copy_(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value))
+            return
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        if key in self.live:
+            raise KeyError(f"state[{key!r}] is a flat-buffer view and cannot be deleted; "
+                           "use load_state_dict()")
+        dict.__delitem__(self, key)
+
+    def __reduce__(self):  # copies and pickles are plain dicts of copies
+        return (dict, ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.items()},))
+
+
+def make_entry(opt, bucket, i, extras=None):
+    """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys)."""
+    entry = ParamState()
+    group = bucket.opt.param_groups[bucket.group_of[i]]
+    if opt._torch_step:
+        entry._set_live("step", bucket.steps[i])
+    for name in bucket.opt._state_names(group):
+        if name in bucket.opt.state:
+            entry._set_live(name, bucket.state_view(name, i))
+    for key, value in (extras or {}).items():
+        if key not in entry.live:
+            dict.__setitem__(entry, key, value)
+    return entry
+
+
+def refresh_entries(opt, bucket, indices):
+    """(Re)make the entries of parameters ``indices``, keeping keys that are not views."""
+    state = opt.state
+    for i in indices:
+        p = bucket.params[i]
+        old = state.get(p)
+        extras = {k: v for k, v in old.items() if not (isinstance(old, ParamState) and k in old.live)} if old else None
+        state[p] = make_entry(opt, bucket, i, extras)
+
+
+def torch_defaults(opt, saved_groups):
+    """Copies of ``saved_groups`` (without params) with the keys a checkpoint from another
+    torch version lacks filled in as torch's ``__setstate__`` does; for an optimizer
+    without a torch twin, from the constructor's defaults."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved_groups]
+    torch_class = opt._torch_class
+    if torch_class is not None:
+        shell = torch_class.__new__(torch_class)
+        torch_class.__setstate__(shell, {"defaults": {}, "state": {}, "param_groups": groups})
+        groups = shell.param_groups
+    else:
+        groups = [{**opt._constructor_defaults(), **g} for g in groups]
+    for g in groups:
+        del g["params"]
+        g.update(opt._fixed)  # as torch's AdamW.__setstate__ does
+    return groups
+
+
+def state_dict(opt):
+    """``{"state": {id: entry}, "param_groups": [{..., "params": [ids]}]}``, ids numbered as
+    torch numbers them; tensors are copies."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    param_mappings, start = {}, 0
+    param_groups = []
+    for group in opt.param_groups:
+        param_mappings.update({id(p): i for i, p in enumerate(group["params"], start)
+                               if id(p) not in param_mappings})
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed["params"] = [param_mappings[id(p)] for p in group["params"]]
+        start += len(packed["params"])
+        param_groups.append(packed)
+    where = {p: (bucket, i) for bucket in opt._buckets for i, p in enumerate(bucket.params)}
+    state = {}
+    for key, entry in opt.state.items():
+        if isinstance(key, torch.Tensor) and key in where:
+            entry = opt._param_state(*where[key], copy=True)
+            if entry is not None:
+                state[param_mappings[id(key)]] = entry
+        else:
+            pid = param_mappings[id(key)] if isinstance(key, torch.Tensor) else key
+            state[pid] = copy.deepcopy(entry)
+    result = {"state": state, "param_groups": param_groups}
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        out = hook(opt, result)
+        if out is not None:
+            result = out
+    return result
+
+
+def load_state_dict(opt, state_dict):
+    """Load a checkpoint of this class or of torch.optim's class of the same name (any
+    torch version's). Everything is checked, for every dtype's buffers, before anything
+    changes."""
+    name = type(opt).__name__
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{name}: state_dict must be a dict, got {type(state_dict).__name__}")
+    state_dict = dict(state_dict)
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    if set(state_dict) != {"state", "param_groups"}:
+        raise ValueError(f"{name}: state_dict must have keys 'state' and 'param_groups'")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        raise ValueError(f"{name}: state_dict must have a list 'param_groups' and a dict 'state'")
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"{name}: loaded state dict has {len(saved_groups)} parameter groups, "
+            f"this optimizer has {len(opt.param_groups)}")
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise ValueError(f"{name}: loaded param_groups[{gi}] must be a dict with 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{name}: loaded state dict's param_groups[{gi}] has {len(saved['params'])} "
+                f"parameters, this optimizer's has {len(group['params'])}")
+    groups = torch_defaults(opt, saved_groups)
+    for gi, group in enumerate(groups):
+        missing = set(opt._numpy_class._hyperparameters) - set(group)
+        if missing:
+            raise ValueError(f"{name}: loaded param_groups[{gi}] lacks {sorted(missing)}")
+        opt._check_group(group, f"loaded param_groups[{gi}]", gi=gi)
+
+    id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                      chain.from_iterable(g["params"] for g in opt.param_groups)))
+    entries = {}
+    for pid, entry in saved_state.items():
+        if pid not in id_map:
+            entries[pid] = entry  # kept as is, as torch does
+            continue
+        p = id_map[pid]
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name}: state for parameter {pid} must be a dict")
+        entries[p] = check_entry(opt, p, pid, entry)
+
+    # Everything is valid: apply. Groups first, so that the state they need exists.
+    for group, loaded in zip(opt.param_groups, groups):
+        kept = {k: group[k] for k in ("params", "param_names") if k in group}
+        group.clear()
+        group.update(loaded)
+        for key, value in kept.items():
+            if key == "params" or key not in loaded:
+                group[key] = value
+    opt._install_state(entries)
+    opt._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
+
+def check_entry(opt, p, pid, entry):
+    """A saved per-parameter entry, validated, with None values (old torch's
+    ``momentum_buffer=None``) dropped."""
+    name = type(opt).__name__
+    entry = {k: v for k, v in entry.items() if v is not None}
+    known = set(opt._numpy_class._all_state_names)
+    for key, value in entry.items():
+        if key == "step" and opt._torch_step:
+            step = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if not step >= 0 or step != int(step):
+                raise ValueError(f"{name}: state[{pid}]['step'] must be a whole number >= 0, got {step}")
+        elif key in known and (not isinstance(value, torch.Tensor) or value.shape != p.shape
+                               or not value.is_floating_point()):
+            raise ValueError(
+                f"{name}: state[{pid}][{key!r}] must be a floating-point tensor of shape "
+                f"{tuple(p.shape)}, got {value!r:.80}")
+    return entry
+
+
+def install_state(opt, entries):
+    """Replace all state by ``entries`` (parameter -> torch-format entry; other keys are
+    kept as they are): write the flat buffers and the step counts, rebuild ``opt.state``.
+    A parameter without an entry starts afresh, as a new parameter does."""
+    for bucket in opt._buckets:
+        opt._sync_groups(bucket)
+        bucket.opt._begin_step(1.0, False)  # validated already: allocates needed state
+    known = set(opt._numpy_class._all_state_names)
+    state = defaultdict(dict)
+    for bucket in opt._buckets:
+        for key in {k for p in bucket.params for k in entries.get(p, ()) if k in known} - set(bucket.opt.state):
+            bucket.opt._add_state(key)
+        bucket.opt._forget_validation()
+        bucket.opt._prepare()
+        fresh = {}
+        for i, p in enumerate(bucket.params):
+            entry = entries.get(p)
+            lo, hi = bucket.starts[i], bucket.stops[i]
+            for key, buf in bucket.opt.state.items():
+                if not isinstance(buf, np.ndarray):
+                    continue
+                if entry is not None and key in entry:
+                    torch.from_numpy(buf[lo:hi]).view(bucket.shapes[i]).copy_(entry[key].detach())
+                    continue
+                if key not in fresh:
+                    fresh[key] = opt._fresh_state(bucket, key)
+                buf[lo:hi] = fresh[key][lo:hi]
+            if opt._torch_step:
+                step = (entry or {}).get("step", 0)
+                bucket.counts[i] = float(step.item() if isinstance(step, torch.Tensor) else step)
+            else:
+                bucket.counts[i] = 1 if entry and any(k in entry for k in known) else 0
+            if bucket.counts[i] > 0 or opt._eager_state:
+                extras = {k: v for k, v in (entry or {}).items() if k not in known and k != "step"}
+                state[p] = make_entry(opt, bucket, i, extras)
+            elif entry is not None:
+                state[p] = dict(entry)
+        bucket.n_state = len(bucket.opt.state)
+        bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
+        bucket.synced = None
+    for key, value in entries.items():
+        if not isinstance(key, torch.Tensor):
+            state[key] = value
+    opt._state_map = state

@@ -1,0 +1,294 @@
+"""The public classes: torch.optim's optimizers (and Momentum) over flat buffers.
+
+Each is a few lines: its NumPy twin, torch's constructor signature written out (so that
+``inspect.signature`` and ``help()`` show it), and which per-parameter state torch keeps.
+The update formulas are the NumPy twin's kernel; everything else is ``_FlatOptimizer``.
+"""
+
+import numpy as np
+import torch
+
+from .. import _adam_variants, _adaptive, _momentum
+from ._base import _FlatOptimizer
+from ._packing import _get_scalar_dtype
+
+_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+_SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for how parameters,
+    gradients and checkpoints are handled, and for the remaining differences from torch.optim."""
+
+
+class SGD(_FlatOptimizer):
+    __doc__ = f"""torch.optim.SGD on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("SGD")}
+    """
+    _numpy_class = _momentum.SGD
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+            fused=fused), n_threads=n_threads)
+
+    def _uses_state(self, group):
+        return group["momentum"] != 0  # torch keeps no state for plain SGD
+
+
+class Momentum(_FlatOptimizer):
+    __doc__ = f"""Textbook momentum on flat buffers (no torch.optim twin):
+    ``v = beta*v + (1-beta)*g; p -= lr*v``. Its state dict uses torch.optim's layout, with
+    a per-parameter ``momentum_buffer``. {_SEE.format("Momentum")}
+    """
+    _numpy_class = _momentum.Momentum
+
+    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *, n_threads=None):
+        super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
+                         n_threads=n_threads)
+
+
+class Adam(_FlatOptimizer):
+    __doc__ = f"""torch.optim.Adam on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("Adam")}
+    """
+    _numpy_class = _adaptive.Adam
+    _torch_step = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads)
+
+
+class AdamW(_FlatOptimizer):
+    __doc__ = f"""torch.optim.AdamW on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("AdamW")}
+    """
+    _numpy_class = _adaptive.AdamW
+    _torch_step = True
+    _fixed = {"decoupled_weight_decay": True}  # in every group, as torch's AdamW sets it
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused),
+            n_threads=n_threads)
+
+
+class RMSprop(_FlatOptimizer):
+    __doc__ = f"""torch.optim.RMSprop on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("RMSprop")}
+    """
+    _numpy_class = _adaptive.RMSprop
+    _torch_step = True
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
+            capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable),
+            n_threads=n_threads)
+
+
+class Adadelta(_FlatOptimizer):
+    __doc__ = f"""torch.optim.Adadelta on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("Adadelta")}
+    """
+    _numpy_class = _adaptive.Adadelta
+    _torch_step = True
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
+            foreach=foreach, differentiable=differentiable), n_threads=n_threads)
+
+
+class Adagrad(_FlatOptimizer):
+    __doc__ = f"""torch.optim.Adagrad on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. As in torch, every parameter's ``sum`` starts at the
+    constructor's ``initial_accumulator_value`` (a group's own value is kept in the group but
+    not used), including parameters added later by ``add_param_group`` (torch gives those no
+    state and fails at their first step). {_SEE.format("Adagrad")}
+    """
+    _numpy_class = _adaptive.Adagrad
+    _torch_step = True
+    _eager_state = True  # torch creates Adagrad's state in the constructor
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, fused=fused), n_threads=n_threads)
+
+    def _fresh_state(self, bucket, name):
+        buf = super()._fresh_state(bucket, name)
+        if name == "sum":
+            buf.fill(self.defaults["initial_accumulator_value"])
+        return buf
+
+
+class NAdam(_FlatOptimizer):
+    __doc__ = f"""torch.optim.NAdam on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("NAdam")}
+    """
+    _numpy_class = _adam_variants.NAdam
+    _torch_step = True
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+
+    # torch keeps NAdam's mu_product per parameter; parameters of one group that have taken the
+    # same number of steps share it. So flatopt.torch.NAdam keeps, per NumPy group, a table
+    # {step count: mu_product} and hands flatopt.NAdam (whose state holds one value per group)
+    # the run's value before each kernel call; the value the call leaves there is filed under
+    # count + 1 at the group's next call (or when the state is read). Exact for every
+    # parameter, whichever steps its gradient was None for.
+
+    def _mu_tables_filed(self):
+        if "_mu_tables" not in self.__dict__:
+            self._mu_tables, self._mu_pending = {}, {}
+        for (bucket_opt, gi), count in self._mu_pending.items():  # file the last call's result
+            self._mu_tables[id(bucket_opt), gi][count + 1] = bucket_opt.state["mu_product"][gi]
+        self._mu_pending.clear()
+        return self._mu_tables
+
+    def _mu_table(self, numpy_opt, gi):
+        return self._mu_tables_filed().setdefault((id(numpy_opt), gi), {0: 1.0})
+
+    def _before_update(self, numpy_opt, gi, group, count):
+        # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set);
+        # torch's load_state_dict casts it to the parameter's dtype, as every state tensor.
+        if self.__dict__.get("_mu_loaded"):
+            numpy_opt._mu_product_float32 = numpy_opt.flat_params.dtype == np.float32
+        else:
+            numpy_opt._mu_product_float32 = _get_scalar_dtype() == torch.float32
+        table = self._mu_table(numpy_opt, gi)
+        if len(table) > 64:  # forget counts no parameter of the group has any more
+            bucket = next(b for b in self._buckets if b.opt is numpy_opt)
+            first, stop = bucket.ranges[gi]
+            keep = set(bucket.counts[first:stop].tolist()) | {count}
+            for key in [k for k in table if k not in keep]:
+                del table[key]
+        numpy_opt.state["mu_product"][gi] = table[count]
+        self._mu_pending[numpy_opt, gi] = count
+
+    def _param_state(self, bucket, i, copy):
+        entry = super()._param_state(bucket, i, copy)
+        if entry is not None:
+            value = self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
+            loaded = self.__dict__.get("_mu_loaded")
+            entry["mu_product"] = torch.tensor(
+                value, dtype=_TORCH_DTYPE[bucket.opt.flat_params.dtype] if loaded else _get_scalar_dtype())
+        return entry
+
+    def _carried_state(self):
+        carried = super()._carried_state()
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                if p in carried and bucket.counts[i] > 0:
+                    carried[p]["mu_product"] = self._mu_table(bucket.opt, bucket.group_of[i])[
+                        int(bucket.counts[i])]
+        return carried
+
+    def _install_state(self, entries):
+        """Carry each parameter's mu_product (add_param_group's repack, copies) into the
+        tables of the new buffers."""
+        mu, stripped = {}, {}
+        for p, entry in entries.items():
+            entry = dict(entry)
+            value = entry.pop("mu_product", None)
+            if value is not None:
+                mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            stripped[p] = entry
+        super()._install_state(stripped)
+        self._mu_tables_filed().clear()
+        self._fill_mu_tables(mu)
+
+    def _fill_mu_tables(self, mu):
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                if p in mu:
+                    self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])] = mu[p]
+
+    def load_state_dict(self, state_dict):
+        name = type(self).__name__
+        state_dict = dict(state_dict)
+        stripped, mu = {}, {}
+        for pid, entry in dict(state_dict.get("state", {})).items():
+            if isinstance(entry, dict) and "mu_product" in entry:
+                entry = dict(entry)
+                value = entry.pop("mu_product")
+                value = float(value.item() if isinstance(value, torch.Tensor) else value)
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"{name}: state[{pid}]['mu_product'] must be in [0, 1], got {value}")
+                mu[pid] = value
+            elif isinstance(entry, dict) and entry:
+                raise ValueError(f"{name}: state for parameter {pid} lacks 'mu_product'")
+            stripped[pid] = entry
+        state_dict["state"] = stripped
+        super().load_state_dict(state_dict)
+        self._mu_loaded = True
+        self._fill_mu_tables({p: mu[pid] for group, saved in zip(self.param_groups, state_dict["param_groups"])
+                              for p, pid in zip(group["params"], saved["params"]) if pid in mu})
+
+
+class RAdam(_FlatOptimizer):
+    __doc__ = f"""torch.optim.RAdam on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("RAdam")}
+    """
+    _numpy_class = _adam_variants.RAdam
+    _torch_step = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+
+
+class Adamax(_FlatOptimizer):
+    __doc__ = f"""torch.optim.Adamax on flat buffers: same arguments, results and state dict, plus
+    keyword-only ``n_threads``. {_SEE.format("Adamax")}
+    """
+    _numpy_class = _adam_variants.Adamax
+    _torch_step = True
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
+                 maximize=False, differentiable=False, capturable=False, n_threads=None):
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, capturable=capturable), n_threads=n_threads)
+
+
+class Lion(_FlatOptimizer):
+    """Lion on flat buffers (no torch.optim twin): ``sign`` of an interpolated momentum,
+    decoupled weight decay; see :class:`flatopt.Lion` for the update and
+    :mod:`flatopt.torch` for how parameters, gradients and checkpoints are handled. Its
+    state dict uses torch.optim's layout with a per-parameter ``exp_avg`` (as
+    lion-pytorch's).
+    """
+    _numpy_class = _adam_variants.Lion
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 n_threads=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
+                         n_threads=n_threads)
+
+
+__all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "NAdam", "RAdam",
+           "Adamax", "Lion"]
+

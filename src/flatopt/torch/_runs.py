@@ -1,0 +1,67 @@
+"""Run planning: which kernel calls a step makes.
+
+torch.optim skips a parameter whose grad is None and keeps a step count per parameter.
+The kernel runs once per maximal run of consecutive participating parameters of one
+group that share a step count: one run per group in the usual case.
+"""
+
+
+def plan_runs(bucket, taking_part, uses_state):
+    """The runs of one bucket for the NumPy step routine: a list of
+    ``(gi, lo, hi, step, fresh)`` (see ``flatopt.Optimizer._finish_step``) and, beside
+    it, for each run, the parameter range ``(a, b)`` whose step counts it advances (None
+    when its group keeps no state)."""
+    runs, advance = [], []
+    counts = bucket.counts
+    if taking_part is bucket.all_taking_part and bucket.uniform:
+        # The usual case: every parameter takes part and each group's parameters share
+        # one step count (kept true by the step that made it so): one run per group.
+        for gi, (first, stop) in enumerate(bucket.ranges):
+            if first == stop:
+                continue
+            count = int(counts[first])
+            runs.append((gi, bucket.group_bounds[gi][0], bucket.group_bounds[gi][1], count + 1, count == 0))
+            advance.append((first, stop) if uses_state(bucket.opt.param_groups[gi]) else None)
+        return runs, advance
+    for gi, (first, stop) in enumerate(bucket.ranges):
+        counting = uses_state(bucket.opt.param_groups[gi])
+        for a, b, count in param_runs(taking_part, counts, first, stop):
+            runs.append((gi, int(bucket.starts[a]), int(bucket.stops[b - 1]), count + 1, count == 0))
+            advance.append((a, b) if counting else None)
+    # After this step, is every group's count uniform again?
+    bucket.uniform = taking_part is bucket.all_taking_part and all(
+        len(r) <= 1 for r in _per_group(runs, len(bucket.ranges)))
+    return runs, advance
+
+
+def _per_group(runs, n_groups):
+    groups = [[] for _ in range(n_groups)]
+    for run in runs:
+        groups[run[0]].append(run)
+    return groups
+
+
+def param_runs(taking_part, counts, first, stop):
+    """Maximal runs ``(a, b, count)`` of consecutive participating parameters in
+    ``[first, stop)`` that share a step count."""
+    if stop <= first:
+        return []
+    part, cnt = taking_part[first:stop], counts[first:stop]
+    if part.all() and (cnt == cnt[0]).all():
+        return [(first, stop, int(cnt[0]))]
+    runs, start = [], None
+    for j in range(first, stop + 1):
+        if start is not None and (j == stop or not taking_part[j] or counts[j] != counts[start]):
+            runs.append((start, j, int(counts[start])))
+            start = None
+        if j < stop and taking_part[j] and start is None:
+            start = j
+    return runs
+
+
+def updated_params(bucket, taking_part):
+    """The parameters a step with ``taking_part`` writes (for their version counters)."""
+    if taking_part is bucket.all_taking_part:
+        return bucket.params
+    return [p for p, t in zip(bucket.params, taking_part) if t]
+

@@ -1,0 +1,369 @@
+"""flatopt.torch behaves as torch.optim where a training script can tell (issue 11, items 1-8).
+
+Each test runs the same script against torch.optim and flatopt.torch (or states torch's
+behaviour directly) and demands the same observable result.
+"""
+
+import copy
+import io
+import pickle
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("flatopt.torch")
+import flatopt  # noqa: E402
+
+# One configuration per torch.optim twin, with state that matters.
+TWINS = {
+    "SGD": dict(lr=0.05, momentum=0.9),
+    "Adam": dict(lr=1e-2, amsgrad=True),
+    "AdamW": dict(lr=1e-2),
+    "RMSprop": dict(lr=1e-2, momentum=0.5, centered=True),
+    "Adadelta": dict(lr=0.5),
+    "Adagrad": dict(lr=0.05, initial_accumulator_value=0.1),
+    "NAdam": dict(lr=1e-2, momentum_decay=0.01),
+    "RAdam": dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=0.01),
+    "Adamax": dict(lr=1e-2),
+}
+TWIN_NAMES = list(TWINS)
+
+
+def net(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(dtype)
+
+
+def data(n=12, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, 4, generator=g, dtype=dtype), torch.randn(n, 8, 2, generator=g, dtype=dtype)
+
+
+def train(model, opt, batches, steps, start=0):
+    x, y = batches
+    for s in range(start, start + steps):
+        opt.zero_grad()
+        ((model(x[s % len(x)]) - y[s % len(x)]) ** 2).mean().backward()
+        opt.step()
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def assert_close(a, b, rtol=1e-12):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
+    assert float((a - b).abs().max()) <= rtol * scale
+
+
+def assert_state_dicts_close(ours, theirs):
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for pid, entry in theirs["state"].items():
+        assert ours["state"][pid].keys() == entry.keys()
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert ours["state"][pid][key].dtype == value.dtype
+                assert_close(ours["state"][pid][key], value)
+            else:
+                assert ours["state"][pid][key] == value
+
+
+# -- 1. autograd's version counter --------------------------------------------------------------
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_backward_through_saved_old_weights_raises_as_in_torch(name):
+    for cls in (getattr(torch.optim, name), getattr(ft, name)):
+        w = torch.nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        opt = cls([w], **TWINS[name])
+        loss = (w * w).sum()  # saves w for backward
+        loss.backward(retain_graph=True)
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+# -- 2. checkpoints from other torch versions -----------------------------------------------------
+NEWER_KEYS = ("maximize", "foreach", "differentiable", "capturable", "fused", "decoupled_weight_decay")
+
+
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_checkpoint_without_newer_keys_loads_as_in_torch(name):
+    model = net()
+    src = getattr(torch.optim, name)(model.parameters(), **TWINS[name])
+    train(model, src, data(), 3)
+    old = copy.deepcopy(src.state_dict())
+    for group in old["param_groups"]:
+        for key in NEWER_KEYS:
+            group.pop(key, None)
+    m_ref, m = copy.deepcopy(model), copy.deepcopy(model)
+    ref = getattr(torch.optim, name)(m_ref.parameters(), **TWINS[name])
+    ours = getattr(ft, name)(m.parameters(), **TWINS[name])
+    ref.load_state_dict(copy.deepcopy(old))
+    ours.load_state_dict(copy.deepcopy(old))
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+    train(m_ref, ref, data(), 4, start=3)
+    train(m, ours, data(), 4, start=3)
+    assert_close(flat_params(m), flat_params(m_ref))
+
+
+# -- 3. add_param_group ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in TWIN_NAMES if n != "Adagrad"])  # torch's Adagrad fails
+def test_add_param_group_trains_as_in_torch(name):
+    m_ref, m = net(), net()
+    head_ref, head = m_ref[2], m[2]
+    ref = getattr(torch.optim, name)(m_ref[0].parameters(), **TWINS[name])
+    ours = getattr(ft, name)(m[0].parameters(), **TWINS[name])
+    train(m_ref, ref, data(), 3)
+    train(m, ours, data(), 3)
+    lr = TWINS[name]["lr"] / 2
+    ref.add_param_group({"params": list(head_ref.parameters()), "lr": lr})
+    ours.add_param_group({"params": list(head.parameters()), "lr": lr})
+    train(m_ref, ref, data(), 5, start=3)
+    train(m, ours, data(), 5, start=3)
+    assert_close(flat_params(m), flat_params(m_ref))
+    assert_state_dicts_close(ours.state_dict(), ref.state_dict())
+    # one flat buffer again: every parameter views it
+    bucket, = ours._buckets
+    assert all(p.data_ptr() == v.data_ptr() for p, v in zip(bucket.params, bucket.param_views))
+
+
+def test_add_param_group_rejected_changes_nothing():
+    model = net()
+    opt = ft.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, data(), 2)
+    before = opt.state_dict()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": -1.0})
+    with pytest.raises(TypeError, match="float16"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1 and [p.data_ptr() for p in model.parameters()] == ptrs
+    assert_state_dicts_close(opt.state_dict(), before)
+
+
+def test_adagrad_add_param_group_gets_fresh_state():
+    model = net()
+    opt = ft.Adagrad(model[0].parameters(), lr=0.1, initial_accumulator_value=0.25)
+    train(model, opt, data(), 2)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert (opt.state[model[2].weight]["sum"] == 0.25).all()
+    train(model, opt, data(), 2, start=2)
+    assert int(opt.state[model[2].weight]["step"]) == 2 and int(opt.state[model[0].weight]["step"]) == 4
+
+
+# -- 4. opt.state is torch's mapping ---------------------------------------------------------------
+def test_state_is_a_defaultdict_that_keeps_what_is_written():
+    m_ref, m = net(), net()
+    ref = torch.optim.SGD(m_ref.parameters(), lr=0.05, momentum=0.9)
+    ours = ft.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    for opt, model in ((ref, m_ref), (ours, m)):
+        assert isinstance(opt.state, defaultdict)
+        assert opt.state[model[0].weight] == {}          # no state yet: an empty entry
+        assert opt.state is opt.state                     # not rebuilt on access
+        opt.state[model[0].weight]["note"] = "kept"       # as a state-dict hook would write
+        train(model, opt, data(), 2)
+        opt.state[model[0].bias]["momentum_buffer"] = torch.full((6,), 0.5, dtype=torch.float64)
+        train(model, opt, data(), 2, start=2)
+    assert ours.state[m[0].weight]["note"] == "kept"
+    assert_state_dicts_close(ours.state_dict(), ref.state_dict())
+    assert_close(flat_params(m), flat_params(m_ref))
+
+
+# -- 5. copy and pickle ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_deepcopy_with_the_model_trains_like_the_original(name):
+    model = net()
+    opt = getattr(ft, name)(model.parameters(), **TWINS[name])
+    train(model, opt, data(), 3)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert [id(p) for g in opt2.param_groups for p in g["params"]] == [id(p) for p in model2.parameters()]
+    assert not np.shares_memory(opt2._buckets[0].opt.flat_params, opt._buckets[0].opt.flat_params)
+    train(model, opt, data(), 3, start=3)
+    train(model2, opt2, data(), 3, start=3)
+    assert torch.equal(flat_params(model2), flat_params(model))
+    assert_state_dicts_close(opt2.state_dict(), opt.state_dict())
+
+
+def test_deepcopy_alone_and_pickle():
+    model = net()
+    opt = ft.Adam(model.parameters(), lr=1e-2)
+    train(model, opt, data(), 2)
+    alone = copy.deepcopy(opt)  # as torch: its parameters are new tensors
+    assert not any(p is q for p in alone.param_groups[0]["params"] for q in model.parameters())
+    assert_state_dicts_close(alone.state_dict(), opt.state_dict())
+    buf = io.BytesIO()
+    pickle.dump(opt, buf)
+    loaded = pickle.loads(buf.getvalue())
+    assert_state_dicts_close(loaded.state_dict(), opt.state_dict())
+
+
+# -- 6. param_names, duplicates, validation order -------------------------------------------------
+def test_param_names_survive_loading_an_unnamed_state_dict():
+    m_ref, m = net(), net()
+    ref = torch.optim.Adam(m_ref.named_parameters(), lr=1e-2)
+    ours = ft.Adam(m.named_parameters(), lr=1e-2)
+    unnamed = torch.optim.Adam(net().parameters(), lr=1e-3).state_dict()
+    ref.load_state_dict(copy.deepcopy(unnamed))
+    ours.load_state_dict(copy.deepcopy(unnamed))
+    assert ours.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"] == ["0.weight", "0.bias",
+                                                                                         "2.weight", "2.bias"]
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
+def test_parameter_listed_twice_keeps_one_id():
+    p, q = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(2))
+    with pytest.warns(UserWarning, match="duplicate"):
+        ref = torch.optim.SGD([p, p, q], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate"):
+        ours = ft.SGD([p, p, q], lr=0.1)
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+    assert ours.state_dict()["param_groups"][0]["params"] == [1, 1, 2]  # torch's numbering
+
+
+@pytest.mark.parametrize("make", [
+    lambda cls: cls(None, betas=(1.0, 0.0)),
+    lambda cls: cls([torch.nn.Parameter(torch.ones(2))], betas=(torch.tensor(0.9), 0.999)),
+    lambda cls: cls([torch.nn.Parameter(torch.ones(2))], betas=(0.9, torch.tensor(0.999))),
+], ids=["betas-before-params", "mixed-betas-tensor-first", "mixed-betas-float-first"])
+def test_hyperparameters_validated_first_with_torchs_exception(make):
+    with pytest.raises(ValueError) as theirs:
+        make(torch.optim.Adam)
+    with pytest.raises(ValueError, match="beta"):
+        make(ft.Adam)
+    assert "beta" in str(theirs.value)
+
+
+# -- 7. nothing half-done on error -----------------------------------------------------------------
+def _mixed():
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float32))
+    return a, b
+
+
+def test_construction_with_two_dtypes_rebinds_nothing_on_error():
+    a, b = _mixed()
+    ptrs = (a.data_ptr(), b.data_ptr())
+    with pytest.raises(ValueError, match="lr.*overflows float32"):
+        ft.SGD([a, b], lr=1e39)  # fits float64, not float32
+    assert (a.data_ptr(), b.data_ptr()) == ptrs
+
+
+def test_load_state_dict_checks_every_dtype_before_changing_anything():
+    a, b = _mixed()
+    opt = ft.SGD([a, b], lr=0.1, momentum=0.9)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    before = opt.state_dict()
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["lr"] = 1e39
+    with pytest.raises(ValueError, match="overflows float32"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert_state_dicts_close(opt.state_dict(), before)
+
+
+def test_group_edit_checked_for_every_dtype_before_any_write():
+    a, b = _mixed()
+    opt = ft.SGD([a, b], lr=0.1)
+    (a.sum() + b.sum()).backward()
+    opt.param_groups[0]["lr"] = 1e39
+    with pytest.raises(ValueError, match="overflows float32"):
+        opt.step()
+    assert (a == 1).all() and (b == 1).all()
+
+
+# -- 8. Adagrad's initial accumulator, AMSGrad's NaN --------------------------------------------------
+def test_adagrad_per_group_initial_accumulator_value_as_torch():
+    m_ref, m = net(), net()
+    groups = lambda model: [{"params": model[0].parameters()},  # noqa: E731
+                            {"params": model[2].parameters(), "initial_accumulator_value": 0.5}]
+    ref = torch.optim.Adagrad(groups(m_ref), lr=0.05, initial_accumulator_value=0.1)
+    ours = ft.Adagrad(groups(m), lr=0.05, initial_accumulator_value=0.1)
+    assert_state_dicts_close(ours.state_dict(), ref.state_dict())  # torch: 0.1 everywhere
+    train(m_ref, ref, data(), 4)
+    train(m, ours, data(), 4)
+    assert_close(flat_params(m), flat_params(m_ref))
+
+
+def test_amsgrad_propagates_nan_in_max_exp_avg_sq_as_torch():
+    results = []
+    for cls in (torch.optim.Adam, ft.Adam):
+        w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        opt = cls([w], lr=0.1, amsgrad=True)
+        w.grad = torch.ones(3, dtype=torch.float64)
+        opt.step()
+        opt.state[w]["max_exp_avg_sq"][1] = float("nan")
+        opt.step()
+        results.append(w.detach().clone())
+    assert torch.isnan(results[0][1]) and torch.isnan(results[1][1])
+
+
+# -- design: one step routine ---------------------------------------------------------------------------
+def test_both_front_ends_step_through_the_numpy_step_routine(monkeypatch):
+    calls = []
+    original = flatopt.Optimizer._finish_step
+
+    def spy(self, *args):
+        calls.append(type(self).__name__)
+        return original(self, *args)
+
+    monkeypatch.setattr(flatopt.Optimizer, "_finish_step", spy)
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = ft.Adam([w], lr=0.1)
+    w.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    flatopt.Adam([np.ones(3)], lr=0.1).step()
+    assert calls == ["Adam", "Adam"]
+
+
+def test_public_classes_are_written_out_with_torchs_signature():
+    import inspect
+    for name in TWIN_NAMES:
+        cls = getattr(ft, name)
+        assert "__init__" in cls.__dict__ and cls.__module__ == "flatopt.torch._optimizers"
+        assert list(inspect.signature(cls).parameters)[:-1] == list(
+            inspect.signature(getattr(torch.optim, name)).parameters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        help_text = ft.Adam.__init__.__doc__ or ft.Adam.__doc__
+    assert "torch.optim.Adam" in help_text
+
+
+def test_before_update_hook_sees_each_runs_count():
+    """``_before_update`` (NAdam's mu_product table uses it) sees each run's count with the
+    earlier runs already counted."""
+    seen = []
+
+    class Hooked(ft.Adam):
+        def _before_update(self, numpy_opt, gi, group, count):
+            bucket = self._buckets[0]
+            seen.append((count, bucket.counts.tolist()))
+
+    a, b, c = (torch.nn.Parameter(torch.ones(2, dtype=torch.float64)) for _ in range(3))
+    opt = Hooked([a, b, c], lr=0.1)
+    for p in (a, b, c):
+        p.grad = torch.ones(2, dtype=torch.float64)
+    opt.step()                      # one run: counts 0
+    b.grad = None
+    opt.step()                      # runs [a] and [c], both at count 1
+    assert seen == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0]), (1, [2.0, 1.0, 1.0])]
+    assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [2, 1, 2]
+
+
+def test_torch_clip_factor_does_not_survive_zero_grad():
+    """Item 9 for flatopt.torch: a clip factor belongs to the gradients it measured."""
+    models = [net(), net()]
+    opts = [ft.SGD(m.parameters(), lr=0.1) for m in models]
+    x, y = data()
+    ((models[0](x[0]) - y[0]) ** 2).sum().mul(100).backward()
+    opts[0].clip_grad_norm_(1e-3)   # a tiny factor, pending
+    opts[0].zero_grad()             # the batch is dropped
+    for m, opt in zip(models, opts):
+        opt.zero_grad()
+        ((m(x[1]) - y[1]) ** 2).mean().backward()
+        opt.step()
+    assert torch.equal(flat_params(models[0]), flat_params(models[1]))
