@@ -304,22 +304,107 @@ def check_ddp_sharded(rank, world):
     assert_close(model, reference("Adam", kwargs))
 
 
-def check_zero(rank, world, bucket_view):
-    """torch's ZeroRedundancyOptimizer with flatopt.torch.Adam as its local optimizer."""
+def train_ddp(model, ddp, opt, start, stop, rank, world):
+    x, y = data()
+    b = BATCH // world
+    for s in range(start, stop):
+        model.zero_grad()
+        ((ddp(x[s, rank * b:(rank + 1) * b], s, rank * b) - y[s, rank * b:(rank + 1) * b]) ** 2).mean().backward()
+        opt.step()
+
+
+def check_zero(rank, world):
+    """torch's ZeroRedundancyOptimizer (default settings) with flatopt.torch.Adam as its
+    local optimizer."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    kwargs = dict(lr=1e-2)
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=ft.Adam, **kwargs)
+    train_ddp(model, ddp, opt, 0, STEPS, rank, world)
+    assert_identical_on_all_ranks(model)
+    assert_close(model, reference("Adam", kwargs))
+
+
+def check_zero_bucket_view(rank, world):
+    """ZeroRedundancyOptimizer(parameters_as_bucket_view=True) rebinds every parameter to
+    its own buckets after building the local optimizer: flatopt.torch must either train
+    correctly or refuse clearly, changing nothing."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     kwargs = dict(lr=1e-2)
     model = make_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=ft.Adam,
-                                  parameters_as_bucket_view=bucket_view, **kwargs)
-    x, y = data()
-    b = BATCH // world
-    for s in range(STEPS):
-        opt.zero_grad()
-        ((ddp(x[s, rank * b:(rank + 1) * b], s, rank * b) - y[s, rank * b:(rank + 1) * b]) ** 2).mean().backward()
-        opt.step()
+                                  parameters_as_bucket_view=True, **kwargs)
+    before = copy.deepcopy(model)
+    try:
+        train_ddp(model, ddp, opt, 0, STEPS, rank, world)
+    except RuntimeError as exc:
+        assert "no longer views the optimizer's flat buffer" in str(exc), exc
+        assert_close(model, before, 0.0)
+    else:
+        assert_identical_on_all_ranks(model)
+        assert_close(model, reference("Adam", kwargs))
+
+
+def check_zero_add_param_group(rank, world):
+    """ZeroRedundancyOptimizer.add_param_group (fine-tuning that unfreezes a head) calls
+    the local optimizer's add_param_group; compared with torch.optim.Adam doing the same."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    kwargs = dict(lr=1e-2)
+
+    def run(model, opt, add_group, r, w):
+        train_ddp(model, ddp_of[id(model)], opt, 0, 10, r, w)
+        add_group({"params": list(model.extra.parameters()), "lr": 2e-2})
+        train_ddp(model, ddp_of[id(model)], opt, 10, STEPS, r, w)
+
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = ZeroRedundancyOptimizer(model.net.parameters(), optimizer_class=ft.Adam, **kwargs)
+    error = None
+
+    def add_group(group):
+        nonlocal error
+        try:
+            opt.add_param_group(group)
+        except NotImplementedError as exc:
+            error = str(exc)
+        # Agree before any further collective: a rank that failed alone must not hang the others.
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            raise NotImplementedError(next(e for e in errors if e))
+
+    ref_model = make_model()
+    ref = torch.optim.Adam(ref_model.net.parameters(), **kwargs)
+    ddp_of = {id(model): ddp, id(ref_model): ref_model}
+    run(model, opt, add_group, rank, world)
+    run(ref_model, ref, ref.add_param_group, 0, 1)
     assert_identical_on_all_ranks(model)
-    assert_close(model, reference("Adam", kwargs))
+    assert_close(model, ref_model)
+
+
+def check_mixed_dtypes(rank, world):
+    """float32 and float64 parameters: one flat buffer (and one slice) per dtype."""
+    def make():
+        model = make_model()
+        model.extra.float()
+        model.forward = lambda x, s, first, m=model: MLP.forward(m, x, s, first) if s % 3 != 2 else (
+            m.net(x) + m.extra(x.float()).double())
+        return model
+
+    kwargs = dict(lr=1e-2)
+    model = make()
+    opt = ShardedOptimizer(model.parameters(), ft.Adam, **kwargs)
+    assert "float32" in repr(opt) and "float64" in repr(opt)
+    train(model, opt, data(), 0, STEPS, rank, world)
+    assert_identical_on_all_ranks(model)
+    ref = make()
+    train(ref, ft.Adam(ref.parameters(), **kwargs), data(), 0, STEPS)
+    # The float32 head's outputs round differently for a batch of 6 and one of 12, which
+    # reaches the float64 gradients too.
+    assert_close(model.net, ref.net, 1e-7)
+    assert_close(model.extra, ref.extra, 1e-4)
 
 
 def check_bad_input(rank, world):
@@ -413,8 +498,10 @@ def job_checks(world, tmp):
             ("ddp-flatopt-adam", lambda r, w: check_ddp(r, w, False)),
             ("ddp-flatopt-adam-bucket-view", lambda r, w: check_ddp(r, w, True)),
             ("ddp-sharded", check_ddp_sharded),
-            ("zero-flatopt-adam", lambda r, w: check_zero(r, w, False)),
-            ("zero-flatopt-adam-bucket-view", lambda r, w: check_zero(r, w, True)),
+            ("mixed-dtypes", check_mixed_dtypes),
+            ("zero-flatopt-adam", check_zero),
+            ("zero-flatopt-adam-bucket-view", check_zero_bucket_view),
+            ("zero-flatopt-adam-add-param-group", check_zero_add_param_group),
         ]
     if world == 4:
         checks.append(("reshard-2-to-3", lambda r, w: check_reshard(r, w, tmp)))
@@ -501,14 +588,22 @@ def assert_passed(outcomes, name, world):
         pytest.fail(f"{name} failed on rank(s) {sorted(failed)}; rank {rank}:\n{outcome['error']}")
 
 
-NAMES_2 = [name for name, _ in job_checks(2, None)]
+# flatopt.torch's add_param_group is being implemented on another branch (issue 11).
+ADD_PARAM_GROUP_PENDING = pytest.mark.xfail(
+    raises=NotImplementedError, strict=True,
+    reason="flatopt.torch optimizers cannot add a parameter group yet (issue 11)")
+NAMES_2 = [pytest.param(name, marks=ADD_PARAM_GROUP_PENDING) if name.endswith("add-param-group") else name
+           for name, _ in job_checks(2, None)]
 NAMES_4 = [name for name, _ in job_checks(4, None)]
-XFAIL_ZERO = ()
 
 
 @pytest.mark.parametrize("name", NAMES_2)
 def test_two_processes(jobs, name):
-    assert_passed(jobs(2), name, 2)
+    outcomes = jobs(2)
+    if name.endswith("add-param-group") and all(
+            o.get("type") == "NotImplementedError" for o in outcomes.get(name, {}).values()):
+        raise NotImplementedError(outcomes[name][0]["error"])
+    assert_passed(outcomes, name, 2)
 
 
 @pytest.mark.parametrize("name", NAMES_4)
