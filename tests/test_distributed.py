@@ -139,6 +139,38 @@ def check_trajectory(rank, world, kind, kwargs, optimizer_class=None, group=None
     return opt
 
 
+class RelocatingSGD(torch.optim.SGD):
+    """torch.optim.SGD that moves each parameter to memory of its own (as an optimizer
+    with its own buffers may): the sharded optimizer must copy values in and out."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data = p.data.clone()
+
+
+def check_relocating_optimizer(rank, world):
+    kwargs = dict(lr=0.05, momentum=0.9)
+    model = make_model()
+    opt = ShardedOptimizer(model.parameters(), RelocatingSGD, **kwargs)
+    assert all(not b.aliased and b.param_span is None for b in opt._buckets)
+    train(model, opt, data(), 0, 25, rank, world)
+    with torch.no_grad():   # a change made between steps is not lost
+        for p in model.parameters():
+            p.mul_(0.5)
+    train(model, opt, data(), 25, STEPS, rank, world)
+    assert_identical_on_all_ranks(model)
+    ref = make_model()
+    ref_opt = ft.SGD(ref.parameters(), **kwargs)
+    train(ref, ref_opt, data(), 0, 25)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.5)
+    train(ref, ref_opt, data(), 25, STEPS)
+    assert_close(model, ref)
+
+
 def check_state_is_sharded(rank, world):
     model = make_model()
     n = sum(p.numel() for p in model.parameters())
@@ -149,6 +181,10 @@ def check_state_is_sharded(rank, world):
     assert opt.state_nbytes() == 2 * 8 * mine, (opt.state_nbytes(), mine)
     assert f"this rank owns [{min(rank * chunk, n)}, {min((rank + 1) * chunk, n)})" in repr(opt)
     assert "reduce_scatter_tensor" in repr(opt) and "all_gather_into_tensor" in repr(opt)
+    # flatopt.torch keeps the slice in buffers of its own: the reduce-scatter writes into
+    # its gradient buffer and the all-gather reads its parameters, with no per-tensor copies.
+    (b,) = opt._buckets
+    assert not b.aliased and b.param_span is not None and b.grad_span is not None
     assert (chunk * 8) % 64 == 0
 
 
@@ -487,6 +523,7 @@ def job_checks(world, tmp):
     ]
     if world == 2:
         checks += [
+            ("trajectory-relocating-optimizer", check_relocating_optimizer),
             ("trajectory-torch-adam", lambda r, w: check_trajectory(
                 r, w, "Adam", dict(lr=1e-2), optimizer_class=torch.optim.Adam)),
             ("groups-scheduler-clip-skip", check_groups_scheduler_clip_skip),

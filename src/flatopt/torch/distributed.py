@@ -212,8 +212,80 @@ class _Bucket:
         self.offset = dict(zip(indices, self.starts.tolist()))
         self.scratch = None                          # full-size grad copy for all_reduce
         self.pieces = []                             # (local piece tensor, global index, start, stop)
-        self.aliased = True                          # the pieces are views of flat_param
-        self.param_span = None                       # the pieces' memory, when contiguous
+        # Where the local optimizer keeps this rank's slice (see locate()).
+        self.piece_ptrs = None
+        self.aliased = True                          # its parameters are views of flat_param
+        self.param_span = None                       # else one tensor over them, if contiguous
+        self.local_grads = None                      # the gradient tensors it reads
+        self.grad_span = None                        # one tensor over those, if contiguous
+
+    def locate(self):
+        """Find where the local optimizer keeps this slice: torch.optim keeps our views of
+        the flat buffer; flatopt.torch moves its parameters into buffers of its own and
+        (after its first step) reads gradients from its own buffer. Cheap when nothing
+        moved; called after construction and after every local step."""
+        tensors = [p for p, *_ in self.pieces]
+        ptrs = [p.data_ptr() for p in tensors]
+        if ptrs != self.piece_ptrs:
+            self.piece_ptrs = ptrs
+            self.aliased = ptrs == [v.data_ptr() for v in self.views]
+            self.param_span = None if self.aliased else _span(tensors, self.hi - self.lo)
+        grads = [p.grad for p in tensors]
+        if self.local_grads is not None and all(map(lambda a, b: a is b, grads, self.local_grads)):
+            return
+        if all(g is not None and g.dim() == 1 for g in grads):
+            self.local_grads = grads
+            self.grad_span = _span(grads, self.hi - self.lo)
+
+    def grad_target(self):
+        """Where the reduce-scatter writes: straight into the local optimizer's gradient
+        buffer when it spans a whole chunk, else our slice buffer."""
+        span = self.grad_span
+        return span if span is not None and span.numel() == self.chunk else self.slice_grad
+
+    def deliver(self, target):
+        """Make the reduced slice (written to ``target``) what the local optimizer reads;
+        return it ([lo, hi) only)."""
+        span = self.grad_span
+        if span is None:
+            return self.slice_grad[:self.hi - self.lo]
+        if span.data_ptr() != target.data_ptr():
+            span.copy_(target[:self.hi - self.lo])
+        return span
+
+    def reduced(self):
+        span = self.grad_span
+        return self.slice_grad[:self.hi - self.lo] if span is None else span
+
+    def read_views(self):
+        """Per piece, the tensor the local optimizer reads its gradient from."""
+        return self.grad_views if self.grad_span is None else self.local_grads
+
+    def params_in(self):
+        """Copy this slice of the parameters into the local optimizer's memory (they may
+        have been changed since the last step)."""
+        if self.aliased:
+            return
+        mine = self.flat_param[self.lo:self.hi]
+        if self.param_span is not None:
+            self.param_span.copy_(mine)
+        else:
+            torch._foreach_copy_([p for p, *_ in self.pieces], self.views)
+
+    def gather_input(self):
+        """This rank's chunk for the all-gather: the local optimizer's memory itself when
+        it is one whole chunk, else the flat buffer's chunk (updated from it)."""
+        if self.aliased:
+            return self.my_chunk
+        span = self.param_span
+        if span is not None and span.numel() == self.chunk:
+            return span
+        mine = self.flat_param[self.lo:self.hi]
+        if span is not None:
+            mine.copy_(span)
+        else:
+            torch._foreach_copy_(self.views, [p for p, *_ in self.pieces])
+        return self.my_chunk
 
     def piece_ranges(self):
         """(global index, start, stop) of each parameter's part in [lo, hi), in flat order;
@@ -365,19 +437,12 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for key, value in theirs.items():   # fill in the local class's defaults
                 if key != "params":
                     mine[key] = value
-        self._local_pieces = [p for g in local.param_groups for p in g["params"]]
         self._grad_scale_arg = "grad_scale" in inspect.signature(local.step).parameters
-        # Did the local optimizer keep our views (torch.optim) or move the pieces into
-        # its own buffers (flatopt.torch)? In the latter case values are copied in and out
-        # around its step.
         for b in self._buckets:
-            views = [b.flat_param[b.offset[k] + s:b.offset[k] + e] for _, k, s, e in b.pieces]
-            b.views = views
+            b.views = [b.flat_param[b.offset[k] + s:b.offset[k] + e] for _, k, s, e in b.pieces]
             b.grad_views = [b.slice_grad[o:o + (e - s)] for (_, k, s, e), o in
                             zip(b.pieces, np.cumsum([0] + [e - s for _, _, s, e in b.pieces]))]
-            b.aliased = all(p.data_ptr() == v.data_ptr() for (p, *_), v in zip(b.pieces, views))
-            if not b.aliased:
-                b.param_span = _span([p for p, *_ in b.pieces], b.hi - b.lo)
+            b.locate()
         self._n = len(self._params)
         self._control = torch.zeros(self._n + 1, dtype=torch.uint8)
         self._control_out = torch.zeros(self.world_size * (self._n + 1), dtype=torch.uint8)
@@ -521,7 +586,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         control[:self._n] = torch.from_numpy(has)
         if not self.average_gradients:   # read this rank's slice of each gradient
             for b in self._buckets:
-                for (piece, k, s, e), view in zip(b.pieces, b.grad_views):
+                for (piece, k, s, e), view in zip(b.pieces, b.read_views()):
                     g = grads[k]
                     if g is None:
                         view.zero_()
@@ -547,10 +612,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             works.append(_ALL_GATHER(self._control_out, self._control, group=group, async_op=True))
         else:
             self._gather_fallback(self._control_out, self._control, gather)
+        targets = [b.grad_target() for b in self._buckets]
         if self.average_gradients:
-            for b in self._buckets:
+            for b, target in zip(self._buckets, targets):
                 if self.collectives[0] == "reduce_scatter_tensor":
-                    works.append(_REDUCE_SCATTER(b.slice_grad, b.flat_grad, group=group, async_op=True))
+                    works.append(_REDUCE_SCATTER(target, b.flat_grad, group=group, async_op=True))
                 else:
                     if b.scratch is None:
                         b.scratch = b.flat_grad.clone()
@@ -559,9 +625,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     works.append(dist.all_reduce(b.scratch, group=group, async_op=True))
         for work in works:
             work.wait()
-        if self.average_gradients and self.collectives[0] != "reduce_scatter_tensor":
-            for b in self._buckets:
-                b.slice_grad.copy_(b.scratch[self.rank * b.chunk:(self.rank + 1) * b.chunk])
+        if self.average_gradients:
+            for b, target in zip(self._buckets, targets):
+                if self.collectives[0] != "reduce_scatter_tensor":
+                    target.copy_(b.scratch[self.rank * b.chunk:(self.rank + 1) * b.chunk])
+                b.deliver(target)
         rows = self._control_out.view(self.world_size, self._n + 1)
         failed = rows[:, self._n].nonzero().flatten().tolist()
         if failed:
@@ -595,7 +663,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         partial = torch.zeros(2, dtype=torch.float64)
         norms, count = [], 0
         for b in self._buckets:
-            g = b.slice_grad
+            g = b.reduced()
             if g.dtype in (torch.float32, torch.float64):
                 norms.append(_functional.grad_norm(g.numpy(), norm_type))
                 count += _functional.count_nonfinite(g.numpy())
@@ -687,42 +755,25 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if key != "params":
                     theirs[key] = value
         for b in self._buckets:
-            for (piece, k, s, e), view in zip(b.pieces, b.grad_views):
-                piece.grad = view if mask[k] else None
-            if not b.aliased:
-                self._copy(b, into_local=True)
+            for (piece, k, _, _), grad in zip(b.pieces, b.read_views()):
+                if piece.grad is not grad or not mask[k]:
+                    piece.grad = grad if mask[k] else None
+            b.params_in()
         if self._grad_scale_arg:
             local.step(grad_scale=scale)
         else:
             if scale != 1.0:
                 for b in self._buckets:
-                    b.slice_grad.mul_(scale)
+                    b.reduced().mul_(scale)
             local.step()
         for b in self._buckets:
-            if not b.aliased:
-                self._copy(b, into_local=False)
+            chunk = b.gather_input()
             if self.collectives[1] == "all_gather_into_tensor":
-                _ALL_GATHER(b.flat_param, b.my_chunk, group=self.process_group)
+                _ALL_GATHER(b.flat_param, chunk, group=self.process_group)
             else:
-                self._gather_fallback(b.flat_param, b.my_chunk, self.collectives[1])
+                self._gather_fallback(b.flat_param, chunk, self.collectives[1])
+            b.locate()
         return loss
-
-    @staticmethod
-    def _copy(b, into_local):
-        """Copy this rank's parameter slice between the flat buffer and the local
-        optimizer's own memory (when it moved the pieces there)."""
-        mine = b.flat_param[b.lo:b.hi]
-        if b.param_span is not None:
-            if into_local:
-                b.param_span.copy_(mine)
-            else:
-                mine.copy_(b.param_span)
-            return
-        pieces = [p for p, *_ in b.pieces]
-        if into_local:
-            torch._foreach_copy_(pieces, b.views)
-        else:
-            torch._foreach_copy_(b.views, pieces)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _local_to_shard(self, local_sd):
