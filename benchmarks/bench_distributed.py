@@ -11,18 +11,19 @@ Each iteration is ``zero_grad()``, a backward pass of a synthetic loss whose gra
 fixed random tensor per parameter (``sum(p * g)``: an elementwise multiply, the same in
 every variant), and ``step()``. Variants:
 
-* ``flatopt sharded``: ``ShardedOptimizer(params, flatopt.torch.Adam)``: one
-  reduce-scatter of the flat gradient, the fused kernel on this rank's slice, one
-  all-gather of the flat parameters (no DDP);
+* ``flatopt sharded``: ``ShardedOptimizer(params, flatopt.torch.Adam)``: the flat gradient
+  reduced into each rank's slice, the fused kernel on this rank's slice, the flat
+  parameters shared back (on gloo: one reduce and one broadcast per rank; no DDP);
 * ``DDP + torch fused``: ``DistributedDataParallel`` (its bucketed all-reduce, overlapped
   with the backward pass) and ``torch.optim.Adam(fused=True)`` on every rank;
 * ``DDP + ZeRO torch fused``: DDP and ``ZeroRedundancyOptimizer(torch.optim.Adam,
   fused=True)`` (state sharded by whole tensors, parameters broadcast tensor by tensor);
 * ``DDP + flatopt.torch``: DDP and ``flatopt.torch.Adam`` on every rank.
 
-Reported per variant: the median iteration time over ``--repeats`` iterations (ranks
-start each iteration together after a barrier; the slowest rank's median is shown), and
-the optimizer-state bytes each rank holds (the largest over ranks).
+Reported per variant: the median iteration time over ``--repeats`` iterations (the
+variants take turns, one iteration each, and the ranks start each iteration together
+after a barrier; the slowest rank's median is shown), and the optimizer-state bytes each
+rank holds (the largest over ranks).
 
 What a machine this size can show: with fewer cores than processes, the processes take
 turns on the cores, so times at 2 and 4 processes measure contention as much as the
@@ -101,20 +102,25 @@ def child(rank, world, port, cases, repeats, threads, out):
                             world_size=world, timeout=datetime.timedelta(seconds=600))
     results = []
     for case, shapes in cases:
+        # All variants at once, taking turns one iteration each, so that the noise of a
+        # shared machine falls evenly on them.
+        runs = {}
         for label, make in variants(world).items():
             model = Synthetic(shapes)
-            module, opt = make(model)
-            times = []
-            for i in range(repeats + 2):
+            runs[label] = make(model)
+        times = {label: [] for label in runs}
+        for i in range(repeats + 2):
+            for label, (module, opt) in runs.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 opt.zero_grad()
                 module().backward()
                 opt.step()
                 if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            results.append((case, label, statistics.median(times), state_nbytes(opt)))
-            del module, opt, model
+                    times[label].append(time.perf_counter() - t0)
+        for label, (module, opt) in runs.items():
+            results.append((case, label, statistics.median(times[label]), state_nbytes(opt)))
+        del runs
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -14,7 +14,7 @@ optimizer state for one contiguous slice of the model only::
     for x, y in my_shard_of_the_data:
         opt.zero_grad()
         loss_fn(model(x), y).backward()                 # no DDP needed
-        opt.step()          # reduce-scatter grads, fused Adam on this rank's slice, all-gather
+        opt.step()          # average grads, fused Adam on this rank's slice, share params
 
 How it works
 ------------
@@ -32,13 +32,13 @@ the world size. ``step()`` is
 1. one small all-gather (a byte per parameter) in which the ranks agree which parameters
    have a gradient on some rank (a parameter whose grad is None on every rank is skipped,
    as torch.optim skips it) and that no rank failed its checks, overlapped with
-2. the reduction of each flat gradient buffer (a reduce-scatter into this rank's slice, or
-   on gloo an all-reduce: see Collectives), the average taken inside the kernel
+2. the reduction of each flat gradient buffer into its owners' slices (a reduce-scatter,
+   or on gloo one reduce per rank: see Collectives), the average taken inside the kernel
    (``grad_scale = 1/world_size``, no extra pass), when ``average_gradients`` is True;
 3. the local optimizer's step on the slice: for ``flatopt.torch`` classes one fused kernel
    call per parameter group and dtype;
-4. one all-gather of each flat parameter buffer (on gloo an all-reduce), so that every
-   rank ends the step with bit-identical parameters.
+4. the all-gather of each flat parameter buffer (on gloo one broadcast per rank), so that
+   every rank ends the step with bit-identical parameters.
 
 With ``average_gradients=False`` step 2 is skipped and each rank reads its slice of the
 gradients as they are: use it when they are already averaged, for example under
@@ -50,13 +50,14 @@ Which collectives move the data depends on the backend, and ``repr()`` and
 :attr:`ShardedOptimizer.collectives` say which were picked (once, at construction, by
 trying each on tiny tensors):
 
-* gloo (the CPU backend): ``all_reduce`` for both. gloo's all-reduce is a pipelined ring;
-  its ``reduce_scatter`` and ``all_gather`` are 2 to 4 times slower per byte (measured
-  with torch 2.13 on 2 and 4 processes), so the bandwidth-optimal pair loses there. The
-  gradient buffer is all-reduced in place (afterwards ``p.grad`` holds the *sum* over
-  ranks; the step divides by the world size inside the kernel) and each rank reads its
-  slice; the parameters are refreshed by an all-reduce of the flat buffer with every
-  other rank's chunk zeroed, which is exact (``x + 0 == x``).
+* gloo (the CPU backend): one ``reduce`` of each chunk of the gradient to its owner and one
+  ``broadcast`` of each chunk of the parameters from its owner (issued together, waited
+  together). These move the least data and are gloo's fastest collectives per byte:
+  measured with torch 2.13 on 2 and 4 processes, gloo's ``reduce_scatter`` and
+  ``all_gather`` are 2 to 4 times slower, slower even than its ``all_reduce``. The
+  gradient is reduced in place: afterwards ``p.grad`` holds the sum over ranks in this
+  rank's chunk (the step divides by the world size inside the kernel) and unspecified
+  values elsewhere, until ``zero_grad()``.
 * other backends (NCCL and the like): ``reduce_scatter_tensor`` of the gradient into this
   rank's slice and ``all_gather_into_tensor`` of the parameters (under their newer names
   ``reduce_scatter_single``/``all_gather_single`` where torch has them); where a backend
@@ -65,15 +66,15 @@ trying each on tiny tensors):
 
 Guarantees and agreement
 ------------------------
-* After every ``step()`` all ranks hold bit-identical parameters (the all-gather writes
-  each slice from its owner).
+* After every ``step()`` all ranks hold bit-identical parameters (every slice is written
+  from its owner's copy).
 * Bad input gives the same clear error on every rank before any collective that could
   hang: at construction the ranks first exchange what they were given (parameter shapes
   and dtypes per group, hyperparameters, local errors such as a parameter not on the CPU)
   and all raise if any rank failed or the lists differ; in ``step()`` a rank whose
   gradients fail their checks (a replaced ``p.data``, a gradient of the wrong shape, a
   sparse gradient) makes every rank raise through the agreement of point 1, before any
-  parameter or state changes.
+  parameter or optimizer state changes (``p.grad`` may already hold the reduced sum).
 * Gradient clipping and ``skip_if_nonfinite`` agree across ranks: :meth:`grad_norm` and
   :meth:`clip_grad_norm_` compute the global norm of the averaged gradient (each rank its
   slice's partial, exchanged and combined in rank order, so every rank gets the same
@@ -93,9 +94,9 @@ the same rank of the same layout.
 
 Differences from a single-process optimizer
 -------------------------------------------
-* After ``step()`` (or :meth:`grad_norm`), ``p.grad`` holds the sum of the ranks'
-  gradients when the gradients were all-reduced (gloo), and this rank's own gradient
-  with a reduce-scatter; never the average (DDP's), which exists only inside the kernel.
+* After ``step()`` (or :meth:`grad_norm`), ``p.grad`` holds this rank's own gradient with
+  a reduce-scatter, and partly reduced sums with gloo's reduce; never the average (DDP's),
+  which exists only inside the kernel.
 * ``add_param_group`` after construction is not supported (the partition is fixed).
 * Hyperparameters (``param_groups``, LR schedulers) must be changed identically on every
   rank: each rank updates its slice with its own copy. The parameters stay identical
@@ -104,11 +105,17 @@ Differences from a single-process optimizer
   torch.optim's SGD, Adam, AdamW, RMSprop, Adadelta, Adagrad, Adamax, NAdam, RAdam): its
   parameters are 1-D pieces of your parameters.
 * ``self.state`` is empty: the state lives in :attr:`local_optimizer` (this rank's pieces).
+
+Memory per rank: the parameters and gradients in full (as under DDP, whose buckets add
+another copy of the gradients), optimizer state for this rank's slice only, and, for
+``flatopt.torch`` classes, which own their buffers, a copy of this rank's slice of the
+parameters and gradients (values are copied in before the local step, since the model's
+parameters may be changed between steps).
 """
 
 import inspect
-import weakref
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -491,6 +498,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 list(torch.zeros(world, dtype=d).split(1)), torch.zeros(1, dtype=d), group=group))
                 for d in dtypes + [torch.uint8, torch.float64]),
             "all_reduce": lambda: True,
+            "reduce": lambda: True,
             "broadcast": lambda: True,
         }
         known = {}
@@ -505,8 +513,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             return last_resort
 
         if dist.get_backend(group) == "gloo":
-            grads = ["all_reduce", "reduce_scatter_tensor"]
-            params = ["all_reduce", "all_gather_into_tensor", "all_gather", "broadcast"]
+            grads = ["reduce", "all_reduce", "reduce_scatter_tensor"]
+            params = ["broadcast", "all_reduce", "all_gather_into_tensor", "all_gather"]
         else:
             grads = ["reduce_scatter_tensor", "all_reduce"]
             params = ["all_gather_into_tensor", "all_gather", "all_reduce", "broadcast"]
@@ -639,6 +647,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if self.collectives[0] == "reduce_scatter_tensor":
                     target = b.grad_target()
                     works.append(_REDUCE_SCATTER(target, b.flat_grad, group=group, async_op=True))
+                elif self.collectives[0] == "reduce":   # each chunk summed on its owner, in place
+                    target = b.flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+                    works.extend(dist.reduce(chunk, dst=dist.get_global_rank(group, r), group=group,
+                                             async_op=True)
+                                 for r, chunk in enumerate(b.flat_grad.split(b.chunk)))
                 else:   # in place: p.grad then holds the sum over ranks
                     target = b.flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
                     works.append(dist.all_reduce(b.flat_grad, group=group, async_op=True))
@@ -649,8 +662,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         if self.average_gradients:
             for b in self._buckets:
                 b.deliver(b.target)
-            if self.collectives[0] == "all_reduce":
-                self._dirty[:] = True   # the views hold the sum now: zero before reuse
+            if self.collectives[0] != "reduce_scatter_tensor":
+                self._dirty[:] = True   # the views hold sums now: zero before reuse
         rows = self._control_out.view(self.world_size, self._n + 1)
         failed = rows[:, self._n].nonzero().flatten().tolist()
         if failed:
@@ -689,6 +702,14 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         how = self.collectives[1]
         if how == "all_gather_into_tensor":
             _ALL_GATHER(b.flat_param, chunk, group=self.process_group)
+        elif how == "broadcast":
+            if chunk.data_ptr() != b.my_chunk.data_ptr():
+                b.my_chunk.copy_(chunk)
+            group = self.process_group
+            works = [dist.broadcast(c, src=dist.get_global_rank(group, r), group=group, async_op=True)
+                     for r, c in enumerate(b.flat_param.split(b.chunk))]
+            for work in works:
+                work.wait()
         elif how == "all_reduce":
             # The other ranks' chunks are zeroed: the sum is exact (x + 0 == x).
             if chunk.data_ptr() != b.my_chunk.data_ptr():
