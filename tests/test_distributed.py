@@ -184,6 +184,19 @@ def check_state_is_sharded(rank, world):
     # its gradient buffer and the all-gather reads its parameters, with no per-tensor copies.
     (b,) = opt._buckets
     assert not b.aliased and b.param_span is not None and b.grad_span is not None
+    # A closure is called (with gradients enabled) and its loss returned, as in torch.optim.
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x[3, :2], 3, 0) - y[3, :2]) ** 2).mean()
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert (chunk * 8) % 64 == 0
 
 
