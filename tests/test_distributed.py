@@ -491,8 +491,27 @@ def check_bad_input(rank, world):
     raises_on_every_rank(opt.step, RuntimeError, "rank 1", "no longer views", "no rank changed")
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
-    # The step after the failure works (on the ranks that are fine, with their groups).
-    dist.barrier()
+    # At step time: a learning rate changed on one rank only.
+    model = make_model()
+    opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(2, 5, dtype=torch.float64), 0, 0).sum().backward()
+    if rank == world - 1:
+        opt.param_groups[0]["lr"] = 0.05
+    raises_on_every_rank(opt.step, ValueError, "hyperparameters differ", "on rank 0",
+                         f"on rank {world - 1} (differing: ['lr'])")
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    # Once they agree again, the same gradients are used: as if lr had been 0.05 all along.
+    opt.param_groups[0]["lr"] = 0.05
+    opt.step()
+    assert_identical_on_all_ranks(model)
+    twin = make_model()
+    twin_opt = ShardedOptimizer(twin.parameters(), ft.Adam, lr=0.05)
+    twin(torch.ones(2, 5, dtype=torch.float64), 0, 0).sum().backward()
+    twin_opt.step()
+    assert_close(model, twin, 0.0)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def check_world_larger_than_elements(rank, world):

@@ -31,7 +31,8 @@ the world size. ``step()`` is
 
 1. one small all-gather (a byte per parameter) in which the ranks agree which parameters
    have a gradient on some rank (a parameter whose grad is None on every rank is skipped,
-   as torch.optim skips it) and that no rank failed its checks, overlapped with
+   as torch.optim skips it), that no rank failed its checks and that all have the same
+   hyperparameters, overlapped with
 2. the reduction of each flat gradient buffer into its owners' slices (a reduce-scatter,
    or on gloo one reduce per rank: see Collectives), the average taken inside the kernel
    (``grad_scale = 1/world_size``, no extra pass), when ``average_gradients`` is True;
@@ -74,7 +75,10 @@ Guarantees and agreement
   and all raise if any rank failed or the lists differ; in ``step()`` a rank whose
   gradients fail their checks (a replaced ``p.data``, a gradient of the wrong shape, a
   sparse gradient) makes every rank raise through the agreement of point 1, before any
-  parameter or optimizer state changes (``p.grad`` may already hold the reduced sum).
+  parameter or optimizer state changes (``p.grad`` may already hold reduced sums: call
+  ``zero_grad()`` and compute the gradients again before the next step); so do
+  hyperparameters that differ between ranks (a checksum is part of that exchange; there
+  the reduced gradients are kept, and ``step()`` may be called again once they agree).
 * Gradient clipping and ``skip_if_nonfinite`` agree across ranks: :meth:`grad_norm` and
   :meth:`clip_grad_norm_` compute the global norm of the averaged gradient (each rank its
   slice's partial, exchanged and combined in rank order, so every rank gets the same
@@ -99,8 +103,8 @@ Differences from a single-process optimizer
   which exists only inside the kernel.
 * ``add_param_group`` after construction is not supported (the partition is fixed).
 * Hyperparameters (``param_groups``, LR schedulers) must be changed identically on every
-  rank: each rank updates its slice with its own copy. The parameters stay identical
-  either way, but the update would mix the ranks' settings.
+  rank (each rank updates its slice with its own copy); ``step()`` raises on every rank
+  when they differ.
 * ``optimizer_class`` must update element by element (``flatopt.torch``'s classes and
   torch.optim's SGD, Adam, AdamW, RMSprop, Adadelta, Adagrad, Adamax, NAdam, RAdam): its
   parameters are 1-D pieces of your parameters.
@@ -116,6 +120,7 @@ parameters may be changed between steps).
 import inspect
 import math
 import weakref
+import zlib
 
 import numpy as np
 import torch
@@ -457,8 +462,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                             zip(b.pieces, np.cumsum([0] + [e - s for _, _, s, e in b.pieces]))]
             b.locate()
         self._n = len(self._params)
-        self._control = torch.zeros(self._n + 1, dtype=torch.uint8)
-        self._control_out = torch.zeros(self.world_size * (self._n + 1), dtype=torch.uint8)
+        # Exchanged at every step: has-grad per parameter, a failure flag, and a checksum
+        # of the hyperparameters (4 bytes).
+        self._control = torch.zeros(self._n + 5, dtype=torch.uint8)
+        self._control_out = torch.zeros(self.world_size * (self._n + 5), dtype=torch.uint8)
 
     def _signature(self):
         """What every rank must have been given alike."""
@@ -640,6 +647,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         except Exception as exc:  # noqa: BLE001 - every rank raises below
             error = exc
             self._control[self._n] = 1
+        digest = zlib.crc32(repr(self._hyperparameters()).encode())
+        self._control[self._n + 1:] = torch.tensor(list(digest.to_bytes(4, "little")), dtype=torch.uint8)
         group = self.process_group
         works = [self._gather(self._control_out, self._control, async_op=True)]
         if self.average_gradients:
@@ -664,13 +673,31 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 b.deliver(b.target)
             if self.collectives[0] != "reduce_scatter_tensor":
                 self._dirty[:] = True   # the views hold sums now: zero before reuse
-        rows = self._control_out.view(self.world_size, self._n + 1)
+        rows = self._control_out.view(self.world_size, self._n + 5)
         failed = rows[:, self._n].nonzero().flatten().tolist()
         if failed:
             self._raise_step_error(failed, error)
         mask = rows[:, :self._n].amax(0).bool().tolist()
         self._reduced = (mask, None)
+        if not bool((rows[:, self._n + 1:] == rows[0, self._n + 1:]).all()):
+            # The reduced gradients are kept: set the hyperparameters alike and step again.
+            self._raise_hyperparameter_error()
         return mask
+
+    def _hyperparameters(self):
+        return [[(k, group[k]) for k in sorted(group) if k != "params"] for group in self.param_groups]
+
+    def _raise_hyperparameter_error(self):
+        groups = [None] * self.world_size
+        dist.all_gather_object(groups, self._hyperparameters(), group=self.process_group)
+        r, (gi, (a, b)) = next((r, next((gi, (a, b)) for gi, (a, b) in enumerate(zip(groups[0], other))
+                                        if a != b)) for r, other in enumerate(groups) if other != groups[0])
+        diff = sorted({k for k, v in a} ^ {k for k, v in b} | {k for (k, v), (_, w) in zip(a, b) if v != w})
+        raise ValueError(
+            f"ShardedOptimizer.step: the ranks' hyperparameters differ (an LR scheduler or an "
+            f"edit of param_groups on some ranks only?): param_groups[{gi}] {dict(a)} on rank 0, "
+            f"{dict(b)} on rank {r} (differing: {diff}); no rank changed its parameters or "
+            "optimizer state, and step() may be called again once they agree")
 
     def _raise_step_error(self, failed, error):
         reports = [None] * self.world_size
