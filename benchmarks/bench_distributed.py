@@ -152,7 +152,8 @@ def main(argv=None):
     cases = [(f"model w{args.width} ({len(transformer_shapes(args.width))} tensors)", transformer_shapes(args.width)),
              (f"flat 2**{args.flat_log2}", [(2 ** args.flat_log2,)])]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"Adam float32, gloo on 127.0.0.1, {cores} cores, torch {torch.__version__}; "
+    load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    print(f"Adam float32, gloo on 127.0.0.1, {cores} cores{load}, torch {torch.__version__}; "
           "ms per iteration (zero_grad + backward + step, communication included), slowest rank")
     print(f"{'case':<26} {'procs':>5} {'threads':>7}  {'variant':<24} {'ms/iter':>8} {'state MB/rank':>14}")
     import tempfile
