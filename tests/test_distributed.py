@@ -668,21 +668,13 @@ def assert_passed(outcomes, name, world):
         pytest.fail(f"{name} failed on rank(s) {sorted(failed)}; rank {rank}:\n{outcome['error']}")
 
 
-# flatopt.torch's add_param_group is being implemented on another branch (issue 11).
-ADD_PARAM_GROUP_PENDING = pytest.mark.xfail(
-    raises=NotImplementedError, strict=True,
-    reason="flatopt.torch optimizers cannot add a parameter group yet (issue 11)")
-NAMES_2 = [pytest.param(name, marks=ADD_PARAM_GROUP_PENDING) if name.endswith("add-param-group") else name
-           for name, _ in job_checks(2, None)]
+NAMES_2 = [name for name, _ in job_checks(2, None)]
 NAMES_4 = [name for name, _ in job_checks(4, None)]
 
 
 @pytest.mark.parametrize("name", NAMES_2)
 def test_two_processes(jobs, name):
     outcomes = jobs(2)
-    if name.endswith("add-param-group") and all(
-            o.get("type") == "NotImplementedError" for o in outcomes.get(name, {}).values()):
-        raise NotImplementedError(outcomes[name][0]["error"])
     assert_passed(outcomes, name, 2)
 
 
