@@ -119,7 +119,6 @@ parameters may be changed between steps).
 
 import inspect
 import math
-import weakref
 import zlib
 
 import numpy as np
@@ -130,6 +129,7 @@ from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
+from ._packing import AttachGrad
 
 __all__ = ["ShardedOptimizer"]
 
@@ -179,29 +179,6 @@ def _span(tensors, n):
     span = torch.empty(0, dtype=first.dtype)
     span.set_(first.untyped_storage(), first.storage_offset(), (n,))
     return span
-
-
-class _AttachGrad:
-    """Gradient hook: give a parameter whose ``grad`` is None its flat-buffer view back,
-    zeroed, just before autograd accumulates into it (as flatopt.torch does)."""
-
-    __slots__ = ("param", "view", "dirty", "index")
-
-    def __init__(self, param, view, dirty, index):
-        self.param = weakref.ref(param)
-        self.view = view
-        self.dirty = dirty
-        self.index = index
-
-    def __call__(self, grad):
-        if grad.layout != torch.strided:
-            return  # step() rejects sparse gradients
-        p = self.param()
-        if p is not None and p.grad is None:
-            if self.dirty[self.index]:
-                self.view.zero_()
-            self.dirty[self.index] = True
-            p.grad = self.view
 
 
 class _Bucket:
@@ -541,6 +518,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if b.flat_grad is not None:
                     self._grad_views[k] = b.flat_grad[a:e].view(p.shape)
         self._dirty = np.zeros(self._n, dtype=bool)
+        self._sparse = np.zeros(self._n, dtype=bool)  # AttachGrad's flag; step() checks layouts
         for k, p in enumerate(self._params):
             grad = p.grad
             p.data = self._param_views[k]
@@ -550,7 +528,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     self._dirty[k] = True
                     p.grad = self._grad_views[k]
                 if p.requires_grad:
-                    self._hooks.append(p.register_hook(_AttachGrad(p, self._grad_views[k], self._dirty, k)))
+                    self._hooks.append(p.register_hook(AttachGrad(p, self._grad_views[k], self._dirty, self._sparse, k)))
         self._data_ptrs = [p.data_ptr() for p in self._params]
 
     def __del__(self):
