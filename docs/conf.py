@@ -55,7 +55,7 @@ nitpicky = False
 # -- API reference ----------------------------------------------------------------------
 # Without PyTorch, the flatopt.torch page becomes a note (see setup() below) and its
 # autosummary stubs are not generated.
-autosummary_generate = True if HAVE_TORCH else ["api/index.rst"]
+autosummary_generate = True if HAVE_TORCH else ["api/index.rst", "api/keras.rst"]
 autosummary_imported_members = True
 autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
