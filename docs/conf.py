@@ -6,7 +6,7 @@ Build (from the repository root, after ``python setup.py build_ext --inplace``):
 
 The package is imported from ``src/`` (or wherever it is installed); nothing is fetched
 from the network. The ``flatopt.torch`` reference needs PyTorch and is left out, with a
-note, when it is not installed.
+note, when it is not installed (as is ``flatopt.torch.distributed``'s).
 """
 
 import glob
@@ -53,9 +53,13 @@ default_role = "code"  # `x` is inline code, as ``x``
 nitpicky = False
 
 # -- API reference ----------------------------------------------------------------------
-# Without PyTorch, the flatopt.torch page becomes a note (see setup() below) and its
-# autosummary stubs are not generated.
-autosummary_generate = True if HAVE_TORCH else ["api/index.rst"]
+# Without PyTorch, the flatopt.torch and flatopt.torch.distributed pages become a note
+# (see setup() below) and their autosummary stubs are not generated.
+TORCH_PAGES = {
+    "api/torch": "``flatopt.torch``",
+    "api/distributed": "``flatopt.torch.distributed``",
+}
+autosummary_generate = True if HAVE_TORCH else ["api/index.rst", "api/keras.rst"]
 autosummary_imported_members = True
 autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
@@ -100,8 +104,9 @@ html_last_updated_fmt = None
 
 
 def _torch_page_without_torch(app, docname, source):
-    if docname == "api/torch" and not HAVE_TORCH:
-        source[0] = ("``flatopt.torch``\n=================\n\n"
+    if docname in TORCH_PAGES and not HAVE_TORCH:
+        title = TORCH_PAGES[docname]
+        source[0] = (f"{title}\n{'=' * len(title)}\n\n"
                      "This reference is built only when PyTorch is installed.\n")
 
 
