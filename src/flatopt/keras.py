@@ -42,7 +42,8 @@ default; ``keras.config.set_floatx("float64")`` for float64 ones).
 Not supported: ``clipnorm``, ``clipvalue``, ``global_clipnorm`` (use
 ``opt.clip_grad_norm_``), ``use_ema``, ``loss_scale_factor`` (use ``step(grad_scale=...)``),
 ``gradient_accumulation_steps``, ``exclude_from_weight_decay`` (put those parameters in a
-group with ``weight_decay=None``).
+group with ``weight_decay=None``, or ``0.0`` for AdamW, which requires a number as Keras's
+does).
 """
 
 import numbers
