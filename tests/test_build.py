@@ -120,6 +120,34 @@ def test_every_isa_variant_built_is_installed():
     assert set(info["isa_supported"]) <= set(available)
 
 
+X86_LEVELS = {"avx2", "avx512"}
+
+
+def _arch(name):
+    name = name.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def test_build_info_reports_only_this_platforms_isa_levels():
+    """A build for aarch64 (cross-built on x86-64, tools/check_wheel_aarch64.sh) has one
+    ISA level, the baseline: no x86 level may be listed as built, installed or supported,
+    and the recorded target machine is the one running it, not the build machine."""
+    config = _build_config()
+    info = flatopt.build_info()
+    machine = config.get("machine")
+    if machine is None or "build_machine" not in config:
+        pytest.skip("a build record from before targets were recorded")
+    assert _arch(platform.machine()) in machine.split("+"), (machine, platform.machine())
+    if machine != "x86_64":
+        for key in ("isa_built", "isa_available", "isa_supported"):
+            assert info[key] == ["baseline"], (key, info[key])
+        assert info["isa"] == "baseline"
+        assert not X86_LEVELS & set(config.get("isa_flags", {})), config["isa_flags"]
+    else:
+        assert set(info["isa_built"]) <= {"baseline"} | X86_LEVELS, info["isa_built"]
+        assert set(config["isa_flags"]) == set(info["isa_built"]) - {"baseline"}, config
+
+
 # -- coexistence with PyTorch -------------------------------------------------------
 
 COEXIST = textwrap.dedent(
