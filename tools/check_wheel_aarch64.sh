@@ -123,6 +123,16 @@ assert config["platform"] == "linux-aarch64" and config["machine"] == "aarch64",
 assert "-ffp-contract=off" in config["cflags"], config["cflags"]
 EOF
 
+# aarch64 has fused multiply-add in its base ISA and gcc contracts a*b+c into it by default:
+# -ffp-contract=off must leave none in the kernels, or results drift from x86-64's.
+mkdir "$WORK/xwheel"
+(cd "$WORK/xwheel" && "$TOOLS/python" -m zipfile -e "$XWHEEL" .)
+FMA=$(aarch64-linux-gnu-objdump -d "$WORK"/xwheel/flatopt/_kernels.*.so \
+      | grep -cE $'\t(fmadd|fmsub|fnmadd|fnmsub|fmla|fmls)\s' || true)
+[ "$FMA" = 0 ] || die "$FMA fused multiply-add instructions in the aarch64 kernels"
+echo "ok: no fused multiply-add in the aarch64 kernels ($(aarch64-linux-gnu-objdump -d \
+    "$WORK"/xwheel/flatopt/_kernels.*.so | grep -cE $'\tfmul\s') fmul)"
+
 step "aarch64: auditwheel repair (libraries from the sysroot)"
 LD_LIBRARY_PATH="$XA_LIBDIRS" "$TOOLS/auditwheel" repair -w "$WORK/wheelhouse-aarch64" "$XWHEEL" \
     > "$WORK/repair-aarch64.log" 2>&1 || { cat "$WORK/repair-aarch64.log"; die "auditwheel repair"; }
