@@ -8,8 +8,8 @@
 #      gcc-aarch64-linux-gnu qemu-user` (as root; without recommends, so no binfmt_misc
 #      handler is registered on the machine).
 #   2. The arm64 packages of CPython $PYVER, glibc, libgomp and what `import` needs, fetched
-#      with `apt-get download` through a private apt state (arm64 package lists in the
-#      cache): the machine's dpkg architectures and apt lists are left alone. Each .deb is
+#      with `apt-get download` through a private, temporary apt state that knows only
+#      arm64: the machine's dpkg architectures and apt lists are left alone. Each .deb is
 #      unpacked with `dpkg -x` into one folder, the sysroot. Its interpreter runs as
 #      `qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python$PYVER`.
 #
@@ -49,20 +49,26 @@ xa_tools() {  # the cross compiler and the emulator, installed from Debian when 
         return 1
     fi
     xa_log "apt-get install ${missing[*]}"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get update -q >/dev/null || { xa_log "apt-get update failed"; return 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >/dev/null || { xa_log "apt-get install failed"; return 1; }
 }
 
 xa_sysroot() {  # download and unpack the arm64 packages into $XA_SYSROOT, unless done
-    local stamp="$XA_SYSROOT/.flatopt-packages" want
+    local want
     want=$(printf '%s\n' "${XA_PACKAGES[@]}")
-    if [ -x "$XA_PYTHON" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    if [ -x "$XA_PYTHON" ] && [ "$(cat "$XA_SYSROOT/.flatopt-packages" 2>/dev/null)" = "$want" ]; then
         XA_GLIBC=$(cat "$XA_SYSROOT/.flatopt-glibc")
         xa_log "cached: $XA_SYSROOT (glibc $XA_GLIBC)"
         return 0
     fi
-    local apt_dir="$XA_CACHE/apt" debs="$XA_CACHE/debs-py$XA_PYVER" tmp="$XA_SYSROOT.tmp"
-    mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$debs"
+    # Everything happens in a fresh folder moved into place at the end: concurrent runs
+    # sharing the cache never see a half-made sysroot.
+    mkdir -p "$XA_CACHE" || return 1
+    local tmp
+    tmp=$(mktemp -d "$XA_CACHE/make-sysroot.XXXXXX") || return 1
+    local apt_dir="$tmp/apt" debs="$tmp/debs" root="$tmp/sysroot"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$debs" "$root"
     : > "$apt_dir/status"
     # A private apt state that knows only arm64: nothing is installed or registered on the
     # machine (no `dpkg --add-architecture`), and no root is needed.
@@ -71,31 +77,33 @@ xa_sysroot() {  # download and unpack the arm64 packages into $XA_SYSROOT, unles
                -o "Dir::Cache::archives=$apt_dir/archives" -o APT::Architecture=arm64
                -o APT::Architectures::=arm64 -o Debug::NoLocking=1
                -o APT::Sandbox::User="$(id -un)")
-    xa_log "apt-get update (arm64 package lists, private state in $apt_dir)"
-    apt-get "${apt[@]}" update >/dev/null
+    xa_log "apt-get update (arm64 package lists, private apt state)"
+    apt-get "${apt[@]}" update >/dev/null || { xa_log "apt-get update failed"; return 1; }
     xa_log "apt-get download ${#XA_PACKAGES[@]} arm64 packages"
-    rm -f "$debs"/*.deb
     (cd "$debs" && apt-get "${apt[@]}" download "${XA_PACKAGES[@]}" >/dev/null) || {
         xa_log "download failed: is python$XA_PYVER packaged for arm64 in this Debian release?"
         xa_log "(Debian 12 has 3.11: PYTHON=python3.11)"
         return 1
     }
-    rm -rf "$tmp"
-    mkdir -p "$tmp"
     local deb
-    for deb in "$debs"/*.deb; do dpkg -x "$deb" "$tmp"; done
-    XA_GLIBC=$(dpkg-deb -f "$(ls "$debs"/libc6_*.deb)" Version | grep -oE '^[0-9]+\.[0-9]+')
-    echo "$XA_GLIBC" > "$tmp/.flatopt-glibc"
-    printf '%s\n' "$want" > "$tmp/.flatopt-packages"
-    rm -rf "$XA_SYSROOT"
-    mv "$tmp" "$XA_SYSROOT"
-    [ -x "$XA_PYTHON" ] || { xa_log "no $XA_PYTHON after unpacking"; return 1; }
+    for deb in "$debs"/*.deb; do
+        dpkg -x "$deb" "$root" || { xa_log "dpkg -x $deb failed"; return 1; }
+    done
+    XA_GLIBC=$(dpkg-deb -f "$(ls "$debs"/libc6_*.deb)" Version | grep -oE '^[0-9]+\.[0-9]+') \
+        || { xa_log "no glibc version"; return 1; }
+    echo "$XA_GLIBC" > "$root/.flatopt-glibc"
+    printf '%s\n' "$want" > "$root/.flatopt-packages"
+    [ -x "$root/usr/bin/python$XA_PYVER" ] || { xa_log "no python$XA_PYVER after unpacking"; return 1; }
+    # A stale sysroot goes; one that a concurrent run just made (same packages) stays.
+    [ "$(cat "$XA_SYSROOT/.flatopt-packages" 2>/dev/null)" = "$want" ] || rm -rf "$XA_SYSROOT"
+    mv -T "$root" "$XA_SYSROOT" 2>/dev/null || xa_log "another run made $XA_SYSROOT meanwhile: using it"
+    rm -rf "$tmp"
     xa_log "unpacked into $XA_SYSROOT ($(du -sh "$XA_SYSROOT" | cut -f1), glibc $XA_GLIBC)"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced
-    xa_tools
-    xa_sysroot
+    xa_tools || exit 1
+    xa_sysroot || exit 1
     qemu-aarch64 -L "$XA_SYSROOT" "$XA_PYTHON" -c \
         'import platform, sys; print("aarch64_sysroot: runs", sys.version.split()[0], platform.machine())' >&2
     echo "$XA_SYSROOT"
