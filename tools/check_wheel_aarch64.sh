@@ -25,13 +25,14 @@
 # Emulation makes the aarch64 interpreter 10-30x slower than native: the whole suite would
 # take well over half an hour here. By default it runs the files that test the build and
 # build_info, the ISA dispatch, OpenMP threads, layouts, the functional API, gradient
-# hygiene and the optimizer table (AARCH64_TESTS below: about 4 minutes emulated), while
-# the trajectory compares every optimizer, both dtypes, odd sizes and 1 and 2 threads with
-# x86-64 bit for bit. Left to the native run: the kernel-vs-twin sweeps over large sizes
-# (test_momentum_kernels alone takes 4 minutes emulated, test_adaptive far longer), the
+# hygiene and the optimizer table (AARCH64_TESTS below: 25-70 s emulated, with pytest's
+# start), while the trajectory compares every optimizer (torch's and Keras's formulas),
+# both dtypes, odd sizes and 1 and 2 threads with x86-64 bit for bit. Left to the native
+# run: the kernel-vs-twin sweeps over large sizes (emulated, test_momentum_kernels takes
+# 1.5-4 minutes, test_keras 1.5, test_adam_variants 3, test_adaptive far longer), the
 # hypothesis and adversarial-input tests, torch and the bench: they check the same C
 # source's arithmetic, which the trajectory carries over. FLATOPT_AARCH64_TESTS=all runs
-# the whole suite.
+# the whole suite; FLATOPT_AARCH64_TESTS="tests/test_keras.py ..." chosen files.
 #
 # Environment: FLATOPT_CACHE (downloads), FLATOPT_AARCH64_TESTS ("all", or test files),
 # FLATOPT_WHEELHOUSE (copy the sdist and the aarch64 wheel there), KEEP_WORK.
