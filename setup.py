@@ -1,8 +1,10 @@
 """Build the flatopt Cython extensions.
 
 OpenMP is probed with the compiler that builds the package: if a small OpenMP program
-compiles and links, the kernels are built with OpenMP; otherwise a serial build is made
-and a loud warning is printed.
+compiles and links (and, for a native build, runs), the kernels are built with OpenMP;
+otherwise a serial build is made and a loud warning is printed. A cross build (the
+compiler targets another CPU than this machine's, e.g. aarch64-linux-gnu-gcc on x86-64)
+only compiles and links the probe: its binaries cannot run here.
 
 Environment switches:
   FLATOPT_NO_OPENMP=1       force the serial build
@@ -80,8 +82,48 @@ def _speed_flags(compiler):
     return ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 
 
-def _probe_openmp(compiler, compile_flags, link_flags):
-    """True if a small OpenMP program compiles, links and runs with these flags."""
+def _normalize_arch(name):
+    name = name.strip().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def _target_arch(compiler):
+    """The CPU the extensions are built for, which a cross build makes differ from this one's.
+
+    macOS's ``ARCHFLAGS`` names it when set (a universal build reports its architectures
+    joined by "+"); otherwise the compiler is asked (``gcc -dumpmachine``:
+    ``aarch64-linux-gnu-gcc`` says ``aarch64-linux-gnu``); failing that, the platform
+    setuptools tags the wheel with (``sysconfig.get_platform()``, which follows
+    ``_PYTHON_HOST_PLATFORM`` as cross builds set it, not ``_PYTHON_SYSCONFIGDATA_NAME``).
+    """
+    archs = shlex.split(os.environ.get("ARCHFLAGS", ""))
+    archs = [_normalize_arch(a) for flag, a in zip(archs, archs[1:]) if flag == "-arch"]
+    if archs:
+        return "+".join(sorted(set(archs)))
+    exe = getattr(compiler, "compiler", None)
+    if compiler.compiler_type != "msvc" and exe:
+        try:
+            out = subprocess.run([exe[0], "-dumpmachine"], capture_output=True, text=True,
+                                 timeout=30)
+            triple = out.stdout.strip()
+            if out.returncode == 0 and triple:
+                return _normalize_arch(triple.split("-")[0])
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return _normalize_arch(sysconfig.get_platform().rsplit("-", 1)[-1])
+
+
+def _cross_compiling(target):
+    """True when binaries for ``target`` (``_target_arch``) cannot run on this machine."""
+    return target != _normalize_arch(platform.machine())
+
+
+def _probe_openmp(compiler, compile_flags, link_flags, run=True):
+    """True if a small OpenMP program compiles and links with these flags, and runs if ``run``.
+
+    A cross build passes ``run=False``: the linked program is for another CPU, so the probe
+    is that the compiler finds ``omp.h`` and the linker the OpenMP runtime.
+    """
     tmp = tempfile.mkdtemp(prefix="flatopt-omp-")
     cwd = os.getcwd()
     try:
@@ -97,6 +139,10 @@ def _probe_openmp(compiler, compile_flags, link_flags):
             env_ldflags = []
         compiler.link_executable(objects, "test_openmp", extra_preargs=env_ldflags,
                                  extra_postargs=link_flags)
+        if not os.path.isfile(os.path.join(tmp, exe)):
+            raise RuntimeError(f"the linker reported success but wrote no {exe}")
+        if not run:
+            return True
         out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[0]) >= 1
     except Exception as exc:  # any failure means: no usable OpenMP
@@ -123,12 +169,13 @@ def _compiles(compiler, source, flags):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _isa_variants(compiler):
-    """The ISA variant builds this compiler and target support: {ext name: flags}."""
-    target = (os.environ.get("ARCHFLAGS", "") + " " + sysconfig.get_platform()).lower()
-    if compiler.compiler_type == "msvc" or not any(a in target for a in ("x86_64", "amd64")):
-        return {}
-    if "arm64" in target:  # macOS cross-compilation: ARCHFLAGS names the real target
+def _isa_variants(compiler, target):
+    """The ISA variant builds this compiler and target support: {ext name: flags}.
+
+    Only an x86-64 ``target`` (``_target_arch``, the compiler's, not this machine's) has
+    variants: a cross build for aarch64 on an x86-64 machine builds the baseline only.
+    """
+    if compiler.compiler_type == "msvc" or target != "x86_64":
         return {}
     return {name: flags for name, flags in ISA_VARIANTS.items()
             if _compiles(compiler, ISA_TEST, flags)}
@@ -150,15 +197,22 @@ class BuildExt(build_ext):
 
     def build_extensions(self):
         compile_flags, link_flags = _openmp_flags(self.compiler)
+        target = _target_arch(self.compiler)
+        cross = _cross_compiling(target)
+        if cross:
+            print(f"flatopt: cross-compiling for {target} on "
+                  f"{platform.machine()}: the OpenMP probe compiles and links only",
+                  file=sys.stderr)
         if _env_flag("FLATOPT_NO_OPENMP"):
             use_openmp, reason = False, "disabled by FLATOPT_NO_OPENMP"
-        elif _probe_openmp(self.compiler, compile_flags, link_flags):
+        elif _probe_openmp(self.compiler, compile_flags, link_flags, run=not cross):
             use_openmp, reason = True, "probe succeeded"
         else:
             use_openmp, reason = False, "probe failed"
         if not use_openmp:
             if _env_flag("FLATOPT_REQUIRE_OPENMP") and not _env_flag("FLATOPT_NO_OPENMP"):
-                raise RuntimeError("flatopt: FLATOPT_REQUIRE_OPENMP=1 but OpenMP is not usable")
+                raise RuntimeError("flatopt: FLATOPT_REQUIRE_OPENMP=1 but OpenMP is not usable "
+                                   f"({reason}; the probe's error is printed above)")
             banner = "*" * 78
             print(
                 f"\n{banner}\nflatopt: building WITHOUT OpenMP ({reason}).\n"
@@ -169,7 +223,7 @@ class BuildExt(build_ext):
             compile_flags, link_flags = [], []
 
         speed = _speed_flags(self.compiler)
-        variants = _isa_variants(self.compiler)
+        variants = _isa_variants(self.compiler, target)
         skipped = [e.name for e in self.extensions if e.name in ISA_VARIANTS and e.name not in variants]
         if skipped:
             print(f"flatopt: not building {', '.join(skipped)} (compiler or target lacks the ISA)",
@@ -180,7 +234,8 @@ class BuildExt(build_ext):
             ext.extra_compile_args = speed + compile_flags + isa + ext.extra_compile_args
             ext.extra_link_args = link_flags + ext.extra_link_args
         isa_levels = ["baseline"] + [name.rsplit("_", 1)[1] for name in variants]
-        self._write_build_config(use_openmp, speed + compile_flags, link_flags, isa_levels)
+        self._write_build_config(use_openmp, speed + compile_flags, link_flags, isa_levels,
+                                 variants, target)
         super().build_extensions()
 
     def copy_extensions_to_source(self):
@@ -191,7 +246,7 @@ class BuildExt(build_ext):
         if os.path.exists(record):
             shutil.copyfile(record, os.path.join(ROOT, PKG, "_build_config.py"))
 
-    def _write_build_config(self, use_openmp, cflags, ldflags, isa_levels):
+    def _write_build_config(self, use_openmp, cflags, ldflags, isa_levels, variants, target):
         info = {
             "openmp": use_openmp,
             "compiler": _compiler_version(self.compiler),
@@ -200,9 +255,10 @@ class BuildExt(build_ext):
             "ldflags": ldflags,
             "cython_debug": _env_flag("FLATOPT_CYTHON_DEBUG"),
             "isa_built": isa_levels,
-            "isa_flags": {name.rsplit("_", 1)[1]: flags for name, flags in ISA_VARIANTS.items()},
+            "isa_flags": {name.rsplit("_", 1)[1]: ISA_VARIANTS[name] for name in variants},
             "platform": sysconfig.get_platform(),
-            "machine": platform.machine(),
+            "machine": target,
+            "build_machine": platform.machine(),
             "python": platform.python_version(),
         }
         text = f'"""Generated by setup.py at build time; do not edit."""\n\nBUILD_CONFIG = {info!r}\n'

