@@ -758,3 +758,113 @@ def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_b
         m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * g) / den_g
         param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
     return prod
+
+
+# ---- mixed precision: 16-bit <-> float32 conversions -----------------------------------------
+# The optimizers keep float32 master weights and state and run their float32 kernels on
+# them; these kernels only convert. A step widens a cache-sized block of the 16-bit
+# gradient into a float32 scratch buffer, runs the optimizer kernel on that block, then
+# narrows the block's master weights into the 16-bit parameters (flatopt._optimizer).
+# Pure integer arithmetic on the bit patterns (no float op, no intrinsic), so every ISA
+# build and thread count gives the same bits. Rounding is round-to-nearest-even, as
+# torch's casts: bfloat16 as c10's round_to_nearest_even (NaN -> 0x7FC0), float16 as the
+# FP16 library's fp16_ieee_from_fp32_value (overflow to inf, NaN -> sign | 0x7E00).
+# Widening is exact (float16 subnormals included; a float16 NaN becomes a quiet NaN
+# with the same payload, as the hardware converters do).
+
+from libc.stdint cimport uint16_t, uint32_t
+
+KIND_BF16 = 0
+KIND_FP16 = 1
+
+
+cdef inline uint32_t _bf16_to_f32(uint16_t h) noexcept nogil:
+    return (<uint32_t>h) << 16
+
+
+cdef inline uint16_t _f32_to_bf16(uint32_t u) noexcept nogil:
+    if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN
+        return 0x7FC0
+    return <uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+cdef inline uint32_t _fp16_to_f32(uint16_t h) noexcept nogil:
+    cdef uint32_t sign = (<uint32_t>(h & 0x8000)) << 16
+    cdef uint32_t e = (h >> 10) & 0x1F
+    cdef uint32_t m = h & 0x3FF
+    if e == 0x1F:  # inf, or NaN (made quiet)
+        return sign | 0x7F800000 | (m << 13) | (0x400000 if m != 0 else 0)
+    if e != 0:
+        return sign | ((e + 112) << 23) | (m << 13)
+    if m == 0:
+        return sign
+    e = 113  # subnormal: m * 2**-24, normalised
+    while (m & 0x400) == 0:
+        m = m << 1
+        e = e - 1
+    return sign | (e << 23) | ((m & 0x3FF) << 13)
+
+
+cdef inline uint16_t _f32_to_fp16(uint32_t u) noexcept nogil:
+    cdef uint32_t sign = (u >> 16) & 0x8000
+    cdef uint32_t a = u & 0x7FFFFFFF
+    cdef uint32_t e, m, shift, q, rem, half
+    if a > 0x7F800000:  # NaN
+        return <uint16_t>(sign | 0x7E00)
+    if a >= 0x477FF000:  # >= 65520 (the tie above 65504 rounds to even: inf), or inf
+        return <uint16_t>(sign | 0x7C00)
+    if a >= 0x38800000:  # >= 2**-14: a normal float16; rebias, round off 13 bits
+        a = a - 0x38000000
+        return <uint16_t>(sign | ((a + 0x0FFF + ((a >> 13) & 1)) >> 13))
+    e = a >> 23
+    if e < 102:  # below 2**-25: rounds to zero
+        return <uint16_t>sign
+    m = (a & 0x7FFFFF) | 0x800000
+    shift = 126 - e  # 14..24: the value in units of 2**-24 is m >> shift
+    q = m >> shift
+    rem = m & ((1u << shift) - 1)
+    half = 1u << (shift - 1)
+    if rem > half or (rem == half and (q & 1) != 0):
+        q = q + 1
+    return <uint16_t>(sign | q)
+
+
+def widen16(const uint16_t[::1] src, uint32_t[::1] out, int kind, int n_threads):
+    """``out[i] = float32(src[i])``, exactly: ``src`` holds bfloat16 (``kind`` =
+    ``KIND_BF16``) or float16 (``KIND_FP16``) bit patterns, ``out`` float32 ones (pass
+    ``array.view(np.uint16)`` and ``array.view(np.uint32)``); ``out`` may be longer."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    if kind == 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _bf16_to_f32(src[i])
+    else:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _fp16_to_f32(src[i])
+
+
+def narrow16(const uint32_t[::1] src, uint16_t[::1] out, int kind, int n_threads):
+    """``out[i] = src[i]`` rounded to nearest even, as bit patterns: float32 in, bfloat16
+    (``KIND_BF16``) or float16 (``KIND_FP16``) out; bit-exact with torch's casts."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    if kind == 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _f32_to_bf16(src[i])
+    else:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _f32_to_fp16(src[i])
+
+
+def count_nonfinite16(const uint16_t[::1] x, int kind, int n_threads):
+    """How many of the bfloat16/float16 bit patterns in ``x`` are inf or NaN (all
+    exponent bits set)."""
+    cdef Py_ssize_t i, n = x.shape[0]
+    cdef Py_ssize_t count = 0
+    cdef uint16_t mask = 0x7F80 if kind == 0 else 0x7C00
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        count += (x[i] & mask) == mask
+    return count
