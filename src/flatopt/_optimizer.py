@@ -569,10 +569,9 @@ class Optimizer(ClipGradNormMixin):
         """:meth:`grad_norm` of 16-bit gradients: the norm of their float32 values, block
         by block through the scratch buffer (blocks are whole ``NORM_BLOCK``s, so the
         partial sums are those of the widened buffer, bit for bit)."""
-        partials, kind = self._norm_partials, self._half[1]
-        g16, scratch = self._flat_grads.view(np.uint16), self._mixed_scratch(MIXED_BLOCK * n_threads)
-        nb = kernels.NORM_BLOCK
-        block = max(nb, scratch.shape[0] // nb * nb)
+        partials, kind, nb = self._norm_partials, self._half[1], kernels.NORM_BLOCK
+        block = -(-MIXED_BLOCK * max(1, n_threads) // nb) * nb  # whole NORM_BLOCKs
+        g16, scratch = self._flat_grads.view(np.uint16), self._mixed_scratch(block)
         for lo in range(0, self.layout.size, block):
             hi = min(lo + block, self.layout.size)
             kernels.widen16(g16[lo:hi], scratch.view(np.uint32), kind, n_threads)
