@@ -16,8 +16,8 @@ import numpy as np
 
 from ._dispatch import kernels
 from ._layout import FlatLayout, adopt, aligned_zeros, copy_into, resolve_dtype
-from ._mixed import MIXED_BLOCK, HalfLayout as _HalfLayout, check_half_grads, half_kind, resolve_master
-from ._mixed import split as _split
+from ._mixed import MIXED_BLOCK, check_half_grads, half_kind, resolve_master
+from ._mixed import HalfLayout as _HalfLayout, split as _split
 from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
@@ -92,8 +92,11 @@ class Optimizer(ClipGradNormMixin):
     optionally ``_init_state(name, buffer)``, ``_plain_state`` with
     ``_check_plain_state`` (per-group values, such as SGD's first-step flags) and
     ``_start_run(gi, group, fresh)``. Its ``__init__`` takes torch's arguments plus
-    keyword-only ``n_threads=None, dtype=None, adopt=False`` and calls
-    ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)``.
+    keyword-only ``n_threads=None, dtype=None, adopt=False, master_dtype=None`` and
+    passes them on: ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype,
+    adopt=adopt, master_dtype=master_dtype)``. With ``master_dtype`` (16-bit params) the
+    same ``_update`` runs on blocks of the float32 master and state (see
+    :meth:`_finish_mixed_step`): a subclass needs no code of its own for it.
     A step is ``_begin_step`` then ``_finish_step`` (see there); nothing else calls
     ``_update``.
     """
@@ -726,8 +729,9 @@ class Optimizer(ClipGradNormMixin):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} bools, got {value!r}")
 
     def __repr__(self):
-        lines = [f"{type(self).__name__} ({self.layout.size} {self.layout.dtype} elements "
-                 f"in {len(self.layout)} arrays)"]
+        what = (f"{self._half[0]} elements with a {self.layout.dtype} master," if self._half
+                else f"{self.layout.dtype} elements")
+        lines = [f"{type(self).__name__} ({self.layout.size} {what} in {len(self.layout)} arrays)"]
         for gi, group in enumerate(self.param_groups):
             lines.append(f"  group {gi}: " + ", ".join(
                 f"{k}={group[k]!r}" for k in self._hyperparameters))
