@@ -316,7 +316,7 @@ def test_defaults_are_keras(name, keras):
     import inspect
     ours = inspect.signature(getattr(fk, name)).parameters
     theirs = inspect.signature(getattr(keras.optimizers, name)).parameters
-    shared = [k for k in ours if k not in ("params", "n_threads", "dtype", "adopt")]
+    shared = [k for k in ours if k not in ("params", "n_threads", "dtype", "adopt", "master_dtype")]
     assert shared == [k for k in theirs if k in shared]  # same order
     for k in shared:
         assert ours[k].default == theirs[k].default, k

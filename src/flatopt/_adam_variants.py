@@ -66,11 +66,13 @@ class NAdam(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False,
-                 n_threads=None, dtype=None, adopt=False):
+                 n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
         self.state["mu_product"] = [1.0] * len(self.param_groups)
 
     def _check(self, group, where=None):
@@ -111,10 +113,12 @@ class RAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, *, maximize=False, n_threads=None, dtype=None,
-                 adopt=False):
+                 adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where=None):
         check_radam(group, where or "RAdam")
@@ -140,9 +144,11 @@ class Adamax(Optimizer):
     _all_state_names = ("exp_avg", "exp_inf")
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False, n_threads=None, dtype=None, adopt=False):
+                 maximize=False, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where=None):
         check_adamax(group, where or "Adamax")
@@ -174,9 +180,11 @@ class Lion(Optimizer):
     _all_state_names = ("exp_avg",)
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 n_threads=None, dtype=None, adopt=False):
+                 n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where=None):
         check_lion(group, where or "Lion")

@@ -73,11 +73,13 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 n_threads=None, dtype=None, adopt=False):
+                 n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where=None):
         check_adam(group, where or type(self).__name__)
@@ -103,10 +105,12 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, n_threads=None, dtype=None, adopt=False):
+                 amsgrad=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, n_threads=n_threads, dtype=dtype,
-                         adopt=adopt)
+                         adopt=adopt,
+                         master_dtype=master_dtype)
 
 
 class RMSprop(Optimizer):
@@ -123,10 +127,12 @@ class RMSprop(Optimizer):
     _all_state_names = ("square_avg", "grad_avg", "momentum_buffer")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, n_threads=None, dtype=None, adopt=False):
+                 centered=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where="RMSprop"):
         check_rmsprop(group, where)
@@ -156,9 +162,11 @@ class Adadelta(Optimizer):
     _all_state_names = ("square_avg", "acc_delta")
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
-                 maximize=False, n_threads=None, dtype=None, adopt=False):
+                 maximize=False, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where="Adadelta"):
         check_adadelta(group, where)
@@ -187,11 +195,13 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, n_threads=None,
-                 dtype=None, adopt=False):
+                 dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
                         maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where="Adagrad"):
         check_adagrad(group, where)

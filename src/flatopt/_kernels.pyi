@@ -114,3 +114,15 @@ def keras_nadam(
     v_buf: npt.NDArray[_F], step: int, u_product: float, lr: float, beta_1: float,
     beta_2: float, epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
 ) -> None: ...
+
+# Mixed precision: bit patterns (``array.view(np.uint16)`` / ``array.view(np.uint32)``).
+KIND_BF16: int
+KIND_FP16: int
+
+def widen16(
+    src: npt.NDArray[np.uint16], out: npt.NDArray[np.uint32], kind: int, n_threads: int,
+) -> None: ...
+def narrow16(
+    src: npt.NDArray[np.uint32], out: npt.NDArray[np.uint16], kind: int, n_threads: int,
+) -> None: ...
+def count_nonfinite16(x: npt.NDArray[np.uint16], kind: int, n_threads: int) -> int: ...

@@ -758,3 +758,114 @@ def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_b
         m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * g) / den_g
         param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
     return prod
+
+
+# ---- mixed precision: 16-bit <-> float32 conversions -----------------------------------------
+# The optimizers keep float32 master weights and state and run their float32 kernels on
+# them; these kernels only convert. A step widens a cache-sized block of the 16-bit
+# gradient into a float32 scratch buffer, runs the optimizer kernel on that block, then
+# narrows the block's master weights into the 16-bit parameters (flatopt._optimizer).
+# Integer arithmetic on the bit patterns, plus float operations only where each is exact
+# or a correctly rounded IEEE operation (no intrinsic, no FMA: -ffp-contract=off), so every
+# ISA build and thread count gives the same bits; selects, not branches, so the loops
+# vectorise. Rounding is round-to-nearest-even, as torch's casts: bfloat16 as c10's round_to_nearest_even (NaN -> 0x7FC0), float16 as the
+# FP16 library's fp16_ieee_from_fp32_value (overflow to inf, NaN -> sign | 0x7E00).
+# Widening is exact (float16 subnormals included; a float16 NaN becomes a quiet NaN
+# with the same payload, as the hardware converters do).
+
+from libc.stdint cimport uint16_t, uint32_t
+
+KIND_BF16 = 0
+KIND_FP16 = 1
+
+
+cdef inline uint32_t _bf16_to_f32(uint16_t h) noexcept nogil:
+    return (<uint32_t>h) << 16
+
+
+cdef inline uint16_t _f32_to_bf16(uint32_t u) noexcept nogil:
+    if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN
+        return 0x7FC0
+    return <uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+cdef union _Bits32:
+    float f
+    uint32_t u
+
+
+cdef inline uint32_t _sel(bint c, uint32_t a, uint32_t b) noexcept nogil:
+    """``a if c else b`` as mask arithmetic: no branch, so the loops vectorise."""
+    cdef uint32_t mask = 0u - <uint32_t>c
+    return (a & mask) | (b & ~mask)
+
+
+cdef inline uint32_t _fp16_to_f32(uint16_t h) noexcept nogil:
+    # A subnormal m * 2**-24 is converted as the integer m times 2**-24: both exact.
+    cdef uint32_t sign = (<uint32_t>(h & 0x8000)) << 16
+    cdef uint32_t em = h & 0x7FFF
+    cdef uint32_t m = em & 0x3FF
+    cdef _Bits32 sub
+    sub.f = <float>(<int>m) * <float>5.9604644775390625e-08
+    cdef uint32_t normal = (em << 13) + 0x38000000  # rebias the exponent: +112 << 23
+    cdef uint32_t special = (em << 13) | 0x7F800000 | _sel(m != 0, 0x400000, 0)  # NaN quiet
+    return sign | _sel(em >= 0x7C00, special, _sel(em < 0x400, sub.u, normal))
+
+
+cdef inline uint16_t _f32_to_fp16(uint32_t u) noexcept nogil:
+    # The FP16 library's fp16_ieee_from_fp32_value (what torch's c10 uses), branch-free:
+    # scaling by 2**112 then 2**-110 and adding 2**(e+k) makes the float adder round the
+    # significand to float16's precision, nearest even (subnormals too). The float
+    # operations are exact or correctly rounded IEEE ones, the same on every ISA build
+    # (no FMA: -ffp-contract=off; the input's subnormals are not flushed).
+    cdef _Bits32 x, base, bias_f
+    x.u = u & 0x7FFFFFFF
+    base.f = (x.f * <float>5.192296858534828e+33) * <float>7.703719777548943e-34
+    cdef uint32_t shl1 = u + u
+    cdef uint32_t bias = shl1 & 0xFF000000U
+    bias = _sel(bias < 0x71000000, 0x71000000, bias)
+    bias_f.u = (bias >> 1) + 0x07800000
+    base.f = bias_f.f + base.f
+    cdef uint32_t nonsign = ((base.u >> 13) & 0x00007C00) + (base.u & 0x00000FFF)
+    return <uint16_t>(((u >> 16) & 0x8000) | _sel(shl1 > 0xFF000000U, 0x7E00, nonsign))
+
+
+def widen16(const uint16_t[::1] src, uint32_t[::1] out, int kind, int n_threads):
+    """``out[i] = float32(src[i])``, exactly: ``src`` holds bfloat16 (``kind`` =
+    ``KIND_BF16``) or float16 (``KIND_FP16``) bit patterns, ``out`` float32 ones (pass
+    ``array.view(np.uint16)`` and ``array.view(np.uint32)``); ``out`` may be longer."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    if kind == 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _bf16_to_f32(src[i])
+    else:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _fp16_to_f32(src[i])
+
+
+def narrow16(const uint32_t[::1] src, uint16_t[::1] out, int kind, int n_threads):
+    """``out[i] = src[i]`` rounded to nearest even, as bit patterns: float32 in, bfloat16
+    (``KIND_BF16``) or float16 (``KIND_FP16``) out; bit-exact with torch's casts."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    if kind == 0:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _f32_to_bf16(src[i])
+    else:
+        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                        use_threads_if=_use_threads(n, n_threads)):
+            out[i] = _f32_to_fp16(src[i])
+
+
+def count_nonfinite16(const uint16_t[::1] x, int kind, int n_threads):
+    """How many of the bfloat16/float16 bit patterns in ``x`` are inf or NaN (all
+    exponent bits set)."""
+    cdef Py_ssize_t i, n = x.shape[0]
+    cdef Py_ssize_t count = 0
+    cdef uint16_t mask = 0x7F80 if kind == 0 else 0x7C00
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        count += (x[i] & mask) == mask
+    return count

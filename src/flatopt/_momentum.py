@@ -40,10 +40,12 @@ class SGD(Optimizer):
     _plain_state = ("momentum_buffer_initialized",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, n_threads=None, dtype=None, adopt=False):
+                 nesterov=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
         dict.__setitem__(self.state, "momentum_buffer_initialized", [False] * len(self.param_groups))
 
     def _check(self, group, where="SGD"):
@@ -90,9 +92,11 @@ class Momentum(Optimizer):
     _all_state_names = ("momentum_buffer",)
 
     def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *,
-                 n_threads=None, dtype=None, adopt=False):
+                 n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check(self, group, where="Momentum"):
         check_momentum(group, where)

@@ -36,6 +36,13 @@ def flat_norm(flat: npt.NDArray[np.floating[Any]], norm_type: float, n_threads: 
     if partials.shape[0] == 0:
         return 0.0
     kernels.norm_partials(flat, norm_type, partials, n_threads)
+    return combine_partials(partials, norm_type)
+
+
+def combine_partials(partials: npt.NDArray[np.float64], norm_type: float) -> float:
+    """The norm from :func:`flat_norm`'s per-block partial results, combined in order."""
+    if partials.shape[0] == 0:
+        return 0.0
     if norm_type == math.inf:
         return float(partials.max())
     total = float(partials.sum())

@@ -15,8 +15,11 @@ import operator
 import numpy as np
 
 from ._dispatch import kernels
-from ._layout import FlatLayout, adopt, copy_into, resolve_dtype
-from ._norms import ClipGradNormMixin, check_norm_type, flat_norm, norm_partials_buffer
+from ._layout import FlatLayout, adopt, aligned_zeros, copy_into, resolve_dtype
+from ._mixed import MIXED_BLOCK, check_half_grads, half_kind, resolve_master
+from ._mixed import HalfLayout as _HalfLayout, split as _split
+from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
+                     norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import check_bool, check_fits, check_flat, check_real, describe
 
@@ -89,15 +92,19 @@ class Optimizer(ClipGradNormMixin):
     optionally ``_init_state(name, buffer)``, ``_plain_state`` with
     ``_check_plain_state`` (per-group values, such as SGD's first-step flags) and
     ``_start_run(gi, group, fresh)``. Its ``__init__`` takes torch's arguments plus
-    keyword-only ``n_threads=None, dtype=None, adopt=False`` and calls
-    ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)``.
+    keyword-only ``n_threads=None, dtype=None, adopt=False, master_dtype=None`` and
+    passes them on: ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype,
+    adopt=adopt, master_dtype=master_dtype)``. With ``master_dtype`` (16-bit params) the
+    same ``_update`` runs on blocks of the float32 master and state (see
+    :meth:`_finish_mixed_step`): a subclass needs no code of its own for it.
     A step is ``_begin_step`` then ``_finish_step`` (see there); nothing else calls
     ``_update``.
     """
 
     _hyperparameters = ()
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False):
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         self._n_threads = check_n_threads(n_threads)
         adopt = check_bool(adopt, "adopt")
         self.defaults = dict(defaults)
@@ -105,23 +112,41 @@ class Optimizer(ClipGradNormMixin):
         groups = _normalize_groups(params)
 
         arrays = [a for group_arrays, _ in groups for a in group_arrays]
-        self.layout = FlatLayout(tuple(a.shape for a in arrays), resolve_dtype(arrays, dtype, "params"))
+        # Mixed precision: 16-bit params with a float32 master (see flatopt._mixed).
+        half = half_kind(arrays, master_dtype, dtype)
+        buffer_dtype = resolve_master(master_dtype) if half else resolve_dtype(arrays, dtype, "params")
+        self.layout = FlatLayout(tuple(a.shape for a in arrays), buffer_dtype)
         self.param_groups = []
         for gi, (_, overrides) in enumerate(groups):
             group = {**self.defaults, **overrides}
             self._check_group(group, f"param_groups[{gi}]")
             self.param_groups.append(group)
 
-        if adopt:
-            flat = _adopt_or_explain(arrays, self.layout)
+        self._half = half  # None, or (16-bit dtype, kernel kind)
+        if half:
+            half_layout = _HalfLayout(half[0])
+            if adopt:
+                flat16 = _adopt_or_explain(arrays, half_layout)
+            else:
+                _check_disjoint(arrays)
+                flat16 = aligned_zeros(self.layout.size, half[0])
+                copy_into(_split(flat16, self.layout), arrays, flat16, "params")
+            self._flat_half = flat16
+            flat = self.layout.zeros()  # the master: exactly the 16-bit values, widened
+            kernels.widen16(flat16.view(np.uint16), flat.view(np.uint32), half[1], 1)
+            self._flat_grads = aligned_zeros(self.layout.size, half[0])
+            self._scratch = aligned_zeros(0, self.layout.dtype)  # see _mixed_scratch
         else:
-            _check_disjoint(arrays)
-            flat = self.layout.pack(arrays)
+            if adopt:
+                flat = _adopt_or_explain(arrays, self.layout)
+            else:
+                _check_disjoint(arrays)
+                flat = self.layout.pack(arrays)
+            self._flat_half = None
+            self._flat_grads = self.layout.zeros()
         self._adopted = adopt
         self._flat_params = flat
-        self._flat_grads = self.layout.zeros()
-        self._params = _Views(self.layout.split(self._flat_params))
-        self._grads = _Views(self.layout.split(self._flat_grads))
+        self._make_views()
 
         self._group_sizes = [len(group_arrays) for group_arrays, _ in groups]
         self._segments, first, start = [], 0, 0
@@ -140,11 +165,29 @@ class Optimizer(ClipGradNormMixin):
         self._forget_validation()
         self._prepare()
 
+    def _make_views(self):
+        """``opt.params`` / ``opt.grads``: views of the flat buffers the model uses."""
+        if self._half:
+            self._params = _Views(_split(self._flat_half, self.layout))
+            self._grads = _Views(_split(self._flat_grads, self.layout))
+        else:
+            self._params = _Views(self.layout.split(self._flat_params))
+            self._grads = _Views(self.layout.split(self._flat_grads))
+
     # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
     @property
     def flat_params(self):
-        """The flat parameter buffer (1-D, 64-byte aligned); update it in place only."""
-        return self._flat_params
+        """The flat parameter buffer (1-D, 64-byte aligned); update it in place only.
+
+        With ``master_dtype`` this is the 16-bit buffer the model uses (each step rewrites
+        it from :attr:`master_params`; writing to it does not change the master)."""
+        return self._flat_params if self._flat_half is None else self._flat_half
+
+    @property
+    def master_params(self):
+        """The float32 flat master weights the optimizer updates (``master_dtype``), or
+        None when the parameters are float32/float64 (they are their own master)."""
+        return None if self._flat_half is None else self._flat_params
 
     @property
     def flat_grads(self):
@@ -185,9 +228,10 @@ class Optimizer(ClipGradNormMixin):
         return d
 
     def __setstate__(self, d):
+        d.setdefault("_half", None)
+        d.setdefault("_flat_half", None)
         self.__dict__.update(d)
-        self._params = _Views(self.layout.split(self._flat_params))
-        self._grads = _Views(self.layout.split(self._flat_grads))
+        self._make_views()
         first = 0
         for group, n in zip(self.param_groups, self._group_sizes):
             group["params"] = list(self._params[first:first + n])
@@ -295,7 +339,7 @@ class Optimizer(ClipGradNormMixin):
             if name not in self.state:
                 self._add_state(name)
         self._segment_views = [
-            {"param": self.flat_params[a:b], "grad": self.flat_grads[a:b],
+            {"param": self._flat_params[a:b], "grad": self._flat_grads[a:b],
              **{name: buf[a:b] for name, buf in self.state.items() if isinstance(buf, np.ndarray)}}
             for a, b in self._segments
         ]
@@ -305,7 +349,10 @@ class Optimizer(ClipGradNormMixin):
         if grads is None or grads is self.grads:
             return None
         if isinstance(grads, np.ndarray):
-            check_flat(grads, "grads", dtype=self.layout.dtype, size=self.layout.size, writable=False)
+            if self._half:
+                check_half_grads(grads, self._half[0], self.layout.size)
+            else:
+                check_flat(grads, "grads", dtype=self.layout.dtype, size=self.layout.size, writable=False)
             if grads is not self.flat_grads:
                 for name, buf in self._buffers().items():
                     if np.may_share_memory(grads, buf):
@@ -320,7 +367,7 @@ class Optimizer(ClipGradNormMixin):
         for i, (g, shape) in enumerate(zip(grads, self.layout.shapes)):
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"grads[{i}] must be a numpy array, got {describe(g)}")
-            if g.dtype.kind not in "fiu":
+            if g.dtype.kind not in "fiu" and not (self._half and g.dtype == self._half[0]):
                 raise TypeError(f"grads[{i}] must have a real dtype, got {g.dtype}")
             if g.shape != shape:
                 raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
@@ -329,7 +376,7 @@ class Optimizer(ClipGradNormMixin):
         return None
 
     def _buffers(self):
-        return {"params": self.flat_params,
+        return {"params": self.flat_params, "master_params": self._flat_params,
                 **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
 
     # -- the step routine ------------------------------------------------------------------
@@ -379,6 +426,9 @@ class Optimizer(ClipGradNormMixin):
         if pending != 1.0:
             grad_scale *= pending
             self._pending_grad_scale = 1.0
+        if self._half:
+            return self._finish_mixed_step(flat_grad, runs, grad_scale, skip_if_nonfinite,
+                                           n_threads)
         if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
             self.skipped_steps += 1
             return False
@@ -415,6 +465,56 @@ class Optimizer(ClipGradNormMixin):
                 before_run(gi, group, step - 1)
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         return True
+
+    def _finish_mixed_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads):
+        """:meth:`_finish_step` for 16-bit parameters with a float32 master.
+
+        The buffer is processed in blocks of ``MIXED_BLOCK`` elements (per thread) that
+        stay in cache: the 16-bit gradient block is widened into a float32 scratch buffer,
+        the optimizer's own float32 kernel (``_update``) runs on the block's master and
+        state with it as the gradient, and the block's master is narrowed into the 16-bit
+        parameters. Each block sees the same step and per-group scalars: per-group plain
+        state that ``_update`` advances (NAdam's running product, SGD's first-step flag)
+        is reset to its value before the step for every block, so the last block leaves
+        it advanced exactly once.
+        """
+        if runs is not None:
+            raise NotImplementedError("runs of parameters are not supported with master_dtype")
+        kind = self._half[1]
+        g16 = flat_grad.view(np.uint16)
+        if skip_if_nonfinite and kernels.count_nonfinite16(g16, kind, n_threads):
+            self.skipped_steps += 1
+            return False
+        state = self._state
+        step = state["step"] + 1
+        update, widen, narrow = self._update, kernels.widen16, kernels.narrow16
+        master, master32 = self._flat_params, self._flat_params.view(np.uint32)
+        p16 = self._flat_half.view(np.uint16)
+        block = MIXED_BLOCK * max(1, n_threads)
+        scratch = self._mixed_scratch(block)
+        scratch32 = scratch.view(np.uint32)
+        plain = [state[k] for k in self._plain_state]
+        for gi, (group, seg, (a, b)) in enumerate(zip(self.param_groups, self._segment_views,
+                                                       self._segments)):
+            saved = [values[gi] for values in plain]
+            for lo in range(a, max(b, a + 1), block):
+                hi = min(lo + block, b)
+                if lo != a:
+                    for values, v in zip(plain, saved):
+                        values[gi] = v
+                widen(g16[lo:hi], scratch32, kind, n_threads)
+                sub = {k: v[lo - a:hi - a] for k, v in seg.items()}
+                update(gi, group, sub, scratch[:hi - lo], step, grad_scale, n_threads)
+                narrow(master32[lo:hi], p16[lo:hi], kind, n_threads)
+        dict.__setitem__(state, "step", step)
+        return True
+
+    def _mixed_scratch(self, block):
+        """The float32 scratch buffer for blocks of ``block`` elements (grown once)."""
+        n = min(block, self.layout.size)
+        if self._scratch.shape[0] < n:
+            self._scratch = aligned_zeros(n, self.layout.dtype)
+        return self._scratch
 
     def _start_run(self, gi, group, fresh):
         """Set group ``gi``'s first-step flags for a run whose parameters are ``fresh``
@@ -463,8 +563,24 @@ class Optimizer(ClipGradNormMixin):
         norm_type = check_norm_type(norm_type)
         if self._norm_partials is None:
             self._norm_partials = norm_partials_buffer(self.layout.size)
-        return flat_norm(self.flat_grads, norm_type, effective_n_threads(self._n_threads),
-                         self._norm_partials)
+        n_threads = effective_n_threads(self._n_threads)
+        if self._half:
+            return self._mixed_grad_norm(norm_type, n_threads)
+        return flat_norm(self.flat_grads, norm_type, n_threads, self._norm_partials)
+
+    def _mixed_grad_norm(self, norm_type, n_threads):
+        """:meth:`grad_norm` of 16-bit gradients: the norm of their float32 values, block
+        by block through the scratch buffer (blocks are whole ``NORM_BLOCK``s, so the
+        partial sums are those of the widened buffer, bit for bit)."""
+        partials, kind, nb = self._norm_partials, self._half[1], kernels.NORM_BLOCK
+        block = -(-MIXED_BLOCK * max(1, n_threads) // nb) * nb  # whole NORM_BLOCKs
+        g16, scratch = self._flat_grads.view(np.uint16), self._mixed_scratch(block)
+        for lo in range(0, self.layout.size, block):
+            hi = min(lo + block, self.layout.size)
+            kernels.widen16(g16[lo:hi], scratch.view(np.uint32), kind, n_threads)
+            kernels.norm_partials(scratch[:hi - lo], norm_type,
+                                  partials[lo // nb:-(-hi // nb)], n_threads)
+        return combine_partials(partials, norm_type)
 
     def zero_grad(self, set_to_none=False):
         """Zero :attr:`flat_grads` in place (the grad views stay valid).
@@ -478,8 +594,11 @@ class Optimizer(ClipGradNormMixin):
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self):
-        """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout."""
-        return {
+        """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout.
+
+        With ``master_dtype`` it also carries the float32 master weights
+        (``"master_params"``); the 16-bit parameters are derived from them on loading."""
+        d = {
             "optimizer": type(self).__name__,
             "version": STATE_DICT_VERSION,
             "layout": self.layout.to_dict(),
@@ -488,6 +607,9 @@ class Optimizer(ClipGradNormMixin):
             "state": {k: (v.copy() if isinstance(v, np.ndarray) else _copy_plain(v))
                       for k, v in self.state.items()},
         }
+        if self._half:
+            d["master_params"] = self._flat_params.copy()
+        return d
 
     def load_state_dict(self, state_dict):
         """Restore a :meth:`state_dict`. Everything is checked before anything changes."""
@@ -495,6 +617,8 @@ class Optimizer(ClipGradNormMixin):
         if not isinstance(d, dict):
             raise TypeError(f"state_dict must be a dict, got {describe(d)}")
         expected = {"optimizer", "version", "layout", "segments", "param_groups", "state"}
+        if self._half:
+            expected.add("master_params")
         if set(d) != expected:
             raise ValueError(f"state_dict must have keys {sorted(expected)}, got {sorted(d)}")
         if not isinstance(d["optimizer"], str) or d["optimizer"] != type(self).__name__:
@@ -550,6 +674,9 @@ class Optimizer(ClipGradNormMixin):
                            size=self.layout.size, writable=False)
 
         self._check_loaded_state(groups, state)
+        if self._half:
+            check_flat(d["master_params"], "state_dict['master_params']", dtype=self.layout.dtype,
+                       size=self.layout.size, writable=False)
 
         # Everything is valid: apply.
         for gi, group in enumerate(groups):
@@ -566,6 +693,10 @@ class Optimizer(ClipGradNormMixin):
                 if key not in self.state:
                     dict.__setitem__(self._state, key, self.layout.zeros())
                 np.copyto(self._state[key], value)
+        if self._half:
+            np.copyto(self._flat_params, d["master_params"])
+            kernels.narrow16(self._flat_params.view(np.uint32), self._flat_half.view(np.uint16),
+                             self._half[1], effective_n_threads(self._n_threads))
         self._forget_validation()
         self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         self._prepare()
@@ -598,8 +729,9 @@ class Optimizer(ClipGradNormMixin):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} bools, got {value!r}")
 
     def __repr__(self):
-        lines = [f"{type(self).__name__} ({self.layout.size} {self.layout.dtype} elements "
-                 f"in {len(self.layout)} arrays)"]
+        what = (f"{self._half[0]} elements with a {self.layout.dtype} master," if self._half
+                else f"{self.layout.dtype} elements")
+        lines = [f"{type(self).__name__} ({self.layout.size} {what} in {len(self.layout)} arrays)"]
         for gi, group in enumerate(self.param_groups):
             lines.append(f"  group {gi}: " + ", ".join(
                 f"{k}={group[k]!r}" for k in self._hyperparameters))

@@ -83,9 +83,11 @@ class _KerasOptimizer(Optimizer):
     """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
     and Keras's decoupled weight decay (None or 0: off)."""
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False):
+    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         self._lrs = None
-        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt)
+        super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     @property
     def iterations(self):
@@ -137,10 +139,12 @@ class SGD(_KerasOptimizer):
     _all_state_names = ("momentum",)
 
     def __init__(self, params, learning_rate=0.01, momentum=0.0, nesterov=False,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
                                       nesterov=nesterov, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_unit(group, "momentum", where)
@@ -170,11 +174,13 @@ class Adam(_KerasOptimizer):
     _all_state_names = ("momentum", "velocity", "velocity_hat")
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, amsgrad=amsgrad,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_betas(group, where)
@@ -200,9 +206,11 @@ class AdamW(Adam):
 
     def __init__(self, params, learning_rate=0.001, weight_decay=0.004, beta_1=0.9,
                  beta_2=0.999, epsilon=1e-7, amsgrad=False, *, n_threads=None, dtype=None,
-                 adopt=False):
+                 adopt=False,
+                 master_dtype=None):
         super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         super()._check_own(group, where)
@@ -219,11 +227,13 @@ class RMSprop(_KerasOptimizer):
     _all_state_names = ("velocity", "momentum", "average_gradient")
 
     def __init__(self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
-                 centered=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 centered=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
                                       epsilon=epsilon, centered=centered,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_unit(group, "rho", where)
@@ -254,10 +264,12 @@ class Adadelta(_KerasOptimizer):
     _all_state_names = ("accumulated_grad", "accumulated_delta_var")
 
     def __init__(self, params, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
-                 *, n_threads=None, dtype=None, adopt=False):
+                 *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_unit(group, "rho", where)
@@ -283,11 +295,13 @@ class Adagrad(_KerasOptimizer):
     _all_state_names = ("accumulator",)
 
     def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate,
                                       initial_accumulator_value=initial_accumulator_value,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
@@ -314,10 +328,12 @@ class Adamax(_KerasOptimizer):
     _all_state_names = ("m", "u")
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_betas(group, where)
@@ -343,10 +359,12 @@ class Nadam(_KerasOptimizer):
     _plain_state = ("u_product",)
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False):
+                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
         self.state["u_product"] = [1.0] * len(self.param_groups)
 
     def _check_own(self, group, where):
@@ -380,10 +398,12 @@ class Lion(_KerasOptimizer):
     _all_state_names = ("momentum",)
 
     def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.99, weight_decay=None,
-                 *, n_threads=None, dtype=None, adopt=False):
+                 *, n_threads=None, dtype=None, adopt=False,
+                 master_dtype=None):
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       weight_decay=weight_decay),
-                         n_threads=n_threads, dtype=dtype, adopt=adopt)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt,
+                         master_dtype=master_dtype)
 
     def _check_own(self, group, where):
         _check_betas(group, where)

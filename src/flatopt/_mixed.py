@@ -1,0 +1,109 @@
+"""Mixed precision: 16-bit parameters (float16, or ``ml_dtypes.bfloat16``) with float32
+master weights and state.
+
+No optimizer has a 16-bit kernel: a step converts the 16-bit gradient block by block into
+a float32 scratch buffer that stays in cache, runs the optimizer's float32 kernel on the
+master and state of that block, and writes the block's 16-bit parameters
+(``widen16`` / ``narrow16`` in ``_kernels.pyx``; the step loop is
+``Optimizer._finish_mixed_step``). ``ml_dtypes`` is imported only when needed.
+"""
+
+import math
+
+import numpy as np
+
+from ._dispatch import kernels
+# Elements per thread and block of a mixed-precision step. The block's float32 scratch
+# gradient and master (2 x 256 KiB at 64K elements) stay in a core's L2 between the three
+# passes (widen, update, narrow), so DRAM sees only the one-pass traffic.
+MIXED_BLOCK = 65536
+
+
+def _bfloat16():
+    """``ml_dtypes.bfloat16``'s dtype, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _kind_of(dtype):
+    """The kernel kind of a 16-bit float dtype, or None."""
+    if dtype == np.float16:
+        return kernels.KIND_FP16
+    if dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2:
+        if dtype == _bfloat16():
+            return kernels.KIND_BF16
+    return None
+
+
+def half_kind(arrays, master_dtype, dtype):
+    """``(dtype, kind)`` of 16-bit ``arrays`` with ``master_dtype``, or None for ordinary
+    (float32/float64) params. Raises, before anything is written, for 16-bit params
+    without ``master_dtype``, ``master_dtype`` without 16-bit params, a mix of 16-bit
+    kinds, or arrays that are not 16-bit floats."""
+    kinds = [_kind_of(a.dtype) for a in arrays]
+    if master_dtype is None:
+        for i, (a, k) in enumerate(zip(arrays, kinds)):
+            if k is not None:
+                raise TypeError(
+                    f"params[{i}] has dtype {a.dtype}: 16-bit parameters need float32 master "
+                    "weights, pass master_dtype=np.float32")
+        return None
+    if dtype is not None:
+        raise TypeError("pass either dtype= or master_dtype=, not both (with master_dtype the "
+                        "parameters keep their 16-bit dtype)")
+    resolve_master(master_dtype)
+    for i, (a, k) in enumerate(zip(arrays, kinds)):
+        if k is None:
+            what = ("wider than" if a.dtype.kind == "f" and a.dtype.itemsize >= 4
+                    else "not a 16-bit float like")
+            raise TypeError(
+                f"params[{i}] has dtype {a.dtype}, {what} the float16/bfloat16 parameters "
+                "master_dtype is for; master_dtype must be wider than the parameters")
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) > 1:
+        raise TypeError("params must share one 16-bit dtype, got "
+                        + ", ".join(sorted(str(d) for d in dtypes)))
+    d = dtypes.pop()
+    return d, _kind_of(d)
+
+
+def resolve_master(master_dtype):
+    """``master_dtype`` as np.float32 (the only master the kernels support), or raise."""
+    try:
+        d = np.dtype(master_dtype)
+    except TypeError:
+        raise TypeError(f"master_dtype must be np.float32, got {master_dtype!r}") from None
+    if d != np.float32:
+        raise TypeError(f"master_dtype must be np.float32, got {d}")
+    return d
+
+
+def check_half_grads(grads, dtype, size):
+    """A flat 16-bit gradient given to ``step()``: 1-D, contiguous, ``dtype``, ``size``."""
+    if grads.dtype != dtype:
+        raise TypeError(f"grads must have dtype {dtype}, got {grads.dtype}")
+    if grads.ndim != 1:
+        raise ValueError(f"grads must be 1-D, got shape {grads.shape}")
+    if grads.shape[0] != size:
+        raise ValueError(f"grads must have length {size}, got {grads.shape[0]}")
+    if not grads.flags.c_contiguous:
+        raise ValueError(f"grads must be C-contiguous, got strides {grads.strides}")
+    return grads
+
+
+class HalfLayout:
+    """What :func:`flatopt._layout.adopt` needs of a layout: the 16-bit dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def split(flat, layout):
+    """Views of the 16-bit ``flat`` shaped like ``layout``'s arrays, in order."""
+    return [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(layout.offsets, layout.shapes)]
+
+
+__all__ = ["MIXED_BLOCK", "check_half_grads", "half_kind", "resolve_master"]
