@@ -1,8 +1,9 @@
 """A fixed optimizer trajectory, to compare builds bit for bit across CPUs and platforms.
 
-Every optimizer (each with a few option sets), both dtypes, odd sizes on either side of
-the parallel threshold, 1 and 2 threads: a few steps from a fixed seed, with a gradient
-clip on every other step (the norm kernels), and the final parameters and state saved.
+Every optimizer (each with a few option sets), both dtypes and float16 parameters with a
+float32 master, odd sizes on either side of the parallel threshold, 1 and 2 threads: a
+few steps from a fixed seed, with a gradient clip on every other step (the norm
+kernels), and the final parameters, master and state saved.
 The kernels are built with ``-ffp-contract=off`` and IEEE operations only, so every ISA
 level (baseline, avx2, avx512) and every platform (x86-64, aarch64) must give the same
 bits. ``.ci/run`` saves the trajectory natively, then checks it under emulated CPUs
@@ -54,7 +55,8 @@ CASES = [
     ("keras-nadam", "keras.Nadam", dict(learning_rate=0.01)),
     ("keras-lion", "keras.Lion", dict(learning_rate=0.01, weight_decay=0.1)),
 ]
-DTYPES = (np.float32, np.float64)
+# float16: 16-bit parameters with a float32 master (widen, float32 step, narrow).
+DTYPES = (np.float32, np.float64, np.float16)
 SIZES = (1, 7, 4097, 3 * 4096 + 5, 2**15 + 3)
 THREADS = (1, 2)
 STEPS = 4
@@ -77,13 +79,16 @@ def trajectories():
                     key = f"{name}/{np.dtype(dtype).name}/n{n}/t{n_threads}"
                     rng = np.random.default_rng(zlib.crc32(key.encode()))
                     params = [rng.standard_normal(n).astype(dtype), rng.standard_normal(3).astype(dtype)]
-                    opt = _class(cls)(params, n_threads=n_threads, **kwargs)
+                    mixed = dict(master_dtype=np.float32) if dtype == np.float16 else {}
+                    opt = _class(cls)(params, n_threads=n_threads, **mixed, **kwargs)
                     for step in range(STEPS):
                         opt.flat_grads[...] = rng.standard_normal(opt.flat_grads.size)
                         if step % 2:
                             opt.clip_grad_norm_(0.5 * np.sqrt(n))
                         opt.step()
                     out[f"{key}/params"] = opt.flat_params.copy()
+                    if opt.master_params is not None:
+                        out[f"{key}/master"] = opt.master_params.copy()
                     for sname, value in opt.state.items():
                         if isinstance(value, np.ndarray):
                             out[f"{key}/{sname}"] = value.copy()
