@@ -13,7 +13,9 @@ from ._version import __version__
 
 BUILD_CONFIG: dict[str, Any]
 try:
-    from ._build_config import BUILD_CONFIG  # written by setup.py
+    from ._build_config import BUILD_CONFIG as _WRITTEN  # written by setup.py
+
+    BUILD_CONFIG = _WRITTEN
 except ImportError:  # pragma: no cover - only for a tree built without setup.py
     BUILD_CONFIG = {}
 

@@ -3,11 +3,17 @@
 import itertools
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from ._validation import FLOAT_DTYPES, check_flat, check_float_dtype, describe
+from ._validation import FLOAT_DTYPES, FloatArray, check_flat, check_float_dtype, describe
+
+#: A shape: a tuple of non-negative ints.
+Shape = tuple[int, ...]
 
 ALIGNMENT = 64  # bytes: a cache line, and the widest SIMD register (AVX-512)
 
@@ -36,7 +42,7 @@ STAGGER_MIN_BYTES = 1 << 20
 _next_slot = itertools.count()
 
 
-def aligned_zeros(n, dtype):
+def aligned_zeros(n: int, dtype: npt.DTypeLike) -> FloatArray:
     """A zeroed, 1-D, C-contiguous array of ``n`` elements whose data is 64-byte aligned.
 
     From ``STAGGER_MIN_BYTES`` up, the data also starts at a page offset (a multiple of
@@ -54,7 +60,7 @@ def aligned_zeros(n, dtype):
     return raw[start:start + nbytes].view(dtype)
 
 
-def _as_array(x, name):
+def _as_array(x: object, name: str) -> npt.NDArray[Any]:
     if isinstance(x, np.ndarray):
         return x
     try:
@@ -63,7 +69,8 @@ def _as_array(x, name):
         raise TypeError(f"{name} must be an array, got {describe(x)}") from exc
 
 
-def resolve_dtype(arrays, dtype, name="arrays"):
+def resolve_dtype(arrays: Sequence[npt.NDArray[Any]], dtype: npt.DTypeLike | None,
+                  name: str = "arrays") -> np.dtype[Any]:
     """The dtype of a packing: ``dtype`` if given, else the one floating dtype of all."""
     for i, a in enumerate(arrays):
         kind = a.dtype.kind
@@ -80,7 +87,7 @@ def resolve_dtype(arrays, dtype, name="arrays"):
     return dtypes.pop() if dtypes else np.dtype(np.float64)
 
 
-def _check_shapes(shapes):
+def _check_shapes(shapes: object) -> tuple[Shape, ...]:
     """``shapes`` as a tuple of tuples of non-negative ints, or raise naming the culprit."""
     if isinstance(shapes, (str, bytes, np.ndarray)) or not hasattr(shapes, "__iter__"):
         raise TypeError(f"shapes must be a sequence of shapes, got {describe(shapes)}")
@@ -105,12 +112,12 @@ class FlatLayout:
     ``offsets[i]`` is where array ``i`` starts; ``size`` is the total element count.
     """
 
-    shapes: tuple
-    dtype: np.dtype
-    offsets: tuple = field(init=False, repr=False)
+    shapes: tuple[Shape, ...]
+    dtype: np.dtype[Any]
+    offsets: tuple[int, ...] = field(init=False, repr=False)
     size: int = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         shapes = _check_shapes(self.shapes)
         dtype = check_float_dtype(self.dtype)
         offsets, total = [], 0
@@ -125,51 +132,52 @@ class FlatLayout:
         object.__setattr__(self, "size", total)
 
     @classmethod
-    def from_arrays(cls, arrays, dtype=None):
+    def from_arrays(cls, arrays: Iterable[npt.ArrayLike], dtype: npt.DTypeLike | None = None) -> "FlatLayout":
         """The layout that packs ``arrays`` (in order) with ``dtype`` (see :func:`flatten`)."""
-        arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-        return cls(tuple(a.shape for a in arrays), resolve_dtype(arrays, dtype))
+        checked = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+        return cls(tuple(a.shape for a in checked), resolve_dtype(checked, dtype))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.shapes)
 
-    def zeros(self):
+    def zeros(self) -> FloatArray:
         """A new zeroed, 64-byte-aligned flat buffer of this layout."""
         return aligned_zeros(self.size, self.dtype)
 
-    def split(self, flat):
+    def split(self, flat: FloatArray) -> list[FloatArray]:
         """Views of ``flat`` shaped like the layout's arrays, in order."""
         check_flat(flat, "flat", dtype=self.dtype, size=self.size, writable=False)
         return [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(self.offsets, self.shapes)]
 
-    def pack(self, arrays, out=None):
+    def pack(self, arrays: Iterable[npt.ArrayLike], out: FloatArray | None = None) -> FloatArray:
         """Copy ``arrays`` into ``out`` (a new buffer if None) and return it."""
-        arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-        if len(arrays) != len(self.shapes):
-            raise ValueError(f"arrays must have {len(self.shapes)} entries, got {len(arrays)}")
-        for i, (a, s) in enumerate(zip(arrays, self.shapes)):
+        checked = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+        if len(checked) != len(self.shapes):
+            raise ValueError(f"arrays must have {len(self.shapes)} entries, got {len(checked)}")
+        for i, (a, s) in enumerate(zip(checked, self.shapes)):
             if a.shape != s:
                 raise ValueError(f"arrays[{i}] must have shape {s}, got {a.shape}")
-        resolve_dtype(arrays, self.dtype)
+        resolve_dtype(checked, self.dtype)
         if out is None:
             out = self.zeros()
         else:
             check_flat(out, "out", dtype=self.dtype, size=self.size)
-        copy_into(self.split(out), arrays, out)
+        copy_into(self.split(out), checked, out)
         return out
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """Plain, picklable description: ``{"shapes": [...], "dtype": "float32"}``."""
         return {"shapes": [list(s) for s in self.shapes], "dtype": self.dtype.name}
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Mapping[str, Any]) -> "FlatLayout":
         if not isinstance(d, dict) or set(d) != {"shapes", "dtype"}:
             raise ValueError(f"layout must be a dict with keys 'shapes' and 'dtype', got {describe(d)}")
         return cls(d["shapes"], d["dtype"])
 
 
-def copy_into(views, arrays, out, name="arrays"):
+def copy_into(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]],
+              out: npt.NDArray[Any], name: str = "arrays") -> None:
     """Copy each of ``arrays`` into the matching view of the flat buffer ``out``.
 
     Copying one array at a time, an input that views ``out`` at another place (swapped
@@ -189,13 +197,14 @@ def copy_into(views, arrays, out, name="arrays"):
             np.copyto(view, a, casting="unsafe")
 
 
-def _same_view(a, b):
+def _same_view(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     """True if ``a`` and ``b`` are the same elements of memory, in the same order."""
     return (a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides
             and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
-def flatten(arrays, dtype=None):
+def flatten(arrays: Iterable[npt.ArrayLike],
+            dtype: npt.DTypeLike | None = None) -> tuple[FloatArray, list[FloatArray]]:
     """Copy ``arrays`` into one new flat buffer; return ``(flat, views)``.
 
     ``flat`` is 1-D, C-contiguous and 64-byte aligned; ``views`` are arrays shaped like the
@@ -204,13 +213,18 @@ def flatten(arrays, dtype=None):
     """
     if isinstance(arrays, np.ndarray) or not hasattr(arrays, "__iter__"):
         raise TypeError(f"arrays must be a sequence of arrays, got {describe(arrays)}")
-    arrays = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-    layout = FlatLayout.from_arrays(arrays, dtype)
-    flat = layout.pack(arrays)
+    checked = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    layout = FlatLayout.from_arrays(checked, dtype)
+    flat = layout.pack(checked)
     return flat, layout.split(flat)
 
 
-def adopt(arrays, layout):
+class _HasDType(Protocol):
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+
+def adopt(arrays: Sequence[npt.NDArray[Any]], layout: _HasDType) -> FloatArray | None:
     """The flat buffer that ``arrays`` already are views of, or None.
 
     The arrays must be writable, C-contiguous, of the layout's dtype, and lie back to back

@@ -9,36 +9,46 @@ master and state of that block, and writes the block's 16-bit parameters
 """
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._dispatch import kernels
+
+if TYPE_CHECKING:
+    from ._layout import FlatLayout
 # Elements per thread and block of a mixed-precision step. The block's float32 scratch
 # gradient and master (2 x 256 KiB at 64K elements) stay in a core's L2 between the three
 # passes (widen, update, narrow), so DRAM sees only the one-pass traffic.
 MIXED_BLOCK = 65536
 
 
-def _bfloat16():
+def _bfloat16() -> np.dtype[Any] | None:
     """``ml_dtypes.bfloat16``'s dtype, or None when ml_dtypes is not installed."""
     try:
         import ml_dtypes
     except ImportError:
         return None
-    return np.dtype(ml_dtypes.bfloat16)
+    bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return bfloat16
 
 
-def _kind_of(dtype):
+def _kind_of(dtype: np.dtype[Any]) -> int | None:
     """The kernel kind of a 16-bit float dtype, or None."""
     if dtype == np.float16:
-        return kernels.KIND_FP16
+        fp16: int = kernels.KIND_FP16
+        return fp16
     if dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2:
         if dtype == _bfloat16():
-            return kernels.KIND_BF16
+            bf16: int = kernels.KIND_BF16
+            return bf16
     return None
 
 
-def half_kind(arrays, master_dtype, dtype):
+def half_kind(arrays: Sequence[npt.NDArray[Any]], master_dtype: npt.DTypeLike | None,
+              dtype: npt.DTypeLike | None) -> tuple[np.dtype[Any], int | None] | None:
     """``(dtype, kind)`` of 16-bit ``arrays`` with ``master_dtype``, or None for ordinary
     (float32/float64) params. Raises, before anything is written, for 16-bit params
     without ``master_dtype``, ``master_dtype`` without 16-bit params, a mix of 16-bit
@@ -70,7 +80,7 @@ def half_kind(arrays, master_dtype, dtype):
     return d, _kind_of(d)
 
 
-def resolve_master(master_dtype):
+def resolve_master(master_dtype: npt.DTypeLike) -> np.dtype[Any]:
     """``master_dtype`` as np.float32 (the only master the kernels support), or raise."""
     try:
         d = np.dtype(master_dtype)
@@ -81,7 +91,7 @@ def resolve_master(master_dtype):
     return d
 
 
-def check_half_grads(grads, dtype, size):
+def check_half_grads(grads: npt.NDArray[Any], dtype: np.dtype[Any], size: int) -> npt.NDArray[Any]:
     """A flat 16-bit gradient given to ``step()``: 1-D, contiguous, ``dtype``, ``size``."""
     if grads.dtype != dtype:
         raise TypeError(f"grads must have dtype {dtype}, got {grads.dtype}")
@@ -97,11 +107,11 @@ def check_half_grads(grads, dtype, size):
 class HalfLayout:
     """What :func:`flatopt._layout.adopt` needs of a layout: the 16-bit dtype."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype: np.dtype[Any]) -> None:
         self.dtype = dtype
 
 
-def split(flat, layout):
+def split(flat: npt.NDArray[Any], layout: "FlatLayout") -> list[npt.NDArray[Any]]:
     """Views of the 16-bit ``flat`` shaped like ``layout``'s arrays, in order."""
     return [flat[o:o + math.prod(s)].reshape(s) for o, s in zip(layout.offsets, layout.shapes)]
 

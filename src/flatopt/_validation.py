@@ -6,22 +6,28 @@ TypeError or ValueError that names the argument, what was expected and what was 
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_LARGEST = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
-_TINIEST = {d: float(np.finfo(d).smallest_subnormal) for d in FLOAT_DTYPES}
+#: A float32 or float64 array (the dtypes flatopt computes in).
+FloatArray = npt.NDArray[np.floating[Any]]
+
+FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+_LARGEST: dict[np.dtype[Any], float] = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
+_TINIEST: dict[np.dtype[Any], float] = {d: float(np.finfo(d).smallest_subnormal) for d in FLOAT_DTYPES}
 
 
-def describe(x):
+def describe(x: object) -> str:
     """A short description of ``x`` for error messages."""
     if isinstance(x, np.ndarray):
         return f"array of dtype {x.dtype} and shape {x.shape}"
     return f"{type(x).__name__} {x!r}" if np.isscalar(x) else type(x).__name__
 
 
-def check_float_dtype(dtype, name="dtype"):
+def check_float_dtype(dtype: npt.DTypeLike, name: str = "dtype") -> np.dtype[Any]:
     """Return ``dtype`` as np.float32 or np.float64, or raise."""
     try:
         resolved = np.dtype(dtype)
@@ -32,7 +38,8 @@ def check_float_dtype(dtype, name="dtype"):
     return resolved
 
 
-def check_real(value, name, *, low=None, high=None, low_open=False, high_open=False):
+def check_real(value: object, name: str, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as a float after checking it is a finite real number in range.
 
     ``low``/``high`` bound it, inclusive unless ``low_open``/``high_open``.
@@ -57,7 +64,8 @@ def check_real(value, name, *, low=None, high=None, low_open=False, high_open=Fa
     return value
 
 
-def check_fits(values, dtype, where, positive=("eps",)):
+def check_fits(values: Mapping[str, object], dtype: npt.DTypeLike, where: str,
+               positive: tuple[str, ...] = ("eps",)) -> None:
     """Raise if a real hyperparameter in ``values`` (a dict) does not survive ``dtype``.
 
     The kernels cast their scalars to the buffer's dtype, so a value that is finite as a
@@ -67,8 +75,8 @@ def check_fits(values, dtype, where, positive=("eps",)):
     left to the other checks; tuples and lists (such as ``betas``) are checked element by
     element.
     """
-    dtype = np.dtype(dtype)
-    largest = _LARGEST[dtype]
+    resolved: np.dtype[Any] = np.dtype(dtype)
+    largest = _LARGEST[resolved]
     for key, value in values.items():
         items = value if isinstance(value, (tuple, list)) else (value,)
         for v in items:
@@ -79,21 +87,21 @@ def check_fits(values, dtype, where, positive=("eps",)):
             except OverflowError:
                 magnitude = math.inf
             if magnitude > largest:
-                raise ValueError(f"Invalid {where} {key}: {v!r} (overflows {dtype.name}, "
+                raise ValueError(f"Invalid {where} {key}: {v!r} (overflows {resolved.name}, "
                                  f"whose largest value is {largest:.7g})")
-            if key in positive and magnitude > 0 and dtype.type(magnitude) == 0:
-                raise ValueError(f"Invalid {where} {key}: {v!r} (rounds to 0 in {dtype.name}, "
-                                 f"whose smallest positive value is {_TINIEST[dtype]:.7g})")
+            if key in positive and magnitude > 0 and resolved.type(magnitude) == 0:
+                raise ValueError(f"Invalid {where} {key}: {v!r} (rounds to 0 in {resolved.name}, "
+                                 f"whose smallest positive value is {_TINIEST[resolved]:.7g})")
 
 
-def check_bool(value, name):
+def check_bool(value: object, name: str) -> bool:
     """Return ``value`` as a bool; only real booleans are accepted."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return bool(value)
 
 
-def check_step(step, name="step"):
+def check_step(step: object, name: str = "step") -> int:
     """Return the (1-based) step number as an int >= 1."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 1, got {describe(step)}")
@@ -102,7 +110,8 @@ def check_step(step, name="step"):
     return int(step)
 
 
-def check_flat(array, name, *, dtype=None, size=None, writable=True):
+def check_flat(array: object, name: str, *, dtype: npt.DTypeLike | None = None, size: int | None = None,
+               writable: bool = True) -> FloatArray:
     """Check that ``array`` is a 1-D C-contiguous float32/float64 ndarray.
 
     With ``dtype``/``size`` it must match them; with ``writable`` it must be writable.
@@ -125,7 +134,7 @@ def check_flat(array, name, *, dtype=None, size=None, writable=True):
     return array
 
 
-def check_no_overlap(buffers):
+def check_no_overlap(buffers: Mapping[str, npt.NDArray[Any] | None]) -> None:
     """Raise if any two of the named 1-D buffers share memory.
 
     ``buffers`` maps names to contiguous arrays (or None, skipped); for contiguous arrays
