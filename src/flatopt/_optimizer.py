@@ -11,8 +11,11 @@ kernel call per group.
 import math
 import numbers
 import operator
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._dispatch import kernels
 from ._layout import FlatLayout, adopt, aligned_zeros, copy_into, resolve_dtype
@@ -21,7 +24,13 @@ from ._mixed import HalfLayout as _HalfLayout, split as _split
 from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_bool, check_fits, check_flat, check_real, describe
+from ._validation import FloatArray, check_bool, check_fits, check_flat, check_real, describe
+
+#: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
+#: ``"params"`` sequence of arrays and hyperparameter overrides).
+Params = Iterable[npt.NDArray[Any]] | Iterable[Mapping[str, Any]]
+#: A gradient given to :meth:`Optimizer.step`: one flat array, or one array per parameter.
+Grads = npt.NDArray[Any] | Sequence[npt.NDArray[Any]]
 
 STATE_DICT_VERSION = 1
 
@@ -101,10 +110,19 @@ class Optimizer(ClipGradNormMixin):
     ``_update``.
     """
 
-    _hyperparameters = ()
+    _hyperparameters: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    defaults: dict[str, Any]
+    #: The parameter groups: dicts of hyperparameters (which may be changed between
+    #: steps) and ``"params"``, the group's views into :attr:`flat_params`.
+    param_groups: list[dict[str, Any]]
+    layout: FlatLayout
+    #: Steps skipped by ``step(skip_if_nonfinite=True)``.
+    skipped_steps: int
+
+    def __init__(self, params: Params, defaults: Mapping[str, Any], *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         self._n_threads = check_n_threads(n_threads)
         adopt = check_bool(adopt, "adopt")
         self.defaults = dict(defaults)
@@ -176,7 +194,7 @@ class Optimizer(ClipGradNormMixin):
 
     # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
     @property
-    def flat_params(self):
+    def flat_params(self) -> FloatArray:
         """The flat parameter buffer (1-D, 64-byte aligned); update it in place only.
 
         With ``master_dtype`` this is the 16-bit buffer the model uses (each step rewrites
@@ -184,34 +202,34 @@ class Optimizer(ClipGradNormMixin):
         return self._flat_params if self._flat_half is None else self._flat_half
 
     @property
-    def master_params(self):
+    def master_params(self) -> FloatArray | None:
         """The float32 flat master weights the optimizer updates (``master_dtype``), or
         None when the parameters are float32/float64 (they are their own master)."""
         return None if self._flat_half is None else self._flat_params
 
     @property
-    def flat_grads(self):
+    def flat_grads(self) -> FloatArray:
         """The flat gradient buffer the model writes into (through :attr:`grads`)."""
         return self._flat_grads
 
     @property
-    def params(self):
+    def params(self) -> list[FloatArray]:
         """The parameters: a read-only list of views into :attr:`flat_params` (input order)."""
         return self._params
 
     @property
-    def grads(self):
+    def grads(self) -> list[FloatArray]:
         """The gradients: a read-only list of views into :attr:`flat_grads` (input order)."""
         return self._grads
 
     @property
-    def adopted(self):
+    def adopted(self) -> bool:
         """True when the caller's arrays are the parameters (``adopt=True``): ``step()``
         updates them in place. False when they were copied: use :attr:`params`."""
         return self._adopted
 
     @property
-    def state(self):
+    def state(self) -> dict[str, Any]:
         """The state: ``"step"`` plus flat arrays of the parameters' layout.
 
         Assigning an array to an existing entry copies it into the live buffer (shape and
@@ -520,7 +538,8 @@ class Optimizer(ClipGradNormMixin):
         """Set group ``gi``'s first-step flags for a run whose parameters are ``fresh``
         (have no state yet). Only optimizers with such flags (SGD) override this."""
 
-    def step(self, grads=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+    def step(self, grads: Grads | None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> bool:
         """Take one optimization step over every parameter: one kernel call per group.
 
         ``grads``: None uses :attr:`flat_grads`; a list of arrays shaped like the
@@ -554,7 +573,7 @@ class Optimizer(ClipGradNormMixin):
         return (isinstance(grads, (list, tuple)) and len(grads) == len(self._grads)
                 and all(g is v for g, v in zip(grads, self._grads)))
 
-    def grad_norm(self, norm_type=2.0):
+    def grad_norm(self, norm_type: float = 2.0) -> float:
         """The ``norm_type``-norm of :attr:`flat_grads` in one read-only pass.
 
         Accumulated in double over fixed blocks: bit-identical for any thread count;
@@ -582,7 +601,7 @@ class Optimizer(ClipGradNormMixin):
                                   partials[lo // nb:-(-hi // nb)], n_threads)
         return combine_partials(partials, norm_type)
 
-    def zero_grad(self, set_to_none=False):
+    def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero :attr:`flat_grads` in place (the grad views stay valid).
 
         ``set_to_none`` is accepted for torch compatibility; flat gradients cannot be
@@ -593,7 +612,7 @@ class Optimizer(ClipGradNormMixin):
         self._pending_grad_scale = 1.0
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout.
 
         With ``master_dtype`` it also carries the float32 master weights
@@ -611,7 +630,7 @@ class Optimizer(ClipGradNormMixin):
             d["master_params"] = self._flat_params.copy()
         return d
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Everything is checked before anything changes."""
         d = state_dict
         if not isinstance(d, dict):
@@ -728,7 +747,7 @@ class Optimizer(ClipGradNormMixin):
         if not isinstance(value, list) or len(value) != n_groups or not all(isinstance(v, bool) for v in value):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} bools, got {value!r}")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         what = (f"{self._half[0]} elements with a {self.layout.dtype} master," if self._half
                 else f"{self.layout.dtype} elements")
         lines = [f"{type(self).__name__} ({self.layout.size} {what} in {len(self.layout)} arrays)"]

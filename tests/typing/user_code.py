@@ -10,6 +10,7 @@ Names whose modules are not annotated yet (the optimizers, ``flatten``, ``FlatLa
 
 import io
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -54,9 +55,9 @@ def config() -> None:
     assert "openmp" in out.getvalue()
 
 
-def train(opt_class: type[flatopt.Optimizer], **hyper: float) -> float:
+def train(make: Callable[[list[npt.NDArray[np.float32]]], flatopt.Optimizer]) -> float:
     """A few steps on a quadratic through the optimizer's own views; the final loss."""
-    opt = opt_class(make_params(0), **hyper)
+    opt = make(make_params(0))
     w, b = opt.params
     gw, gb = opt.grads
     loss = float("inf")
@@ -73,12 +74,12 @@ def train(opt_class: type[flatopt.Optimizer], **hyper: float) -> float:
 
 def optimizers() -> None:
     losses = [
-        train(flatopt.SGD, lr=0.1, momentum=0.9),
-        train(flatopt.Momentum, lr=0.1),
-        train(flatopt.Adam, lr=0.1),
-        train(flatopt.AdamW, lr=0.1),
-        train(flatopt.RMSprop, lr=0.01),
-        train(flatopt.Adagrad, lr=0.1),
+        train(lambda p: flatopt.SGD(p, lr=0.1, momentum=0.9)),
+        train(lambda p: flatopt.Momentum(p, lr=0.1)),
+        train(lambda p: flatopt.Adam(p, lr=0.1)),
+        train(lambda p: flatopt.AdamW(p, lr=0.1)),
+        train(lambda p: flatopt.RMSprop(p, lr=0.01)),
+        train(lambda p: flatopt.Adagrad(p, lr=0.1)),
         train(flatopt.Adadelta),
     ]
     assert all(np.isfinite(losses))
