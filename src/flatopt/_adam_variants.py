@@ -4,15 +4,19 @@ Declared as in ``_adaptive.py``: hyperparameters, their checks, the state a grou
 and the kernel call. The formulas live in ``_kernels.pyx`` only.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from ._adaptive import _check_common, check_betas
 from ._dispatch import kernels
-from ._optimizer import Optimizer
+from ._optimizer import Optimizer, Params
 from ._validation import check_bool, check_real
 
 
-def check_nadam(group, where="NAdam"):
+def check_nadam(group: Mapping[str, Any], where: str = "NAdam") -> None:
     """Validate NAdam hyperparameters: Adam's rules plus momentum_decay >= 0."""
     _check_common(group, where)
     check_betas(group["betas"], where)
@@ -20,20 +24,20 @@ def check_nadam(group, where="NAdam"):
     check_bool(group["decoupled_weight_decay"], f"{where} decoupled_weight_decay")
 
 
-def check_radam(group, where="RAdam"):
+def check_radam(group: Mapping[str, Any], where: str = "RAdam") -> None:
     """Validate RAdam hyperparameters: Adam's rules."""
     _check_common(group, where)
     check_betas(group["betas"], where)
     check_bool(group["decoupled_weight_decay"], f"{where} decoupled_weight_decay")
 
 
-def check_adamax(group, where="Adamax"):
+def check_adamax(group: Mapping[str, Any], where: str = "Adamax") -> None:
     """Validate Adamax hyperparameters: lr >= 0, betas in [0, 1), eps > 0."""
     _check_common(group, where)
     check_betas(group["betas"], where)
 
 
-def check_lion(group, where="Lion"):
+def check_lion(group: Mapping[str, Any], where: str = "Lion") -> None:
     """Validate Lion hyperparameters: lr >= 0, betas in [0, 1), weight_decay >= 0."""
     check_real(group["lr"], f"{where} lr", low=0.0)
     check_betas(group["betas"], where)
@@ -64,10 +68,11 @@ class NAdam(Optimizer):
     # flatopt.torch.NAdam sets it to follow torch's default dtype instead.
     _mu_product_float32 = None
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False,
-                 n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
@@ -111,10 +116,11 @@ class RAdam(Optimizer):
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
     _all_state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, *, maximize=False, n_threads=None, dtype=None,
-                 adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -143,9 +149,10 @@ class Adamax(Optimizer):
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize")
     _all_state_names = ("exp_avg", "exp_inf")
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 maximize=False, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
@@ -179,9 +186,10 @@ class Lion(Optimizer):
     _hyperparameters = ("lr", "betas", "weight_decay", "maximize")
     _all_state_names = ("exp_avg",)
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)

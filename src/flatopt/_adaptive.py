@@ -5,12 +5,17 @@ group needs; the :class:`~flatopt.Optimizer` base does the rest. The formulas li
 ``_kernels.pyx`` only.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy.typing as npt
+
 from ._dispatch import kernels
-from ._optimizer import Optimizer
+from ._optimizer import Optimizer, Params
 from ._validation import check_bool, check_real
 
 
-def _check_common(group, where, eps_name="eps"):
+def _check_common(group: Mapping[str, Any], where: str, eps_name: str = "eps") -> None:
     """lr >= 0, eps > 0, weight_decay >= 0, maximize a bool (every adaptive optimizer)."""
     check_real(group["lr"], f"{where} lr", low=0.0)
     check_real(group[eps_name], f"{where} {eps_name}", low=0.0, low_open=True)
@@ -18,7 +23,7 @@ def _check_common(group, where, eps_name="eps"):
     check_bool(group["maximize"], f"{where} maximize")
 
 
-def check_betas(betas, where):
+def check_betas(betas: object, where: str) -> tuple[float, ...]:
     """Return ``betas`` as a pair of floats, each in [0, 1)."""
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
@@ -26,7 +31,7 @@ def check_betas(betas, where):
                  for k, b in enumerate(betas))
 
 
-def check_adam(group, where="Adam"):
+def check_adam(group: Mapping[str, Any], where: str = "Adam") -> None:
     """Validate Adam/AdamW hyperparameters: torch's rules, plus eps > 0 and finiteness."""
     _check_common(group, where)
     check_betas(group["betas"], where)
@@ -34,7 +39,7 @@ def check_adam(group, where="Adam"):
     check_bool(group["decoupled_weight_decay"], f"{where} decoupled_weight_decay")
 
 
-def check_rmsprop(group, where="RMSprop"):
+def check_rmsprop(group: Mapping[str, Any], where: str = "RMSprop") -> None:
     """Validate RMSprop hyperparameters: alpha in [0, 1], momentum >= 0, eps > 0."""
     _check_common(group, where)
     check_real(group["alpha"], f"{where} alpha", low=0.0, high=1.0)
@@ -42,13 +47,13 @@ def check_rmsprop(group, where="RMSprop"):
     check_bool(group["centered"], f"{where} centered")
 
 
-def check_adadelta(group, where="Adadelta"):
+def check_adadelta(group: Mapping[str, Any], where: str = "Adadelta") -> None:
     """Validate Adadelta hyperparameters: rho in [0, 1], eps > 0."""
     _check_common(group, where)
     check_real(group["rho"], f"{where} rho", low=0.0, high=1.0)
 
 
-def check_adagrad(group, where="Adagrad"):
+def check_adagrad(group: Mapping[str, Any], where: str = "Adagrad") -> None:
     """Validate Adagrad hyperparameters: lr_decay >= 0, initial_accumulator_value >= 0,
     eps > 0."""
     _check_common(group, where)
@@ -71,10 +76,11 @@ class Adam(Optimizer):
                         "decoupled_weight_decay")
     _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay)
@@ -104,9 +110,11 @@ class AdamW(Adam):
     moment estimates.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, n_threads=n_threads, dtype=dtype,
                          adopt=adopt,
@@ -126,9 +134,11 @@ class RMSprop(Optimizer):
     _hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
     _all_state_names = ("square_avg", "grad_avg", "momentum_buffer")
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
+                 maximize: bool = False, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -161,9 +171,10 @@ class Adadelta(Optimizer):
     _hyperparameters = ("lr", "rho", "eps", "weight_decay", "maximize")
     _all_state_names = ("square_avg", "acc_delta")
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
-                 maximize=False, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
@@ -193,10 +204,11 @@ class Adagrad(Optimizer):
                         "maximize")
     _all_state_names = ("sum",)
 
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, n_threads=None,
-                 dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, *, maximize: bool = False, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
                         maximize=maximize)

@@ -1,11 +1,16 @@
 """The momentum family: torch.optim.SGD and textbook (moving-average) Momentum."""
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy.typing as npt
+
 from ._dispatch import kernels
-from ._optimizer import Optimizer
+from ._optimizer import Optimizer, Params
 from ._validation import check_bool, check_real
 
 
-def check_sgd(group, where="SGD"):
+def check_sgd(group: Mapping[str, Any], where: str = "SGD") -> None:
     """Validate SGD hyperparameters in ``group`` (torch.optim.SGD's rules, plus finiteness)."""
     check_real(group["lr"], f"{where} lr", low=0.0)
     momentum = check_real(group["momentum"], f"{where} momentum", low=0.0)
@@ -19,7 +24,7 @@ def check_sgd(group, where="SGD"):
             f"got momentum={momentum}, dampening={dampening}")
 
 
-def check_momentum(group, where="Momentum"):
+def check_momentum(group: Mapping[str, Any], where: str = "Momentum") -> None:
     """Validate Momentum hyperparameters: lr >= 0, beta in [0, 1), weight_decay >= 0."""
     check_real(group["lr"], f"{where} lr", low=0.0)
     check_real(group["beta"], f"{where} beta", low=0.0, high=1.0, high_open=True)
@@ -39,9 +44,11 @@ class SGD(Optimizer):
     _all_state_names = ("momentum_buffer",)
     _plain_state = ("momentum_buffer_initialized",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -91,9 +98,10 @@ class Momentum(Optimizer):
     _hyperparameters = ("lr", "beta", "weight_decay", "maximize")
     _all_state_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *,
-                 n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0,
+                 maximize: bool = False, *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)

@@ -27,8 +27,9 @@ from ._threads import check_n_threads, effective_n_threads
 from ._validation import FloatArray, check_bool, check_fits, check_flat, check_real, describe
 
 #: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
-#: ``"params"`` sequence of arrays and hyperparameter overrides).
-Params = Iterable[npt.NDArray[Any]] | Iterable[Mapping[str, Any]]
+#: ``"params"`` sequence of arrays and hyperparameter overrides); not a mix of both (that
+#: raises). One iterable of either, so that a literal list of group dicts type-checks.
+Params = Iterable[npt.NDArray[Any] | Mapping[str, Any]]
 #: A gradient given to :meth:`Optimizer.step`: one flat array, or one array per parameter.
 Grads = npt.NDArray[Any] | Sequence[npt.NDArray[Any]]
 

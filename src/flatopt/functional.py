@@ -11,10 +11,11 @@ from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
 from ._norms import check_norm_type, flat_norm
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import check_fits, check_flat, check_no_overlap, check_real, check_step
+from ._validation import (FloatArray, check_fits, check_flat, check_no_overlap, check_real,
+                          check_step)
 
 
-def _check_buffers(param, grad, **state):
+def _check_buffers(param: FloatArray, grad: FloatArray, **state: FloatArray) -> None:
     """Validate ``param`` (written), ``grad`` (read) and the state buffers (written)."""
     check_flat(param, "param")
     check_flat(grad, "grad", dtype=param.dtype, size=param.shape[0], writable=False)
@@ -23,13 +24,15 @@ def _check_buffers(param, grad, **state):
     check_no_overlap({"param": param, "grad": grad, **state})
 
 
-def _common(grad_scale, n_threads):
+def _common(grad_scale: float, n_threads: int | None) -> tuple[float, int]:
     grad_scale = check_real(grad_scale, "grad_scale")
     return grad_scale, effective_n_threads(check_n_threads(n_threads))
 
 
-def sgd_(param, grad, momentum_buffer=None, *, lr, step, momentum=0.0, dampening=0.0,
-         weight_decay=0.0, nesterov=False, maximize=False, grad_scale=1.0, n_threads=None):
+def sgd_(param: FloatArray, grad: FloatArray, momentum_buffer: FloatArray | None = None, *, lr: float, step: int,
+         momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+         nesterov: bool = False, maximize: bool = False, grad_scale: float = 1.0,
+         n_threads: int | None = None) -> None:
     """One torch.optim.SGD step, in place on ``param`` (and ``momentum_buffer``).
 
     ``step`` is the 1-based step number: on step 1 the momentum buffer is set to the
@@ -53,8 +56,9 @@ def sgd_(param, grad, momentum_buffer=None, *, lr, step, momentum=0.0, dampening
                  nesterov, maximize, step == 1, grad_scale, n_threads)
 
 
-def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
-              maximize=False, grad_scale=1.0, n_threads=None):
+def momentum_(param: FloatArray, grad: FloatArray, momentum_buffer: FloatArray, *, lr: float, beta: float = 0.9,
+              weight_decay: float = 0.0, maximize: bool = False, grad_scale: float = 1.0,
+              n_threads: int | None = None) -> None:
     """One textbook momentum step, in place: ``v = beta*v + (1-beta)*g; p -= lr*v``."""
     check_momentum(dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize), "momentum_")
     grad_scale, n_threads = _common(grad_scale, n_threads)
@@ -65,7 +69,8 @@ def momentum_(param, grad, momentum_buffer, *, lr, beta=0.9, weight_decay=0.0,
                       grad_scale, n_threads)
 
 
-def grad_norm(grad, norm_type=2.0, *, grad_scale=1.0, n_threads=None):
+def grad_norm(grad: FloatArray, norm_type: float = 2.0, *, grad_scale: float = 1.0,
+              n_threads: int | None = None) -> float:
     """The ``norm_type``-norm of ``grad_scale * grad`` in one read-only pass.
 
     Accumulated in double over fixed blocks, so the result is bit-identical for any
@@ -77,15 +82,17 @@ def grad_norm(grad, norm_type=2.0, *, grad_scale=1.0, n_threads=None):
     return abs(grad_scale) * flat_norm(grad, norm_type, n_threads)
 
 
-def count_nonfinite(x, *, n_threads=None):
+def count_nonfinite(x: FloatArray, *, n_threads: int | None = None) -> int:
     """How many elements of the 1-D float buffer ``x`` are inf or NaN."""
     check_flat(x, "x", writable=False)
-    return kernels.count_nonfinite(x, effective_n_threads(check_n_threads(n_threads)))
+    count: int = kernels.count_nonfinite(x, effective_n_threads(check_n_threads(n_threads)))
+    return count
 
 
-def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-          amsgrad=False, max_exp_avg_sq=None, decoupled=False, maximize=False, grad_scale=1.0,
-          n_threads=None):
+def adam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int, lr: float,
+          beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, amsgrad: bool = False,
+          max_exp_avg_sq: FloatArray | None = None, decoupled: bool = False, maximize: bool = False,
+          grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.Adam step (AdamW with ``decoupled``), in place on ``param`` and state.
 
     ``step`` is the 1-based step number used for the bias corrections ``1 - beta**step``.
@@ -110,9 +117,10 @@ def adam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weig
                   eps, weight_decay, amsgrad, decoupled, maximize, grad_scale, n_threads)
 
 
-def rmsprop_(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr, alpha, eps,
-             weight_decay=0.0, momentum=0.0, centered=False, maximize=False, grad_scale=1.0,
-             n_threads=None):
+def rmsprop_(param: FloatArray, grad: FloatArray, square_avg: FloatArray, grad_avg: FloatArray | None = None,
+             momentum_buffer: FloatArray | None = None, *, lr: float, alpha: float, eps: float,
+             weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+             maximize: bool = False, grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.RMSprop step, in place on ``param`` and state.
 
     ``grad_avg`` is required when ``centered`` and ``momentum_buffer`` when
@@ -138,8 +146,9 @@ def rmsprop_(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr
                      weight_decay, momentum, centered, maximize, grad_scale, n_threads)
 
 
-def adadelta_(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay=0.0,
-              maximize=False, grad_scale=1.0, n_threads=None):
+def adadelta_(param: FloatArray, grad: FloatArray, square_avg: FloatArray, acc_delta: FloatArray, *, lr: float, rho: float,
+              eps: float, weight_decay: float = 0.0, maximize: bool = False,
+              grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.Adadelta step, in place on ``param``, ``square_avg``, ``acc_delta``."""
     check_adadelta(dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
                    "adadelta_")
@@ -151,8 +160,9 @@ def adadelta_(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay=
                       grad_scale, n_threads)
 
 
-def adagrad_(param, grad, state_sum, *, step, lr, eps, lr_decay=0.0, weight_decay=0.0,
-             maximize=False, grad_scale=1.0, n_threads=None):
+def adagrad_(param: FloatArray, grad: FloatArray, state_sum: FloatArray, *, step: int, lr: float, eps: float,
+             lr_decay: float = 0.0, weight_decay: float = 0.0, maximize: bool = False,
+             grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.Adagrad step, in place on ``param`` and ``state_sum``.
 
     ``step`` is the 1-based step number: the learning rate used is
@@ -182,13 +192,15 @@ from ._adam_variants import check_adamax, check_lion, check_nadam, check_radam  
 from ._validation import check_bool  # noqa: E402
 
 
-def _fits(param, where, **values):
+def _fits(param: FloatArray, where: str, **values: float) -> None:
     check_fits(values, param.dtype, where)
 
 
-def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr, beta1, beta2, eps,
-           weight_decay=0.0, momentum_decay=4e-3, decoupled=False, maximize=False,
-           mu_product_float32=None, grad_scale=1.0, n_threads=None):
+def nadam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int,
+           mu_product: float, lr: float, beta1: float, beta2: float, eps: float,
+           weight_decay: float = 0.0, momentum_decay: float = 4e-3, decoupled: bool = False,
+           maximize: bool = False, mu_product_float32: bool | None = None,
+           grad_scale: float = 1.0, n_threads: int | None = None) -> float:
     """One torch.optim.NAdam step (NAdamW with ``decoupled``), in place; returns the new
     ``mu_product``.
 
@@ -209,13 +221,16 @@ def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr, beta1, bet
         mu_product_float32 = param.dtype == np.float32
     else:
         mu_product_float32 = check_bool(mu_product_float32, "mu_product_float32")
-    return kernels.nadam(param, grad, exp_avg, exp_avg_sq, step, mu_product, mu_product_float32,
-                         lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled,
-                         maximize, grad_scale, n_threads)
+    new_mu_product: float = kernels.nadam(
+        param, grad, exp_avg, exp_avg_sq, step, mu_product, mu_product_float32, lr, beta1, beta2,
+        eps, weight_decay, momentum_decay, decoupled, maximize, grad_scale, n_threads)
+    return new_mu_product
 
 
-def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-           decoupled=False, maximize=False, grad_scale=1.0, n_threads=None):
+def radam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *, step: int, lr: float,
+           beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+           decoupled: bool = False, maximize: bool = False, grad_scale: float = 1.0,
+           n_threads: int | None = None) -> bool:
     """One torch.optim.RAdam step (decoupled weight decay with ``decoupled``), in place.
 
     ``step`` is the 1-based step number. Returns True when the step was rectified
@@ -231,8 +246,9 @@ def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, wei
                               weight_decay, decoupled, maximize, grad_scale, n_threads))
 
 
-def adamax_(param, grad, exp_avg, exp_inf, *, step, lr, beta1, beta2, eps, weight_decay=0.0,
-            maximize=False, grad_scale=1.0, n_threads=None):
+def adamax_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_inf: FloatArray, *, step: int, lr: float,
+            beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+            maximize: bool = False, grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.Adamax step, in place on ``param``, ``exp_avg`` and ``exp_inf``."""
     check_adamax(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
                       maximize=maximize), "adamax_")
@@ -244,8 +260,9 @@ def adamax_(param, grad, exp_avg, exp_inf, *, step, lr, beta1, beta2, eps, weigh
                    maximize, grad_scale, n_threads)
 
 
-def lion_(param, grad, exp_avg, *, lr, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False,
-          grad_scale=1.0, n_threads=None):
+def lion_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, *, lr: float, beta1: float = 0.9,
+          beta2: float = 0.99, weight_decay: float = 0.0, maximize: bool = False,
+          grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One Lion step, in place on ``param`` and ``exp_avg`` (see :class:`flatopt.Lion`)."""
     check_lion(dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize),
                "lion_")

@@ -47,14 +47,20 @@ does).
 """
 
 import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._adaptive import check_betas
 from ._dispatch import kernels
-from ._optimizer import Optimizer
+from ._optimizer import Grads, Optimizer, Params
 from ._validation import check_bool, check_real, describe
 
+
+#: ``learning_rate``: a float, or a schedule called with the iteration count.
+LearningRate = float | Callable[[int], float]
 
 def _check_learning_rate(value, where):
     if callable(value) and not isinstance(value, numbers.Real):
@@ -83,14 +89,15 @@ class _KerasOptimizer(Optimizer):
     """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
     and Keras's decoupled weight decay (None or 0: off)."""
 
-    def __init__(self, params, defaults, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, defaults: Mapping[str, Any], *,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         self._lrs = None
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
     @property
-    def iterations(self):
+    def iterations(self) -> int:
         """Steps taken so far (Keras's ``optimizer.iterations``)."""
         return self.state["step"]
 
@@ -103,7 +110,8 @@ class _KerasOptimizer(Optimizer):
     def _check_own(self, group, where):
         raise NotImplementedError
 
-    def step(self, grads=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+    def step(self, grads: Grads | None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> bool:
         """One step (Keras's ``optimizer.apply(grads)``); see :meth:`flatopt.Optimizer.step`.
 
         Each group's learning rate is evaluated first, at the current iteration count,
@@ -138,9 +146,10 @@ class SGD(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "momentum", "nesterov", "weight_decay")
     _all_state_names = ("momentum",)
 
-    def __init__(self, params, learning_rate=0.01, momentum=0.0, nesterov=False,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.01, momentum: float = 0.0,
+                 nesterov: bool = False, weight_decay: float | None = None, *,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
                                       nesterov=nesterov, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -173,9 +182,11 @@ class Adam(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
     _all_state_names = ("momentum", "velocity", "velocity_hat")
 
-    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False,
+                 weight_decay: float | None = None, *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, amsgrad=amsgrad,
                                       weight_decay=weight_decay),
@@ -204,10 +215,11 @@ class AdamW(Adam):
     """keras.optimizers.AdamW: :class:`Adam` with ``weight_decay=0.004`` by default (Keras's
     weight decay is decoupled for every optimizer; AdamW only changes the default)."""
 
-    def __init__(self, params, learning_rate=0.001, weight_decay=0.004, beta_1=0.9,
-                 beta_2=0.999, epsilon=1e-7, amsgrad=False, *, n_threads=None, dtype=None,
-                 adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001,
+                 weight_decay: float = 0.004, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7, amsgrad: bool = False, *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
@@ -226,9 +238,11 @@ class RMSprop(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "rho", "momentum", "epsilon", "centered", "weight_decay")
     _all_state_names = ("velocity", "momentum", "average_gradient")
 
-    def __init__(self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
-                 centered=False, weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, rho: float = 0.9,
+                 momentum: float = 0.0, epsilon: float = 1e-7, centered: bool = False,
+                 weight_decay: float | None = None, *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
                                       epsilon=epsilon, centered=centered,
                                       weight_decay=weight_decay),
@@ -263,9 +277,10 @@ class Adadelta(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "rho", "epsilon", "weight_decay")
     _all_state_names = ("accumulated_grad", "accumulated_delta_var")
 
-    def __init__(self, params, learning_rate=0.001, rho=0.95, epsilon=1e-7, weight_decay=None,
-                 *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, rho: float = 0.95,
+                 epsilon: float = 1e-7, weight_decay: float | None = None, *,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -294,9 +309,11 @@ class Adagrad(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
     _all_state_names = ("accumulator",)
 
-    def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001,
+                 initial_accumulator_value: float = 0.1, epsilon: float = 1e-7,
+                 weight_decay: float | None = None, *, n_threads: int | None = None,
+                 dtype: npt.DTypeLike | None = None, adopt: bool = False,
+                 master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate,
                                       initial_accumulator_value=initial_accumulator_value,
                                       epsilon=epsilon, weight_decay=weight_decay),
@@ -327,9 +344,10 @@ class Adamax(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
     _all_state_names = ("m", "u")
 
-    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
+                 *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -358,9 +376,10 @@ class Nadam(_KerasOptimizer):
     _all_state_names = ("momentum", "velocity")
     _plain_state = ("u_product",)
 
-    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 weight_decay=None, *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
+                 *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -397,9 +416,10 @@ class Lion(_KerasOptimizer):
     _hyperparameters = ("learning_rate", "beta_1", "beta_2", "weight_decay")
     _all_state_names = ("momentum",)
 
-    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.99, weight_decay=None,
-                 *, n_threads=None, dtype=None, adopt=False,
-                 master_dtype=None):
+    def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
+                 beta_2: float = 0.99, weight_decay: float | None = None, *,
+                 n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
