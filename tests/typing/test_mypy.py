@@ -36,14 +36,30 @@ with flatopt.num_threads(1.5):
 flatopt.show_config(file=3)
 info: list[str] = flatopt.build_info()
 enabled: int = flatopt.openmp_enabled()
+import numpy as np
+opt = flatopt.Adam([np.zeros(3)], lr="1e-3")
+opt.step(grads=3)
+taken: None = opt.step()
+flatopt.functional.adam_(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), step=1, lr=1e-3)
+flat, views = flatopt.flatten(np.zeros(3), dtype=np.float32)
+shapes: list[int] = flatopt.FlatLayout.from_arrays(views).shapes
 '''
-# (line, message fragment) of every error MISUSE must raise; line 8 is fine (bool <: int).
+# (line, message fragment) of every error MISUSE must raise; line 8 is fine (bool <: int),
+# and so is line 9. Line 14 passes an array where flatten wants an iterable of arrays: an
+# ndarray is iterable, so only the runtime check refuses it (no error expected there).
 EXPECTED = [
     (2, 'Argument 1 to "set_num_threads" has incompatible type "str"'),
     (3, 'Incompatible types in assignment (expression has type "int", variable has type "str")'),
     (4, 'Argument 1 to "num_threads" has incompatible type "float"'),
     (6, 'Argument "file" to "show_config" has incompatible type "int"'),
     (7, 'expression has type "dict[str, Any]", variable has type "list[str]"'),
+    (10, 'Argument "lr" to "Adam" has incompatible type "str"; expected "float"'),
+    (11, 'Argument "grads" to "step" of "Optimizer" has incompatible type "int"'),
+    (12, 'Incompatible types in assignment (expression has type "bool", variable has type "None")'),
+    (13, 'Missing named argument "beta1" for "adam_"'),
+    (13, 'Missing named argument "beta2" for "adam_"'),
+    (13, 'Missing named argument "eps" for "adam_"'),
+    (15, 'expression has type "tuple[tuple[int, ...], ...]", variable has type "list[int]"'),
 ]
 
 
