@@ -13,7 +13,7 @@ import numpy.typing as npt
 from ._adaptive import _check_common, check_betas
 from ._dispatch import kernels
 from ._optimizer import Optimizer, Params
-from ._validation import check_bool, check_real
+from ._validation import FloatArray, check_bool, check_real
 
 
 def check_nadam(group: Mapping[str, Any], where: str = "NAdam") -> None:
@@ -60,10 +60,10 @@ class NAdam(Optimizer):
     torch's default, float64 ones with a float64 default).
     """
 
-    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
+    _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
                         "decoupled_weight_decay", "maximize")
-    _all_state_names = ("exp_avg", "exp_avg_sq")
-    _plain_state = ("mu_product",)
+    _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    _plain_state: tuple[str, ...] = ("mu_product",)
     # None: round the running product to float32 exactly when the buffers are float32.
     # flatopt.torch.NAdam sets it to follow torch's default dtype instead.
     _mu_product_float32 = None
@@ -80,19 +80,20 @@ class NAdam(Optimizer):
                          master_dtype=master_dtype)
         self.state["mu_product"] = [1.0] * len(self.param_groups)
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         check_nadam(group, where or "NAdam")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _check_plain_state(self, key, value, n_groups):
+    def _check_plain_state(self, key: str, value: object, n_groups: int) -> None:
         if (not isinstance(value, list) or len(value) != n_groups
                 or not all(type(v) is float and 0.0 <= v <= 1.0 for v in value)):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} floats "
                              f"in [0, 1], got {value!r}")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         single = self._mu_product_float32
         if single is None:
@@ -113,8 +114,8 @@ class RAdam(Optimizer):
     ``p -= lr * m/bc1``; after that it is Adam's step times the rectification term.
     """
 
-    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
-    _all_state_names = ("exp_avg", "exp_avg_sq")
+    _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
+    _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -126,13 +127,14 @@ class RAdam(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         check_radam(group, where or "RAdam")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         kernels.radam(seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"], step, group["lr"],
                       beta1, beta2, group["eps"], group["weight_decay"],
@@ -146,8 +148,8 @@ class Adamax(Optimizer):
     ``p -= lr/(1 - beta1**step) * m/u``. ``weight_decay`` is L2 (added to the gradient).
     """
 
-    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize")
-    _all_state_names = ("exp_avg", "exp_inf")
+    _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "maximize")
+    _all_state_names: tuple[str, ...] = ("exp_avg", "exp_inf")
 
     def __init__(self, params: Params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -157,13 +159,14 @@ class Adamax(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         check_adamax(group, where or "Adamax")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         kernels.adamax(seg["param"], grad, seg["exp_avg"], seg["exp_inf"], step, group["lr"],
                        beta1, beta2, group["eps"], group["weight_decay"], group["maximize"],
@@ -183,8 +186,8 @@ class Lion(Optimizer):
     ``copysign(lr, c)`` and moves it by ``lr``; the two agree everywhere else.
     """
 
-    _hyperparameters = ("lr", "betas", "weight_decay", "maximize")
-    _all_state_names = ("exp_avg",)
+    _hyperparameters: tuple[str, ...] = ("lr", "betas", "weight_decay", "maximize")
+    _all_state_names: tuple[str, ...] = ("exp_avg",)
 
     def __init__(self, params: Params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -194,13 +197,14 @@ class Lion(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         check_lion(group, where or "Lion")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         kernels.lion(seg["param"], grad, seg["exp_avg"], group["lr"], beta1, beta2,
                      group["weight_decay"], group["maximize"], grad_scale, n_threads)

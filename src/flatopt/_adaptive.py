@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from ._dispatch import kernels
 from ._optimizer import Optimizer, Params
-from ._validation import check_bool, check_real
+from ._validation import FloatArray, check_bool, check_real
 
 
 def _check_common(group: Mapping[str, Any], where: str, eps_name: str = "eps") -> None:
@@ -23,7 +23,7 @@ def _check_common(group: Mapping[str, Any], where: str, eps_name: str = "eps") -
     check_bool(group["maximize"], f"{where} maximize")
 
 
-def check_betas(betas: object, where: str) -> tuple[float, ...]:
+def check_betas(betas: Any, where: str) -> tuple[float, ...]:
     """Return ``betas`` as a pair of floats, each in [0, 1)."""
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
@@ -72,9 +72,9 @@ class Adam(Optimizer):
     ``decoupled_weight_decay``, applied as ``p *= 1 - lr*weight_decay`` (AdamW).
     """
 
-    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+    _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                         "decoupled_weight_decay")
-    _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -87,13 +87,14 @@ class Adam(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         check_adam(group, where or type(self).__name__)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         param = seg["param"]
@@ -131,8 +132,8 @@ class RMSprop(Optimizer):
     buffers is allocated only when its option is on.
     """
 
-    _hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
-    _all_state_names = ("square_avg", "grad_avg", "momentum_buffer")
+    _hyperparameters: tuple[str, ...] = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+    _all_state_names: tuple[str, ...] = ("square_avg", "grad_avg", "momentum_buffer")
 
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
@@ -144,14 +145,15 @@ class RMSprop(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where="RMSprop"):
+    def _check(self, group: dict[str, Any], where: str = "RMSprop") -> None:
         check_rmsprop(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (("square_avg",) + (("grad_avg",) if group["centered"] else ())
                 + (("momentum_buffer",) if group["momentum"] > 0 else ()))
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         param = seg["param"]
         centered, momentum = group["centered"], group["momentum"]
         kernels.rmsprop(param, grad, seg["square_avg"],
@@ -168,8 +170,8 @@ class Adadelta(Optimizer):
     ``acc = rho*acc + (1-rho)*delta*delta``; ``p -= lr*delta``.
     """
 
-    _hyperparameters = ("lr", "rho", "eps", "weight_decay", "maximize")
-    _all_state_names = ("square_avg", "acc_delta")
+    _hyperparameters: tuple[str, ...] = ("lr", "rho", "eps", "weight_decay", "maximize")
+    _all_state_names: tuple[str, ...] = ("square_avg", "acc_delta")
 
     def __init__(self, params: Params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -179,13 +181,14 @@ class Adadelta(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where="Adadelta"):
+    def _check(self, group: dict[str, Any], where: str = "Adadelta") -> None:
         check_adadelta(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         kernels.adadelta(seg["param"], grad, seg["square_avg"], seg["acc_delta"], group["lr"],
                           group["rho"], group["eps"], group["weight_decay"], group["maximize"],
                           grad_scale, n_threads)
@@ -200,9 +203,9 @@ class Adagrad(Optimizer):
     uses the constructor's value for every group; ``flatopt.torch.Adagrad`` does as torch.
     """
 
-    _hyperparameters = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
+    _hyperparameters: tuple[str, ...] = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                         "maximize")
-    _all_state_names = ("sum",)
+    _all_state_names: tuple[str, ...] = ("sum",)
 
     def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
@@ -215,18 +218,19 @@ class Adagrad(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where="Adagrad"):
+    def _check(self, group: dict[str, Any], where: str = "Adagrad") -> None:
         check_adagrad(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
-    def _init_state(self, name, buffer):
+    def _init_state(self, name: str, buffer: FloatArray) -> None:
         # Each group's segment starts at that group's initial_accumulator_value.
         for (start, stop), group in zip(self._segments, self.param_groups):
             buffer[start:stop] = group["initial_accumulator_value"]
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         kernels.adagrad(seg["param"], grad, seg["sum"], step, group["lr"], group["lr_decay"],
                          group["eps"], group["weight_decay"], group["maximize"], grad_scale,
                          n_threads)

@@ -7,7 +7,7 @@ import numpy.typing as npt
 
 from ._dispatch import kernels
 from ._optimizer import Optimizer, Params
-from ._validation import check_bool, check_real
+from ._validation import FloatArray, check_bool, check_real
 
 
 def check_sgd(group: Mapping[str, Any], where: str = "SGD") -> None:
@@ -40,9 +40,9 @@ class SGD(Optimizer):
     (undampened); after that ``buf = momentum*buf + (1-dampening)*g``.
     """
 
-    _hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-    _all_state_names = ("momentum_buffer",)
-    _plain_state = ("momentum_buffer_initialized",)
+    _hyperparameters: tuple[str, ...] = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _all_state_names: tuple[str, ...] = ("momentum_buffer",)
+    _plain_state: tuple[str, ...] = ("momentum_buffer_initialized",)
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
@@ -55,25 +55,26 @@ class SGD(Optimizer):
                          master_dtype=master_dtype)
         dict.__setitem__(self.state, "momentum_buffer_initialized", [False] * len(self.param_groups))
 
-    def _check(self, group, where="SGD"):
+    def _check(self, group: dict[str, Any], where: str = "SGD") -> None:
         check_sgd(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _check_loaded_state(self, groups, state):
+    def _check_loaded_state(self, groups: list[dict[str, Any]], state: dict[str, Any]) -> None:
         # The buffer is created by the first step that uses momentum: it must be there
         # exactly when a group's flag says it was initialised.
         if any(state["momentum_buffer_initialized"]) and "momentum_buffer" not in state:
             raise ValueError("state_dict['state'] lacks 'momentum_buffer', but "
                              "'momentum_buffer_initialized' says it was initialised")
 
-    def _start_run(self, gi, group, fresh):
+    def _start_run(self, gi: int, group: dict[str, Any], fresh: bool) -> None:
         # A run of parameters without a momentum buffer yet starts it from the gradient.
         if group["momentum"] != 0:
             self.state["momentum_buffer_initialized"][gi] = not fresh
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         momentum = group["momentum"]
         if momentum != 0:
             initialized = self._state["momentum_buffer_initialized"]
@@ -95,8 +96,8 @@ class Momentum(Optimizer):
     ``maximize``.
     """
 
-    _hyperparameters = ("lr", "beta", "weight_decay", "maximize")
-    _all_state_names = ("momentum_buffer",)
+    _hyperparameters: tuple[str, ...] = ("lr", "beta", "weight_decay", "maximize")
+    _all_state_names: tuple[str, ...] = ("momentum_buffer",)
 
     def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0,
                  maximize: bool = False, *, n_threads: int | None = None,
@@ -106,12 +107,13 @@ class Momentum(Optimizer):
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check(self, group, where="Momentum"):
+    def _check(self, group: dict[str, Any], where: str = "Momentum") -> None:
         check_momentum(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",)
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"], group["beta"],
                           group["weight_decay"], group["maximize"], grad_scale, n_threads)

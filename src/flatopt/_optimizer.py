@@ -271,18 +271,19 @@ class Optimizer(ClipGradNormMixin):
         check_fits({k: group[k] for k in self._hyperparameters}, self.layout.dtype, where)
 
     # -- subclass interface -------------------------------------------------------------
-    def _check(self, group, where="defaults"):
+    def _check(self, group: dict[str, Any], where: str = "defaults") -> None:
         """Validate the hyperparameters in ``group`` (a dict); raise naming ``where``."""
         raise NotImplementedError
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The state buffers a group with these hyperparameters needs."""
         return ()
 
-    def _init_state(self, name, buffer):
+    def _init_state(self, name: str, buffer: FloatArray) -> None:
         """Fill a newly allocated state buffer (zeros by default)."""
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         """Run the kernel on group ``gi``: ``seg`` holds its param and state views."""
         raise NotImplementedError
 
@@ -535,7 +536,7 @@ class Optimizer(ClipGradNormMixin):
             self._scratch = aligned_zeros(n, self.layout.dtype)
         return self._scratch
 
-    def _start_run(self, gi, group, fresh):
+    def _start_run(self, gi: int, group: dict[str, Any], fresh: bool) -> None:
         """Set group ``gi``'s first-step flags for a run whose parameters are ``fresh``
         (have no state yet). Only optimizers with such flags (SGD) override this."""
 
@@ -721,7 +722,7 @@ class Optimizer(ClipGradNormMixin):
         self._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
         self._prepare()
 
-    def _check_loaded_state(self, groups, state):
+    def _check_loaded_state(self, groups: list[dict[str, Any]], state: dict[str, Any]) -> None:
         """Raise if a state buffer the loaded groups need is missing from ``state``.
 
         After the first step every buffer a group's hyperparameters need exists; one
@@ -737,14 +738,14 @@ class Optimizer(ClipGradNormMixin):
                                  f"at step {state['step']}")
 
     # Non-array state entries (per-group flags), declared by subclasses.
-    _plain_state = ()
+    _plain_state: tuple[str, ...] = ()
 
     def _state_keys(self):
         return set(self._all_state_names) | set(self._plain_state)
 
-    _all_state_names = ()
+    _all_state_names: tuple[str, ...] = ()
 
-    def _check_plain_state(self, key, value, n_groups):
+    def _check_plain_state(self, key: str, value: object, n_groups: int) -> None:
         if not isinstance(value, list) or len(value) != n_groups or not all(isinstance(v, bool) for v in value):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} bools, got {value!r}")
 
