@@ -56,32 +56,32 @@ import numpy.typing as npt
 from ._adaptive import check_betas
 from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
-from ._validation import check_bool, check_real, describe
+from ._validation import FloatArray, check_bool, check_real, describe
 
 
 #: ``learning_rate``: a float, or a schedule called with the iteration count.
 LearningRate = float | Callable[[int], float]
 
-def _check_learning_rate(value, where):
+def _check_learning_rate(value: object, where: str) -> None:
     if callable(value) and not isinstance(value, numbers.Real):
         return
     check_real(value, f"{where} learning_rate", low=0.0)
 
 
-def _check_weight_decay(value, where):
+def _check_weight_decay(value: object, where: str) -> None:
     if value is not None:
         check_real(value, f"{where} weight_decay", low=0.0)
 
 
-def _check_unit(group, name, where, high_open=False):
+def _check_unit(group: Mapping[str, Any], name: str, where: str, high_open: bool = False) -> None:
     check_real(group[name], f"{where} {name}", low=0.0, high=1.0, high_open=high_open)
 
 
-def _check_epsilon(group, where):
+def _check_epsilon(group: Mapping[str, Any], where: str) -> None:
     check_real(group["epsilon"], f"{where} epsilon", low=0.0, low_open=True)
 
 
-def _check_betas(group, where):
+def _check_betas(group: Mapping[str, Any], where: str) -> None:
     check_betas((group["beta_1"], group["beta_2"]), f"{where} (beta_1, beta_2)")
 
 
@@ -92,22 +92,23 @@ class _KerasOptimizer(Optimizer):
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
-        self._lrs = None
+        self._lrs: list[Any] | None = None
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
     @property
     def iterations(self) -> int:
         """Steps taken so far (Keras's ``optimizer.iterations``)."""
-        return self.state["step"]
+        step: int = self.state["step"]
+        return step
 
-    def _check(self, group, where=None):
+    def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         where = where or type(self).__name__
         _check_learning_rate(group["learning_rate"], where)
         _check_weight_decay(group["weight_decay"], where)
         self._check_own(group, where)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         raise NotImplementedError
 
     def step(self, grads: Grads | None = None, *, grad_scale: float = 1.0,
@@ -117,7 +118,7 @@ class _KerasOptimizer(Optimizer):
         Each group's learning rate is evaluated first, at the current iteration count,
         and checked before anything is written.
         """
-        lrs = []
+        lrs: list[Any] = []
         for gi, group in enumerate(self.param_groups):
             lr = group.get("learning_rate") if isinstance(group, dict) else None
             if callable(lr) and not isinstance(lr, numbers.Real):
@@ -132,7 +133,7 @@ class _KerasOptimizer(Optimizer):
         self._lrs = lrs
         return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
 
-    def _lr_wd(self, gi, group):
+    def _lr_wd(self, gi: int, group: dict[str, Any]) -> tuple[float, float]:
         lr = self._lrs[gi] if self._lrs is not None else group["learning_rate"]
         wd = group["weight_decay"]
         return lr, 0.0 if wd is None else wd
@@ -143,8 +144,8 @@ class SGD(_KerasOptimizer):
     ``p += momentum*m - learning_rate*g``), ``m`` starting at zero; without momentum
     ``p -= learning_rate*g``."""
 
-    _hyperparameters = ("learning_rate", "momentum", "nesterov", "weight_decay")
-    _all_state_names = ("momentum",)
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "momentum", "nesterov", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("momentum",)
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float | None = None, *,
@@ -155,21 +156,22 @@ class SGD(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "momentum", where)
         check_bool(group["nesterov"], f"{where} nesterov")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",) if group["momentum"] != 0 else ()
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
         mom = group["momentum"]
         kernels.keras_sgd(param, grad, seg["momentum"] if mom != 0 else param[:0], lr, mom,
                           group["nesterov"], wd, grad_scale, n_threads)
 
-    def _check_loaded_state(self, groups, state):
+    def _check_loaded_state(self, groups: list[dict[str, Any]], state: dict[str, Any]) -> None:
         pass  # the momentum buffer appears when momentum is first non-zero
 
 
@@ -179,8 +181,8 @@ class Adam(_KerasOptimizer):
     (epsilon is not bias-corrected; default 1e-7). ``amsgrad`` uses the running maximum
     of ``v`` (state ``velocity_hat``)."""
 
-    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
-    _all_state_names = ("momentum", "velocity", "velocity_hat")
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("momentum", "velocity", "velocity_hat")
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False,
@@ -193,15 +195,16 @@ class Adam(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
         _check_epsilon(group, where)
         check_bool(group["amsgrad"], f"{where} amsgrad")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum", "velocity") + (("velocity_hat",) if group["amsgrad"] else ())
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
         amsgrad = group["amsgrad"]
@@ -224,7 +227,7 @@ class AdamW(Adam):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         super()._check_own(group, where)
         if group["weight_decay"] is None:
             raise ValueError(f"{where} weight_decay: AdamW requires a weight_decay, got None")
@@ -235,8 +238,8 @@ class RMSprop(_KerasOptimizer):
     ``lr*g/sqrt(v + epsilon)`` (epsilon inside the root; centered: ``sqrt(v - a*a + eps)``
     with ``a`` the running mean of ``g``); with momentum ``b = momentum*b + step; p -= b``."""
 
-    _hyperparameters = ("learning_rate", "rho", "momentum", "epsilon", "centered", "weight_decay")
-    _all_state_names = ("velocity", "momentum", "average_gradient")
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "rho", "momentum", "epsilon", "centered", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("velocity", "momentum", "average_gradient")
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, rho: float = 0.9,
                  momentum: float = 0.0, epsilon: float = 1e-7, centered: bool = False,
@@ -249,17 +252,18 @@ class RMSprop(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "rho", where)
         check_real(group["momentum"], f"{where} momentum", low=0.0)
         _check_epsilon(group, where)
         check_bool(group["centered"], f"{where} centered")
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (("velocity",) + (("momentum",) if group["momentum"] > 0 else ())
                 + (("average_gradient",) if group["centered"] else ()))
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
         centered, momentum = group["centered"], group["momentum"]
@@ -274,8 +278,8 @@ class Adadelta(_KerasOptimizer):
     the same formula as torch.optim.Adadelta (whose kernel it uses), with Keras's defaults
     and decoupled weight decay."""
 
-    _hyperparameters = ("learning_rate", "rho", "epsilon", "weight_decay")
-    _all_state_names = ("accumulated_grad", "accumulated_delta_var")
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "rho", "epsilon", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("accumulated_grad", "accumulated_delta_var")
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, rho: float = 0.95,
                  epsilon: float = 1e-7, weight_decay: float | None = None, *,
@@ -286,14 +290,15 @@ class Adadelta(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "rho", where)
         _check_epsilon(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("accumulated_grad", "accumulated_delta_var")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
         if wd != 0:
@@ -306,8 +311,8 @@ class Adagrad(_KerasOptimizer):
     """keras.optimizers.Adagrad: ``acc += g*g; p -= lr*g/sqrt(acc + epsilon)`` (epsilon
     inside the root), ``acc`` starting at ``initial_accumulator_value`` (default 0.1)."""
 
-    _hyperparameters = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
-    _all_state_names = ("accumulator",)
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("accumulator",)
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001,
                  initial_accumulator_value: float = 0.1, epsilon: float = 1e-7,
@@ -320,18 +325,19 @@ class Adagrad(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
         _check_epsilon(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("accumulator",)
 
-    def _init_state(self, name, buffer):
+    def _init_state(self, name: str, buffer: FloatArray) -> None:
         for (start, stop), group in zip(self._segments, self.param_groups):
             buffer[start:stop] = group["initial_accumulator_value"]
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
                               grad_scale, n_threads)
@@ -341,8 +347,8 @@ class Adamax(_KerasOptimizer):
     """keras.optimizers.Adamax: ``m += (g-m)*(1-beta_1)``, ``u = max(beta_2*u, |g|)``,
     ``p -= lr*m / ((1-beta_1**t)*(u + epsilon))`` (torch adds eps inside the max)."""
 
-    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
-    _all_state_names = ("m", "u")
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("m", "u")
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
@@ -353,14 +359,15 @@ class Adamax(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
         _check_epsilon(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("m", "u")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         kernels.keras_adamax(seg["param"], grad, seg["m"], seg["u"], step, lr, group["beta_1"],
                              group["beta_2"], group["epsilon"], wd, grad_scale, n_threads)
@@ -372,9 +379,9 @@ class Nadam(_KerasOptimizer):
     product (``state["u_product"]``, one per group, in the buffers' dtype, as Keras keeps
     one in the variables' dtype); ``p -= m_hat*lr/(sqrt(v/(1-beta_2**t)) + epsilon)``."""
 
-    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
-    _all_state_names = ("momentum", "velocity")
-    _plain_state = ("u_product",)
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("momentum", "velocity")
+    _plain_state: tuple[str, ...] = ("u_product",)
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
@@ -386,20 +393,21 @@ class Nadam(_KerasOptimizer):
                          master_dtype=master_dtype)
         self.state["u_product"] = [1.0] * len(self.param_groups)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
         _check_epsilon(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum", "velocity")
 
-    def _check_plain_state(self, key, value, n_groups):
+    def _check_plain_state(self, key: str, value: object, n_groups: int) -> None:
         if (not isinstance(value, list) or len(value) != n_groups
                 or not all(type(v) is float and 0.0 <= v <= 1.0 for v in value)):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} floats "
                              f"in [0, 1], got {value!r}")
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         products = self.state["u_product"]
         products[gi] = kernels.keras_nadam(
@@ -413,8 +421,8 @@ class Lion(_KerasOptimizer):
     ``m = beta_2*m + (1-beta_2)*g``, with Keras's weight decay. Keras casts beta_1 and
     beta_2 to the variables' dtype before ``1 - beta``; so does this class."""
 
-    _hyperparameters = ("learning_rate", "beta_1", "beta_2", "weight_decay")
-    _all_state_names = ("momentum",)
+    _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "weight_decay")
+    _all_state_names: tuple[str, ...] = ("momentum",)
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.99, weight_decay: float | None = None, *,
@@ -425,13 +433,14 @@ class Lion(_KerasOptimizer):
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
 
-    def _check_own(self, group, where):
+    def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
 
-    def _state_names(self, group):
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",)
 
-    def _update(self, gi, group, seg, grad, step, grad_scale, n_threads):
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+                step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         dt = self.layout.dtype.type
         kernels.lion(seg["param"], grad, seg["momentum"], lr, float(dt(group["beta_1"])),
