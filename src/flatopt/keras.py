@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from . import _adam_variants
 from ._adaptive import check_betas
 from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
@@ -400,11 +401,8 @@ class Nadam(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum", "velocity")
 
-    def _check_plain_state(self, key: str, value: object, n_groups: int) -> None:
-        if (not isinstance(value, list) or len(value) != n_groups
-                or not all(type(v) is float and 0.0 <= v <= 1.0 for v in value)):
-            raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} floats "
-                             f"in [0, 1], got {value!r}")
+    # The momentum product is checked as torch-formula NAdam's mu_product is.
+    _check_plain_state = _adam_variants.NAdam._check_plain_state
 
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
