@@ -31,6 +31,11 @@ VALID_KWARGS = {
     "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.01, momentum=0.9, centered=True),
     "Adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01),
     "Adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1, eps=1e-10),
+    "NAdam": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, momentum_decay=4e-3),
+    "RAdam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                  decoupled_weight_decay=True),
+    "Adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    "Lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01),
 }
 # Hyperparameters that torch.optim requires to be >= 0 (whichever classes have them).
 NON_NEGATIVE = {"lr", "weight_decay", "eps", "momentum", "beta", "alpha", "rho", "lr_decay",
