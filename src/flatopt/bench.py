@@ -83,6 +83,22 @@ def numpy_momentum(p, g, beta=0.9):
     return step
 
 
+def _numpy_first_moment(m, g, tmp, beta1):
+    """m = beta1*m + (1-beta1)*g in place, three ufunc passes (the Adam family's baselines)."""
+    np.multiply(m, beta1, out=m)
+    np.multiply(g, 1 - beta1, out=tmp)
+    np.add(m, tmp, out=m)
+
+
+def _numpy_moments(m, v, g, tmp, beta1, beta2):
+    """Adam's two moments in place: m as above, v = beta2*v + (1-beta2)*g*g."""
+    _numpy_first_moment(m, g, tmp, beta1)
+    np.multiply(v, beta2, out=v)
+    np.multiply(g, g, out=tmp)
+    np.multiply(tmp, 1 - beta2, out=tmp)
+    np.add(v, tmp, out=v)
+
+
 def numpy_adam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
     """torch.optim.Adam/AdamW (no amsgrad) with in-place ufuncs."""
     m, v, tmp = np.zeros_like(p), np.zeros_like(p), np.empty_like(p)
@@ -93,13 +109,7 @@ def numpy_adam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupl
         bc1, bc2 = 1 - beta1 ** t[0], 1 - beta2 ** t[0]
         if weight_decay and decoupled:
             np.multiply(p, 1 - LR * weight_decay, out=p)
-        np.multiply(m, beta1, out=m)
-        np.multiply(g, 1 - beta1, out=tmp)
-        np.add(m, tmp, out=m)
-        np.multiply(v, beta2, out=v)
-        np.multiply(g, g, out=tmp)
-        np.multiply(tmp, 1 - beta2, out=tmp)
-        np.add(v, tmp, out=v)
+        _numpy_moments(m, v, g, tmp, beta1, beta2)
         np.sqrt(v, out=tmp)
         np.divide(tmp, math.sqrt(bc2), out=tmp)
         np.add(tmp, eps, out=tmp)
@@ -177,13 +187,7 @@ def numpy_nadam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, momentum_decay=4e-3):
         mu = beta1 * (1 - 0.5 * 0.96 ** (t[0] * momentum_decay))
         mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t[0] + 1) * momentum_decay))
         mu_product[0] *= mu
-        np.multiply(m, beta1, out=m)
-        np.multiply(g, 1 - beta1, out=tmp)
-        np.add(m, tmp, out=m)
-        np.multiply(v, beta2, out=v)
-        np.multiply(g, g, out=tmp)
-        np.multiply(tmp, 1 - beta2, out=tmp)
-        np.add(v, tmp, out=v)
+        _numpy_moments(m, v, g, tmp, beta1, beta2)
         np.divide(v, 1 - beta2 ** t[0], out=den)
         np.sqrt(den, out=den)
         np.add(den, eps, out=den)
@@ -206,13 +210,7 @@ def numpy_radam(p, g, beta1=0.9, beta2=0.999, eps=1e-8):
         t[0] += 1
         bc1, bc2 = 1 - beta1 ** t[0], 1 - beta2 ** t[0]
         rho_t = rho_inf - 2 * t[0] * beta2 ** t[0] / bc2
-        np.multiply(m, beta1, out=m)
-        np.multiply(g, 1 - beta1, out=tmp)
-        np.add(m, tmp, out=m)
-        np.multiply(v, beta2, out=v)
-        np.multiply(g, g, out=tmp)
-        np.multiply(tmp, 1 - beta2, out=tmp)
-        np.add(v, tmp, out=v)
+        _numpy_moments(m, v, g, tmp, beta1, beta2)
         if rho_t > 5:
             rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
             np.sqrt(v, out=tmp)
@@ -232,9 +230,7 @@ def numpy_adamax(p, g, beta1=0.9, beta2=0.999, eps=1e-8):
 
     def step():
         t[0] += 1
-        np.multiply(m, beta1, out=m)
-        np.multiply(g, 1 - beta1, out=tmp)
-        np.add(m, tmp, out=m)
+        _numpy_first_moment(m, g, tmp, beta1)
         np.multiply(u, beta2, out=u)
         np.abs(g, out=tmp)
         np.add(tmp, eps, out=tmp)
