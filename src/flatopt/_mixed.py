@@ -80,7 +80,7 @@ def half_kind(arrays: Sequence[npt.NDArray[Any]], master_dtype: npt.DTypeLike | 
     return d, _kind_of(d)
 
 
-def resolve_master(master_dtype: npt.DTypeLike) -> np.dtype[Any]:
+def resolve_master(master_dtype: npt.DTypeLike | None) -> np.dtype[Any]:
     """``master_dtype`` as np.float32 (the only master the kernels support), or raise."""
     try:
         d = np.dtype(master_dtype)

@@ -11,8 +11,8 @@ kernel call per group.
 import math
 import numbers
 import operator
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -33,30 +33,36 @@ Params = Iterable[npt.NDArray[Any] | Mapping[str, Any]]
 #: A gradient given to :meth:`Optimizer.step`: one flat array, or one array per parameter.
 Grads = npt.NDArray[Any] | Sequence[npt.NDArray[Any]]
 
+# Internal types.
+_Run = tuple[int, int, int, int, bool]  # (gi, lo, hi, step, fresh): see Optimizer._finish_step
+_Getter = Callable[[Mapping[str, Any]], tuple[Any, ...]]  # see _tuple_getter
+_Half = tuple[np.dtype[Any], int | None]  # (16-bit dtype, kernel kind): see _mixed.half_kind
+
 STATE_DICT_VERSION = 1
 
 # Hyperparameter types whose objects cannot change in place (see Optimizer._prepare).
 _IMMUTABLE = frozenset({float, int, bool, np.float64, np.float32, np.int64, np.bool_})
 
 
-def _normalize_groups(params):
+def _normalize_groups(params: Params) -> list[tuple[list[npt.NDArray[Any]], dict[str, Any]]]:
     """``params`` as a list of (arrays, overrides) pairs, with arrays as ndarrays."""
     if isinstance(params, np.ndarray) or isinstance(params, dict):
         raise TypeError(
             "params must be a sequence of arrays or of parameter-group dicts, "
             f"got {describe(params)}")
     try:
-        params = list(params)
+        items = list(params)
     except TypeError:
         raise TypeError(f"params must be a sequence of arrays, got {describe(params)}") from None
-    if not params:
+    if not items:
         raise ValueError("optimizer got an empty parameter list")
-    if not all(isinstance(p, dict) for p in params):
-        if any(isinstance(p, dict) for p in params):
+    group_dicts = [p for p in items if isinstance(p, dict)]
+    if len(group_dicts) != len(items):  # not all dicts
+        if group_dicts:
             raise TypeError("params must be all arrays or all parameter-group dicts, not a mix")
-        params = [{"params": params}]
-    groups = []
-    for gi, group in enumerate(params):
+        group_dicts = [{"params": items}]
+    groups: list[tuple[list[npt.NDArray[Any]], dict[str, Any]]] = []
+    for gi, group in enumerate(group_dicts):
         if "params" not in group:
             raise ValueError(f"param_groups[{gi}] must have a 'params' key")
         arrays = group["params"]
@@ -80,10 +86,10 @@ def _normalize_groups(params):
 try:
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # NumPy < 2
-    _byte_bounds = np.byte_bounds
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # gone from NumPy 2 (and its stubs)
 
 
-def _check_disjoint(arrays):
+def _check_disjoint(arrays: Sequence[npt.NDArray[Any]]) -> None:
     """Raise if two parameter arrays share memory (a parameter listed twice)."""
     spans = sorted(
         (_byte_bounds(a) + (i,) for i, a in enumerate(arrays) if a.size), key=lambda s: s[0])
@@ -120,6 +126,25 @@ class Optimizer(ClipGradNormMixin):
     layout: FlatLayout
     #: Steps skipped by ``step(skip_if_nonfinite=True)``.
     skipped_steps: int
+
+    # Internal state, set by __init__ (and restored by __setstate__).
+    _n_threads: int | None
+    _half: _Half | None                     # None unless master_dtype (16-bit params)
+    _flat_half: npt.NDArray[Any] | None     # the 16-bit params, set together with _half
+    _flat_params: FloatArray                # with _half: the float32 master
+    _flat_grads: npt.NDArray[Any]           # with _half: 16-bit
+    _scratch: FloatArray                    # with _half: see _mixed_scratch
+    _adopted: bool
+    _params: "_Views"
+    _grads: "_Views"
+    _group_sizes: list[int]
+    _segments: list[tuple[int, int]]        # each group's [start, stop) in the flat buffers
+    _segment_views: list[dict[str, FloatArray]]  # each group's "param", "grad", state views
+    _state: "_State"
+    _norm_partials: npt.NDArray[np.float64] | None
+    _getter: _Getter
+    _validated: list[list[tuple[type, Any]] | None]  # see _prepare_groups
+    _seen: list[tuple[Any, ...] | None]               # see _prepare
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
@@ -184,9 +209,9 @@ class Optimizer(ClipGradNormMixin):
         self._forget_validation()
         self._prepare()
 
-    def _make_views(self):
+    def _make_views(self) -> None:
         """``opt.params`` / ``opt.grads``: views of the flat buffers the model uses."""
-        if self._half:
+        if self._flat_half is not None:  # set together with _half
             self._params = _Views(_split(self._flat_half, self.layout))
             self._grads = _Views(_split(self._flat_grads, self.layout))
         else:
@@ -239,14 +264,14 @@ class Optimizer(ClipGradNormMixin):
         return self._state
 
     # -- copy and pickle: the views are rebuilt over the copied buffers --------------------
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         for key in ("_params", "_grads", "_segment_views"):
             d.pop(key, None)
         d["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return d
 
-    def __setstate__(self, d):
+    def __setstate__(self, d: dict[str, Any]) -> None:
         d.setdefault("_half", None)
         d.setdefault("_flat_half", None)
         self.__dict__.update(d)
@@ -258,14 +283,14 @@ class Optimizer(ClipGradNormMixin):
         self._forget_validation()
         self._prepare()
 
-    def _add_state(self, name):
+    def _add_state(self, name: str) -> FloatArray:
         """Allocate (and initialise) the state buffer ``name``; internal."""
         buf = self.layout.zeros()
         self._init_state(name, buf)
         dict.__setitem__(self._state, name, buf)
         return buf
 
-    def _check_group(self, group, where):
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Validate ``group``'s hyperparameters, then check they fit the buffers' dtype."""
         self._check(group, where)
         check_fits({k: group[k] for k in self._hyperparameters}, self.layout.dtype, where)
@@ -288,7 +313,7 @@ class Optimizer(ClipGradNormMixin):
         raise NotImplementedError
 
     # -- hot path -------------------------------------------------------------------------
-    def _prepare(self):
+    def _prepare(self) -> None:
         """Validate groups whose hyperparameters changed and allocate missing state.
 
         Runs before any write. When nothing changed it costs one C-level identity check
@@ -302,20 +327,20 @@ class Optimizer(ClipGradNormMixin):
             getter, same = self._getter, operator.is_
             try:
                 for group, objects in zip(groups, seen):
-                    if not all(map(same, getter(group), objects)):
-                        break
+                    if objects is None or not all(map(same, getter(group), objects)):
+                        break  # not seen (validated in full, or mutable), or changed
                 else:
                     return
-            except (KeyError, TypeError, IndexError):  # a key deleted, not a dict, not seen
+            except (KeyError, TypeError, IndexError):  # a key deleted, not a dict
                 pass
         self._prepare_groups()
 
-    def _forget_validation(self):
+    def _forget_validation(self) -> None:
         """Make the next :meth:`_prepare` check every group in full."""
         self._validated = [None] * len(self.param_groups)
         self._seen = [None] * len(self.param_groups)
 
-    def _prepare_groups(self):
+    def _prepare_groups(self) -> None:
         """The full check behind :meth:`_prepare`."""
         changed = False
         if len(self.param_groups) != len(self._segments):
@@ -323,6 +348,7 @@ class Optimizer(ClipGradNormMixin):
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
         getter = self._getter
         for gi, group in enumerate(self.param_groups):
+            values: list[tuple[type, Any]] | None
             try:
                 # What is remembered of each validated hyperparameter: its type as well as
                 # its value (1 == True, yet only a bool is a valid flag), and a list (of
@@ -352,7 +378,7 @@ class Optimizer(ClipGradNormMixin):
             self._seen[gi] = objects if immutable else None
         if not changed:
             return
-        needed = set()
+        needed: set[str] = set()
         for group in self.param_groups:
             needed.update(self._state_names(group))
         for name in sorted(needed):
@@ -364,7 +390,7 @@ class Optimizer(ClipGradNormMixin):
             for a, b in self._segments
         ]
 
-    def _resolve_grads(self, grads):
+    def _resolve_grads(self, grads: Grads | None) -> npt.NDArray[Any] | None:
         """The flat gradient for a step (see :meth:`step`), validated before any write."""
         if grads is None or grads is self.grads:
             return None
@@ -395,7 +421,7 @@ class Optimizer(ClipGradNormMixin):
         copy_into(self.grads, grads, self.flat_grads, "grads")
         return None
 
-    def _buffers(self):
+    def _buffers(self) -> dict[str, npt.NDArray[Any]]:
         return {"params": self.flat_params, "master_params": self._flat_params,
                 **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
 
@@ -408,7 +434,7 @@ class Optimizer(ClipGradNormMixin):
     #
     # step() below is one front end; flatopt.torch's adapters (which pass runs of
     # parameters sharing a step count) are the other. Nothing else calls _update.
-    def _begin_step(self, grad_scale, skip_if_nonfinite):
+    def _begin_step(self, grad_scale: float, skip_if_nonfinite: bool) -> float:
         """First half of the step routine: validate, write nothing.
 
         Checks ``grad_scale`` (a finite real that fits the buffers' dtype) and
@@ -424,8 +450,10 @@ class Optimizer(ClipGradNormMixin):
         self._prepare()
         return grad_scale
 
-    def _finish_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads,
-                     before_run=None):
+    def _finish_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
+                     grad_scale: float, skip_if_nonfinite: bool, n_threads: int,
+                     before_run: Callable[[int, dict[str, Any], int], object] | None = None,
+                     ) -> bool:
         """Second half of the step routine: the writes. Returns False if skipped.
 
         ``flat_grad`` is the validated flat gradient. The factor left by
@@ -454,7 +482,7 @@ class Optimizer(ClipGradNormMixin):
             return False
         if runs is None:
             state = self._state
-            step = state["step"] + 1
+            step: int = state["step"] + 1
             update = self._update
             if flat_grad is self._flat_grads:
                 gi = 0
@@ -468,7 +496,8 @@ class Optimizer(ClipGradNormMixin):
             dict.__setitem__(state, "step", step)
             return True
         own = flat_grad is self._flat_grads
-        segments, buffers = self._segments, None
+        segments = self._segments
+        buffers: dict[str, npt.NDArray[Any]] | None = None
         for gi, lo, hi, step, fresh in runs:
             group = self.param_groups[gi]
             if own and segments[gi] == (lo, hi):  # a whole group: its cached views
@@ -486,7 +515,8 @@ class Optimizer(ClipGradNormMixin):
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         return True
 
-    def _finish_mixed_step(self, flat_grad, runs, grad_scale, skip_if_nonfinite, n_threads):
+    def _finish_mixed_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
+                           grad_scale: float, skip_if_nonfinite: bool, n_threads: int) -> bool:
         """:meth:`_finish_step` for 16-bit parameters with a float32 master.
 
         The buffer is processed in blocks of ``MIXED_BLOCK`` elements (per thread) that
@@ -500,13 +530,14 @@ class Optimizer(ClipGradNormMixin):
         """
         if runs is not None:
             raise NotImplementedError("runs of parameters are not supported with master_dtype")
+        assert self._half is not None and self._flat_half is not None  # mixed precision
         kind = self._half[1]
         g16 = flat_grad.view(np.uint16)
         if skip_if_nonfinite and kernels.count_nonfinite16(g16, kind, n_threads):
             self.skipped_steps += 1
             return False
         state = self._state
-        step = state["step"] + 1
+        step: int = state["step"] + 1
         update, widen, narrow = self._update, kernels.widen16, kernels.narrow16
         master, master32 = self._flat_params, self._flat_params.view(np.uint32)
         p16 = self._flat_half.view(np.uint16)
@@ -529,7 +560,7 @@ class Optimizer(ClipGradNormMixin):
         dict.__setitem__(state, "step", step)
         return True
 
-    def _mixed_scratch(self, block):
+    def _mixed_scratch(self, block: int) -> FloatArray:
         """The float32 scratch buffer for blocks of ``block`` elements (grown once)."""
         n = min(block, self.layout.size)
         if self._scratch.shape[0] < n:
@@ -557,6 +588,7 @@ class Optimizer(ClipGradNormMixin):
         the step was taken, False when it was skipped.
         """
         grad_scale = self._begin_step(grad_scale, skip_if_nonfinite)
+        flat_grad: npt.NDArray[Any]
         if grads is None:
             flat_grad = self._flat_grads
         else:
@@ -569,7 +601,7 @@ class Optimizer(ClipGradNormMixin):
         return self._finish_step(flat_grad, None, grad_scale, skip_if_nonfinite,
                                  effective_n_threads(self._n_threads))
 
-    def _is_own_grads(self, grads):
+    def _is_own_grads(self, grads: Grads) -> bool:
         if grads is self._grads or grads is self._flat_grads:
             return True
         return (isinstance(grads, (list, tuple)) and len(grads) == len(self._grads)
@@ -582,18 +614,21 @@ class Optimizer(ClipGradNormMixin):
         ``inf`` or ``nan`` when any gradient is not finite.
         """
         norm_type = check_norm_type(norm_type)
-        if self._norm_partials is None:
-            self._norm_partials = norm_partials_buffer(self.layout.size)
+        partials = self._norm_partials
+        if partials is None:
+            partials = self._norm_partials = norm_partials_buffer(self.layout.size)
         n_threads = effective_n_threads(self._n_threads)
         if self._half:
-            return self._mixed_grad_norm(norm_type, n_threads)
-        return flat_norm(self.flat_grads, norm_type, n_threads, self._norm_partials)
+            return self._mixed_grad_norm(norm_type, n_threads, partials)
+        return flat_norm(self.flat_grads, norm_type, n_threads, partials)
 
-    def _mixed_grad_norm(self, norm_type, n_threads):
+    def _mixed_grad_norm(self, norm_type: float, n_threads: int,
+                         partials: npt.NDArray[np.float64]) -> float:
         """:meth:`grad_norm` of 16-bit gradients: the norm of their float32 values, block
         by block through the scratch buffer (blocks are whole ``NORM_BLOCK``s, so the
         partial sums are those of the widened buffer, bit for bit)."""
-        partials, kind, nb = self._norm_partials, self._half[1], kernels.NORM_BLOCK
+        assert self._half is not None  # mixed precision
+        kind, nb = self._half[1], kernels.NORM_BLOCK
         block = -(-MIXED_BLOCK * max(1, n_threads) // nb) * nb  # whole NORM_BLOCKs
         g16, scratch = self._flat_grads.view(np.uint16), self._mixed_scratch(block)
         for lo in range(0, self.layout.size, block):
@@ -619,7 +654,7 @@ class Optimizer(ClipGradNormMixin):
 
         With ``master_dtype`` it also carries the float32 master weights
         (``"master_params"``); the 16-bit parameters are derived from them on loading."""
-        d = {
+        d: dict[str, Any] = {
             "optimizer": type(self).__name__,
             "version": STATE_DICT_VERSION,
             "layout": self.layout.to_dict(),
@@ -679,9 +714,9 @@ class Optimizer(ClipGradNormMixin):
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"state_dict['state']['step'] must be an int >= 0, got {step!r}")
-        missing = [k for k in self._plain_state if k not in state]
-        if missing:
-            raise ValueError(f"state_dict['state'] lacks {missing}")
+        missing_plain = [k for k in self._plain_state if k not in state]
+        if missing_plain:
+            raise ValueError(f"state_dict['state'] lacks {missing_plain}")
         allowed = self._state_keys()
         for key, value in state.items():
             if key == "step":
@@ -715,6 +750,7 @@ class Optimizer(ClipGradNormMixin):
                     dict.__setitem__(self._state, key, self.layout.zeros())
                 np.copyto(self._state[key], value)
         if self._half:
+            assert self._flat_half is not None  # set together with _half
             np.copyto(self._flat_params, d["master_params"])
             kernels.narrow16(self._flat_params.view(np.uint32), self._flat_half.view(np.uint16),
                              self._half[1], effective_n_threads(self._n_threads))
@@ -740,7 +776,7 @@ class Optimizer(ClipGradNormMixin):
     # Non-array state entries (per-group flags), declared by subclasses.
     _plain_state: tuple[str, ...] = ()
 
-    def _state_keys(self):
+    def _state_keys(self) -> set[str]:
         return set(self._all_state_names) | set(self._plain_state)
 
     _all_state_names: tuple[str, ...] = ()
@@ -759,7 +795,7 @@ class Optimizer(ClipGradNormMixin):
         return "\n".join(lines)
 
 
-def _tuple_getter(keys):
+def _tuple_getter(keys: Sequence[str]) -> _Getter:
     """A C-level callable returning ``group``'s values for ``keys``, as a tuple."""
     return operator.itemgetter(*keys) if len(keys) > 1 else _OneKey(keys[0])
 
@@ -767,18 +803,19 @@ def _tuple_getter(keys):
 class _OneKey:
     __slots__ = ("key",)
 
-    def __init__(self, key):
+    def __init__(self, key: str) -> None:
         self.key = key
 
-    def __call__(self, group):
+    def __call__(self, group: Mapping[str, Any]) -> tuple[Any]:
         return (group[self.key],)
 
 
-def _copy_plain(value):
+def _copy_plain(value: object) -> object:
     return list(value) if isinstance(value, list) else value
 
 
-def _adopt_or_explain(arrays, layout):
+def _adopt_or_explain(arrays: Sequence[npt.NDArray[Any]], layout: FlatLayout | _HalfLayout,
+                      ) -> FloatArray:
     """The flat buffer ``arrays`` are back-to-back views of (``adopt=True``), or raise."""
     flat = adopt(arrays, layout)
     if flat is not None:
@@ -797,25 +834,25 @@ def _adopt_or_explain(arrays, layout):
         "flatopt.flatten (in order), or adopt=False to copy them and use opt.params")
 
 
-class _Views(list):
+class _Views(list[FloatArray]):
     """``opt.params`` / ``opt.grads``: a list of the buffer views that cannot be changed
     (the kernel reads the flat buffers; a replaced element would silently not be them).
     Slicing and ``+`` give ordinary lists."""
 
     __slots__ = ()
 
-    def _refuse(self, *args, **kwargs):
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("this list of views into the flat buffer is read-only; write into the "
                         "arrays instead (a[...] = values)")
 
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type["_Views"], tuple[list[FloatArray]]]:
         return (_Views, (list(self),))
 
 
-class _State(dict):
+class _State(dict[str, Any]):
     """``opt.state``: a dict whose arrays are the live flat buffers the kernel reads.
 
     Writing an array to an existing buffer entry copies it in (never rebinds: the kernel
@@ -825,11 +862,11 @@ class _State(dict):
 
     __slots__ = ("_opt",)
 
-    def __init__(self, opt):
+    def __init__(self, opt: Optimizer) -> None:
         super().__init__()
         self._opt = opt
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: str, value: Any) -> None:
         opt = self._opt
         if key == "step":
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -847,25 +884,26 @@ class _State(dict):
                              f"got {describe(value)}")
         np.copyto(current, value, casting="same_kind")
 
-    def update(self, *args, **kwargs):
+    def update(self, *args: Any, **kwargs: Any) -> None:
         for k, v in dict(*args, **kwargs).items():
             self[k] = v
 
-    def _refuse(self, *args, **kwargs):
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("state entries cannot be removed; use load_state_dict()")
 
     __delitem__ = pop = popitem = clear = _refuse
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
             self[key] = default
         return self[key]
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[Optimizer, dict[str, Any]], "_State"],
+                                  tuple[Optimizer, dict[str, Any]]]:
         return (_restore_state, (self._opt, dict(self)))
 
 
-def _restore_state(opt, items):
+def _restore_state(opt: Optimizer, items: dict[str, Any]) -> _State:
     state = _State(opt)
     for key, value in items.items():
         dict.__setitem__(state, key, value)
