@@ -326,9 +326,9 @@ def test_module_zero_grad_and_replaced_grads(name, kwargs):
             p.grad = p.grad * 0.5 + 0.01  # a new tensor, not a view of the flat buffer
         o.step()
     assert_models_same(m1, m2, 1e-12)
-    flat_grad = flat._buckets[0].flat_grad
-    for p, view in zip(m1.parameters(), flat._buckets[0].grad_views):
-        assert p.grad is view and p.grad.untyped_storage().data_ptr() == flat_grad.data_ptr()
+    for p, q in zip(m1.parameters(), m2.parameters()):  # the assigned grads stay, as in torch
+        assert p.grad.untyped_storage().data_ptr() != flat._buckets[0].flat_grad.data_ptr()
+        assert_same(p.grad, q.grad, 1e-12)
     assert_same(train(m1, flat, data, 10, start=11, sign=sign), train(m2, ref, data, 10, start=11, sign=sign), 1e-12)
     assert_models_same(m1, m2, 1e-12)
 
@@ -470,14 +470,33 @@ def test_parameters_and_grads_are_views_of_flat_buffers():
         assert p.grad is None  # no backward yet: as torch
     x = torch.randn(4, 5)
     m(x, 0).sum().backward()
+    # Gradients stay where autograd put them (its own tensors, as with torch.optim);
+    # step() copies them into the flat gradient buffer for the kernel.
     grads = [p.grad for p in m.parameters()]
-    assert all(g is v for g, v in zip(grads, bucket.grad_views))
+    flat_grad_ptr = bucket.flat_grad.data_ptr()
+    assert all(g.untyped_storage().data_ptr() != flat_grad_ptr for g in grads)
+    opt.step()
+    assert all(p.grad is g for p, g in zip(m.parameters(), grads))
     np.testing.assert_array_equal(bucket.opt.flat_grads, torch.cat([g.flatten() for g in grads]).numpy())
-    opt.zero_grad(set_to_none=False)
-    assert all(p.grad is v for p, v in zip(m.parameters(), bucket.grad_views))
-    assert not bucket.flat_grad.any()
+    opt.zero_grad(set_to_none=False)  # torch's: zeroed in place
+    assert all(p.grad is g for p, g in zip(m.parameters(), grads))
+    assert not any(g.any() for g in grads)
     opt.zero_grad()
     assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
+def test_step_without_any_gradient_changes_nothing(name, kwargs):
+    """Before the first backward pass and after zero_grad(), as torch.optim."""
+    m1, m2 = make_models(MLP, torch.float64)
+    flat, ref = make_pair(name, list(m1.parameters()), list(m2.parameters()), kwargs)
+    for _ in range(2):
+        flat.step()
+        ref.step()
+        flat.zero_grad()
+        ref.zero_grad()
+    assert_models_same(m1, m2, 0)
+    assert flat.state_dict()["state"].keys() == ref.state_dict()["state"].keys()
 
 
 def test_threads_give_identical_results():
@@ -573,7 +592,7 @@ def test_sparse_gradients_are_rejected_before_any_write():
     (emb(torch.tensor([1, 2])).sum() + dense.sum()).backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
-    opt.zero_grad(set_to_none=False)  # the dense view is attached: still rejected
+    opt.zero_grad(set_to_none=False)  # the sparse gradient is zeroed in place: still rejected
     (emb(torch.tensor([1, 2])).sum() + dense.sum()).backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
@@ -598,7 +617,7 @@ def test_unfrozen_parameter_joins_training():
     m2.net[0].bias.requires_grad_(True)
     assert_same(train(m1, flat, data, 20, start=5), train(m2, ref, data, 20, start=5), 1e-12)
     assert_models_same(m1, m2, 1e-12)
-    assert m1.net[0].bias.grad is flat._buckets[0].grad_views[1]
+    assert m1.net[0].bias.grad is not None
 
 
 

@@ -16,7 +16,7 @@ Example::
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)
     for x, y in data:
         opt.zero_grad()
-        loss_fn(model(x), y).backward()   # accumulates into the flat gradient buffer
+        loss_fn(model(x), y).backward()
         opt.step()                        # one fused kernel call
         sched.step()
     torch.save(opt.state_dict(), "opt.pt")  # loads into torch.optim.SGD too
@@ -25,12 +25,19 @@ How it works
 ------------
 At construction the parameters (CPU, float32 or float64) are copied into one flat,
 64-byte-aligned buffer per dtype, owned by a NumPy optimizer, and each parameter is
-rebound to a view of it (``p.data = view``). Gradients get a flat buffer of the same
-layout: ``p.grad`` is (re)attached as a view of it, so autograd accumulates straight into
-the flat buffer. ``step()`` runs the NumPy optimizer's fused kernel over zero-copy NumPy
-views of those buffers: one kernel call per parameter group and dtype, whatever the
-number of tensors. Parameters of other dtypes, on other devices, or with sparse
-gradients are rejected with a clear error.
+rebound to a view of it (``p.data = view``). Gradients stay where autograd puts them,
+as with torch.optim: ``step()`` copies them into a flat gradient buffer of the same
+layout in one ``torch._foreach_copy_`` call, then runs the NumPy optimizer's fused
+kernel over zero-copy NumPy views of those buffers: one kernel call per parameter group
+and dtype, whatever the number of tensors. Parameters of other dtypes, on other
+devices, or with sparse gradients are rejected with a clear error.
+
+Why copy rather than attach flat-buffer views as ``p.grad``: with a view attached,
+autograd must *add* each fresh gradient into it (a read-modify-write pass over every
+gradient in the backward pass) where, with ``grad`` None, it hands the fresh tensor over
+without a copy; views also need a gradient hook per parameter to come back after
+``zero_grad()``. The copy is one read and one write of the gradients, mostly in cache:
+measured, the backward pass it saves costs more.
 
 Gradients that are None
 -----------------------
@@ -40,24 +47,7 @@ exactly. The participating parameters are grouped into maximal runs of consecuti
 parameters that share a group and a per-parameter step count, and the kernel runs once
 per run. When every parameter has a gradient (the usual case) that is one call per
 group; each parameter that is skipped costs at most two extra kernel calls (a split of
-its run), never a copy.
-
-``zero_grad(set_to_none=True)`` (torch's default) therefore really sets every ``p.grad``
-to None, so that a parameter unused by the next backward pass is skipped, as in torch.
-To keep autograd accumulating into the flat buffer, each trainable parameter carries a
-gradient hook (``Tensor.register_hook``) that, when the parameter's ``grad`` is None,
-re-attaches its zeroed flat-buffer view just before autograd accumulates into it. Its
-cost is one Python call per parameter per backward pass (about 1.5 us). The flat buffer
-is zeroed in one pass by ``zero_grad`` (either mode); a hook only zeroes a view itself
-when the gradient was set to None elsewhere (for example by ``module.zero_grad()``).
-``zero_grad(set_to_none=False)`` keeps the views attached and zeroes them.
-
-If ``p.grad`` is replaced by a tensor that is not its flat-buffer view (assigned by the
-user, or built by a ``create_graph=True`` backward, which accumulates out of place),
-``step()`` copies it into the flat buffer and re-attaches the view: correct, at the cost
-of one copy of that gradient. One side effect of the hooks: ``torch.autograd.grad`` also
-fires them, so after it a parameter whose grad was None has a zero gradient (and is
-updated with it) instead of None.
+its run). ``zero_grad()`` is torch.optim's own (``set_to_none=True`` by default).
 
 Checkpoints and state
 ---------------------
@@ -117,8 +107,6 @@ Differences from torch.optim
   so a resumed torch NAdam keeps it in float64 for float64 parameters from then on;
   flatopt.torch does the same after ``load_state_dict``, but a deep copy of such a resumed
   optimizer goes back to torch's default scalar dtype (about 1e-11 relative in float64).
-* ``torch.autograd.grad`` fires the gradient hooks too: after it, a parameter whose grad
-  was None has a zero gradient (and is updated with it) instead of None.
 
 Importing this module imports torch; ``import flatopt`` never does.
 """

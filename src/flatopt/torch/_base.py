@@ -179,8 +179,6 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
         carried = self._carried_state()
-        for bucket in self._buckets:
-            bucket.remove_hooks()
         self._buckets = buckets
         for bucket in buckets:
             _packing.bind(bucket)
@@ -195,10 +193,6 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """Replace all state by torch-format ``entries`` ({parameter: entry}); subclasses
         with state outside the flat buffers (NAdam's mu_product) extend this."""
         _checkpoint.install_state(self, entries)
-
-    def __del__(self):
-        for bucket in getattr(self, "_buckets", ()):
-            bucket.remove_hooks()
 
     # -- copy and pickle --------------------------------------------------------------------
     def __reduce_ex__(self, protocol):
@@ -343,25 +337,13 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
 
     def zero_grad(self, set_to_none=True):
-        """Zero the flat gradient buffers in one pass; with ``set_to_none`` (the default,
-        as in torch) also set every ``p.grad`` to None. A pending :meth:`clip_grad_norm_`
-        factor is dropped with the gradients it measured.
-
-        After ``set_to_none``, a parameter that the next backward pass reaches gets its
-        flat-buffer view back (zeroed) from a gradient hook, and one it does not reach
-        keeps ``grad`` None and is skipped by ``step()``, as in torch. Without it, the
-        views stay attached and hold zeros.
-        """
+        """torch.optim's own ``zero_grad``: with ``set_to_none`` (the default) every
+        ``p.grad`` becomes None, so that autograd hands the next gradient over without a
+        copy and a parameter the next backward pass does not reach is skipped by
+        ``step()``; otherwise the gradients are zeroed in place. A pending
+        :meth:`clip_grad_norm_` factor is dropped with the gradients it measured."""
         self._pending_grad_scale = 1.0
-        for bucket in self._buckets:
-            bucket.flat_grad.zero_()
-            bucket.dirty[:] = False
-            bucket.sparse[:] = False
-            for p, view in zip(bucket.params, bucket.grad_views):
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None and p.grad is not view:
-                    p.grad = view
+        super().zero_grad(set_to_none)
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self):

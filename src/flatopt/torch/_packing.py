@@ -1,16 +1,24 @@
-"""Packing: parameters rebound to views of flat buffers, gradients attached as views.
+"""Packing: parameters rebound to views of flat buffers; gradients read where they are.
 
 A :class:`Bucket` holds the parameters of one dtype: a NumPy optimizer that owns one flat
 buffer per role (params, grads, state), torch views of those buffers, and per-parameter
 step counts. :func:`make_buckets` builds them without touching a parameter;
-:func:`bind` then rebinds ``p.data``, attaches gradients and installs the hooks. The
-step-time half (:func:`gather`, :func:`copy_in`) makes the flat gradient buffer hold
-exactly the parameters' gradients.
+:func:`bind` then rebinds ``p.data``. Gradients stay where autograd puts them (it *steals*
+a fresh gradient into a ``grad`` that is None: no copy, no accumulation); the step-time
+half (:func:`gather`, :func:`copy_in`) copies them into the flat gradient buffer in one
+``torch._foreach_copy_`` call just before the kernel reads them.
+
+Why not attach flat-buffer views as ``p.grad`` (as flatopt.torch did until 0.x): autograd
+then has to *add* every fresh gradient into its view, a read-modify-write pass over the
+gradients during backward, plus a Python hook per parameter to re-attach views after
+``zero_grad(set_to_none=True)``, plus a pass zeroing the flat buffer. Measured on the
+bench's end-to-end MLP (see ``flatopt.bench``), the backward pass was slower by more than
+the one copy costs here.
 """
 
 import inspect
 import operator
-import weakref
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -25,6 +33,8 @@ except ImportError:  # torch < 2.1
 
 TORCH_DTYPES = (torch.float32, torch.float64)
 _GRAD_OF = operator.attrgetter("grad")
+_LAYOUT_OF = operator.attrgetter("layout")
+_SHAPE_OF = operator.attrgetter("shape")
 
 
 def as_python(value):
@@ -38,33 +48,6 @@ def as_python(value):
     return value
 
 
-class AttachGrad:
-    """Gradient hook: give a parameter whose ``grad`` is None its flat-buffer view back,
-    zeroed, just before autograd accumulates into it."""
-
-    __slots__ = ("param", "view", "dirty", "sparse", "index")
-
-    def __init__(self, param, view, dirty, sparse, index):
-        self.param = weakref.ref(param)
-        self.view = view
-        self.dirty = dirty
-        self.sparse = sparse
-        self.index = index
-
-    def __call__(self, grad):
-        if grad.layout != torch.strided:
-            # Leave sparse gradients alone (a dense view would silently absorb them);
-            # step() rejects them.
-            self.sparse[self.index] = True
-            return
-        p = self.param()
-        if p is not None and p.grad is None:
-            if self.dirty[self.index]:
-                self.view.zero_()
-            self.dirty[self.index] = True
-            p.grad = self.view
-
-
 class Bucket:
     """The parameters of one dtype and the NumPy optimizer that owns their buffers."""
 
@@ -73,7 +56,7 @@ class Bucket:
         self.params = params                  # torch parameters, in flat order
         self.group_map = group_map            # NumPy group index -> torch group index
         layout = numpy_opt.layout
-        self.shapes = layout.shapes
+        self.shapes = list(layout.shapes)
         self.starts = np.asarray(layout.offsets, dtype=np.int64)
         self.stops = self.starts + np.asarray([int(np.prod(s)) for s in layout.shapes], dtype=np.int64)
         self.ranges = []                      # NumPy group index -> (first, stop) param index
@@ -93,10 +76,7 @@ class Bucket:
         self.counts = self.steps.numpy()
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.
         self.dirty = np.zeros(len(params), dtype=bool)
-        # sparse[i]: a sparse gradient reached parameter i since the last zero_grad().
-        self.sparse = np.zeros(len(params), dtype=bool)
         self.data_ptrs = []
-        self.hooks = {}
         self.all_taking_part = np.ones(len(params), dtype=bool)  # read-only by convention
         self.index = {p: i for i, p in enumerate(params)}
         # Element bounds of each NumPy group, and whether every group's parameters share
@@ -109,11 +89,6 @@ class Bucket:
     def state_view(self, name, i):
         a, b = self.starts[i], self.stops[i]
         return torch.from_numpy(self.opt.state[name][a:b]).view(self.shapes[i])
-
-    def remove_hooks(self):
-        for handle in self.hooks.values():
-            handle.remove()
-        self.hooks.clear()
 
 
 def check_param(p, where, name):
@@ -153,69 +128,55 @@ def make_buckets(opt):
 
 
 def bind(bucket):
-    """Rebind every parameter of ``bucket`` to its flat-buffer view, carry its gradient
-    into the flat gradient buffer, and install the gradient hooks."""
+    """Rebind every parameter of ``bucket`` to its flat-buffer view (gradients stay where
+    they are: ``step()`` reads them)."""
     with torch.no_grad():
         for i, p in enumerate(bucket.params):
-            grad = p.grad
             p.data = bucket.param_views[i]
-            if grad is not None:
-                bucket.grad_views[i].copy_(grad.detach())
-                bucket.dirty[i] = True
-                p.grad = bucket.grad_views[i]
             bucket.data_ptrs.append(p.data_ptr())
-            attach_hook(bucket, i)
-
-
-def attach_hook(bucket, i):
-    p = bucket.params[i]
-    if p.requires_grad and i not in bucket.hooks:
-        bucket.hooks[i] = p.register_hook(AttachGrad(p, bucket.grad_views[i], bucket.dirty, bucket.sparse, i))
 
 
 def gather(bucket, name):
-    """Which parameters take part in this step, validated; non-view grads to copy in."""
-    if bucket.sparse.any():
+    """Which parameters take part in this step (their ``grad`` is not None), and those
+    gradients, validated; nothing is written."""
+    params = bucket.params
+    if list(map(torch.Tensor.data_ptr, params)) != bucket.data_ptrs:
+        for p, ptr in zip(params, bucket.data_ptrs):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"{name}: a parameter of shape {tuple(p.shape)} no longer views the optimizer's "
+                    "flat buffer (was p.data replaced, e.g. by module.to()?); create the optimizer "
+                    "after such changes")
+    # C-level loops over the parameters: the usual step is a few microseconds for any count.
+    grads = list(map(_GRAD_OF, params))
+    if any(map(operator.is_, grads, repeat(None))):  # not `None in grads`: that calls Tensor.__eq__
+        taking_part = np.fromiter(map(operator.is_not, grads, repeat(None)), bool, len(grads))
+        shapes = [s for s, t in zip(bucket.shapes, taking_part) if t]
+        grads = [g for g in grads if g is not None]
+    else:
+        taking_part, shapes = bucket.all_taking_part, bucket.shapes
+    if not all(map(operator.is_, map(_LAYOUT_OF, grads), repeat(torch.strided))):
         raise RuntimeError(f"{name} does not support sparse gradients")
-    # The usual case, checked with C-level loops: every parameter still views the flat
-    # buffer and every grad is its flat-buffer view.
-    if (list(map(torch.Tensor.data_ptr, bucket.params)) == bucket.data_ptrs
-            and all(map(operator.is_, map(_GRAD_OF, bucket.params), bucket.grad_views))):
-        return bucket.all_taking_part, []
-    taking_part = np.empty(len(bucket.params), dtype=bool)
-    copies = []
-    for i, (p, view, ptr) in enumerate(zip(bucket.params, bucket.grad_views, bucket.data_ptrs)):
-        if p.data_ptr() != ptr:
-            raise RuntimeError(
-                f"{name}: a parameter of shape {tuple(p.shape)} no longer views the optimizer's flat "
-                "buffer (was p.data replaced, e.g. by module.to()?); create the optimizer after "
-                "such changes")
-        grad = p.grad
-        taking_part[i] = grad is not None
-        if grad is None or grad is view:
-            continue
-        if grad.layout != torch.strided:
-            raise RuntimeError(f"{name} does not support sparse gradients")
-        if grad.device.type != "cpu" or grad.shape != p.shape or torch.is_complex(grad):
-            raise RuntimeError(
-                f"{name}: a gradient of shape {tuple(grad.shape)} on {grad.device} ({grad.dtype}) "
-                f"does not match its parameter ({tuple(p.shape)}, cpu, {p.dtype})")
-        copies.append((i, grad))
-    return taking_part, copies
+    if list(map(_SHAPE_OF, grads)) != shapes:
+        # torch's grad setter checks shapes; `p.grad.data = ...` can still change one.
+        for g, shape in zip(grads, shapes):
+            if g.shape != shape:
+                raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} does not match its "
+                                   f"parameter's shape {tuple(shape)}")
+    return taking_part, grads
 
 
-def copy_in(bucket, taking_part, copies):
-    """Make the flat gradient buffer hold exactly the parameters' gradients: copy in
-    those that are not flat-buffer views (and re-attach the views), and zero the views of
-    parameters whose grad is None (a None gradient counts as zero in norms and
-    finiteness checks; it is skipped by the step either way)."""
-    if taking_part is not bucket.all_taking_part and not taking_part.all():
+def copy_in(bucket, taking_part, grads):
+    """Make the flat gradient buffer hold exactly the parameters' gradients: one
+    ``_foreach_copy_`` of the ``grads`` of the parameters ``taking_part``, and zeros for
+    the others (a None gradient counts as zero in norms and finiteness checks; the step
+    skips those parameters either way)."""
+    views = bucket.grad_views
+    if taking_part is not bucket.all_taking_part:
         for i in np.flatnonzero(~taking_part & bucket.dirty):
-            bucket.grad_views[i].zero_()
-            bucket.dirty[i] = False
-    for i, grad in copies:
-        view = bucket.grad_views[i]
-        view.copy_(grad.detach())  # detached: a create_graph grad must not enter the buffer's history
-        bucket.dirty[i] = True
-        bucket.params[i].grad = view
-        attach_hook(bucket, i)
+            views[i].zero_()
+        views = [v for v, t in zip(views, taking_part) if t]
+    if grads:
+        with torch.no_grad():  # a create_graph gradient must not enter the buffer's history
+            torch._foreach_copy_(views, grads)
+    bucket.dirty |= taking_part

@@ -119,6 +119,7 @@ parameters may be changed between steps).
 
 import inspect
 import math
+import weakref
 import zlib
 
 import numpy as np
@@ -129,8 +130,6 @@ from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
-from ._packing import AttachGrad
-
 __all__ = ["ShardedOptimizer"]
 
 CACHE_LINE = 64  # bytes
@@ -179,6 +178,35 @@ def _span(tensors, n):
     span = torch.empty(0, dtype=first.dtype)
     span.set_(first.untyped_storage(), first.storage_offset(), (n,))
     return span
+
+
+class AttachGrad:
+    """Gradient hook: give a parameter whose ``grad`` is None its flat-buffer view back,
+    zeroed, just before autograd accumulates into it. The sharded optimizer keeps
+    gradients in the flat buffer (it reduces them in one collective); the single-process
+    optimizers read them where autograd leaves them instead (see ``_packing``)."""
+
+    __slots__ = ("param", "view", "dirty", "sparse", "index")
+
+    def __init__(self, param, view, dirty, sparse, index):
+        self.param = weakref.ref(param)
+        self.view = view
+        self.dirty = dirty
+        self.sparse = sparse
+        self.index = index
+
+    def __call__(self, grad):
+        if grad.layout != torch.strided:
+            # Leave sparse gradients alone (a dense view would silently absorb them);
+            # step() rejects them.
+            self.sparse[self.index] = True
+            return
+        p = self.param()
+        if p is not None and p.grad is None:
+            if self.dirty[self.index]:
+                self.view.zero_()
+            self.dirty[self.index] = True
+            p.grad = self.view
 
 
 class _Bucket:
