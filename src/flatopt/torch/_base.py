@@ -12,10 +12,17 @@ import copy as _copy
 import inspect
 import math
 import operator
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
+import numpy as np
+import numpy.typing as npt
 import torch
+from torch.optim.optimizer import ParamsT
 
 from .._dispatch import kernels
+from .._optimizer import Optimizer as NumpyOptimizer, _Run
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._threads import check_n_threads, effective_n_threads
 from .._validation import check_bool, check_fits, check_real
@@ -25,15 +32,26 @@ from . import _checkpoint, _packing, _runs
 # are kept (they are part of torch's state dict) but ignored; the others must be False.
 _IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
 
+#: A hook called before the kernel runs over a run of parameters (see ``_before_update``).
+BeforeUpdate = Callable[[NumpyOptimizer, int, dict[str, Any], int], None]
+
+
+def _increment_version_each(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        # torch < 2.1 only; the private binding is not in torch's stubs.
+        torch._C._autograd._increment_version(t)  # type: ignore[attr-defined]
+
+
+_increment_version: Callable[[Iterable[torch.Tensor]], None]
 try:
     _increment_version = torch.autograd.graph.increment_version
 except AttributeError:  # torch < 2.1: one call per tensor
-    def _increment_version(tensors):
-        for t in tensors:
-            torch._C._autograd._increment_version(t)
+    _increment_version = _increment_version_each
 
 
-def _restore(cls, param_groups, defaults, n_threads, entries, extra):
+def _restore(cls: type["_FlatOptimizer"], param_groups: list[dict[str, Any]], defaults: dict[str, Any],
+             n_threads: int | None, entries: dict[int, dict[str, Any]],
+             extra: dict[str, Any]) -> "_FlatOptimizer":
     """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``)."""
     opt = cls.__new__(cls)
     _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads)
@@ -46,14 +64,25 @@ def _restore(cls, param_groups, defaults, n_threads, entries, extra):
 class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     """Base class of flatopt.torch's optimizers (see the module docstring)."""
 
-    _numpy_class = None
-    _torch_class = None
-    _torch_step = False
-    _eager_state = False
-    _fixed = {}
-    _unsupported_defaults = {}
+    if TYPE_CHECKING:  # set by every public class; None on this base class
+        _numpy_class: ClassVar[type[NumpyOptimizer]]
+    else:
+        _numpy_class = None
+    _torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
+    _torch_step: ClassVar[bool] = False
+    _eager_state: ClassVar[bool] = False
+    _fixed: ClassVar[dict[str, Any]] = {}
+    _unsupported_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    _n_threads: int | None
+    _buckets: list[_packing.Bucket]
+    _state_map: defaultdict[torch.Tensor, Any]
+    skipped_steps: int
+    last_step_skipped: bool
+    _pending_grad_scale: float
+    _constructing: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         numpy_class = cls.__dict__.get("_numpy_class")
         if numpy_class is None:
@@ -68,7 +97,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             p.name: p.default for p in list(own.values())[2:]
             if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name != "n_threads"}
 
-    def __init__(self, params, defaults, *, n_threads=None):
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, n_threads: int | None = None) -> None:
         self._n_threads = check_n_threads(n_threads)
         defaults = {**defaults, **self._fixed}
         self._check_group(defaults, "defaults")  # hyperparameters first, as torch does
@@ -84,26 +113,26 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._constructing = False
 
     # -- hooks for subclasses ----------------------------------------------------------
-    def _uses_state(self, group):
+    def _uses_state(self, group: dict[str, Any]) -> bool:
         """Whether a step with these hyperparameters uses (and counts) per-parameter state."""
         return True
 
     # Optional: ``_before_update(self, numpy_opt, gi, group, count)``, called before the
     # kernel runs over a run of NumPy group ``gi``'s parameters that have had ``count``
     # updates (for per-parameter scalars torch keeps, such as NAdam's mu_product).
-    _before_update = None
+    _before_update: BeforeUpdate | None = None
 
-    def _param_state(self, bucket, i, copy):
+    def _param_state(self, bucket: _packing.Bucket, i: int, copy: bool) -> dict[str, Any] | None:
         """Parameter ``i`` of ``bucket``'s entry as ``state_dict()`` saves it (None: none).
         Override to add per-parameter values that are not views (call this first)."""
-        entry = self.state.get(bucket.params[i])
+        entry: dict[str, Any] | None = self.state.get(bucket.params[i])
         if entry is None:
             return None
         if not copy:
             return entry
         return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy.deepcopy(v)) for k, v in entry.items()}
 
-    def _fresh_state(self, bucket, name):
+    def _fresh_state(self, bucket: _packing.Bucket, name: str) -> npt.NDArray[np.floating[Any]]:
         """A whole buffer ``name`` of ``bucket`` as a parameter without state has it."""
         buf = bucket.opt.layout.zeros()
         bucket.opt._init_state(name, buf)
@@ -111,29 +140,29 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 
     # -- state -----------------------------------------------------------------------------
     @property
-    def state(self):
+    def state(self) -> defaultdict[torch.Tensor, Any]:
         """Per-parameter state as torch.optim keeps it: a ``defaultdict(dict)`` mapping a
         parameter to its entry (``{}`` when it has none). Buffers are live views of the
         flat state; assigning to them copies in. Replace it with ``load_state_dict()``."""
         return self._state_map
 
     @state.setter
-    def state(self, value):
+    def state(self, value: defaultdict[torch.Tensor, Any]) -> None:
         # torch.optim.Optimizer.__init__ assigns an empty defaultdict; nothing else may.
         if not getattr(self, "_constructing", False) or len(value):
             raise AttributeError(f"{type(self).__name__}.state cannot be assigned; use load_state_dict()")
         self._state_map = value
 
     # -- groups ------------------------------------------------------------------------------
-    def _constructor_defaults(self):
+    def _constructor_defaults(self) -> dict[str, Any]:
         sig = inspect.signature(type(self).__init__).parameters
         return {k: p.default for k, p in sig.items()
                 if p.default is not inspect.Parameter.empty and k != "n_threads"}
 
-    def _hyperparameters(self, group):
+    def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: _packing.as_python(group[k]) for k in self._numpy_class._hyperparameters}
 
-    def _check_group(self, group, where, gi=None):
+    def _check_group(self, group: dict[str, Any], where: str, gi: int | None = None) -> None:
         """Validate a group's hyperparameters (the NumPy class's rules, torch's rules for
         tensors, the dtypes of the buffers holding group ``gi``) and the torch-only flags."""
         name = type(self).__name__
@@ -151,12 +180,12 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             raise ValueError(f"{name} {where}: betas must be either both floats or both Tensors")
         hyper = self._hyperparameters(group)
         # _check validates a plain dict and uses no instance state.
-        self._numpy_class._check(None, hyper, f"{name} {where}")
+        self._numpy_class._check(None, hyper, f"{name} {where}")  # type: ignore[arg-type]
         for bucket in self._buckets if gi is not None else ():
             if gi in bucket.group_map:
                 check_fits(hyper, bucket.opt.layout.dtype, f"{name} {where}")
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, as torch.optim does: the buffers are packed again once
         (parameters rebound to a new flat buffer, state carried over). Everything is
         validated before anything is rebound."""
@@ -172,7 +201,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _repack(self):
+    def _repack(self) -> None:
         """Pack every parameter into new flat buffers, carrying state and gradients over.
         New buffers are built and validated first; nothing is rebound if that fails."""
         for gi, group in enumerate(self.param_groups):
@@ -184,23 +213,23 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             _packing.bind(bucket)
         self._install_state(carried)
 
-    def _carried_state(self):
+    def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         """A copy of every parameter's state entry, to carry over to new buffers."""
         return {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in e.items()}
                 for p, e in self.state.items() if isinstance(p, torch.Tensor)}
 
-    def _install_state(self, entries):
+    def _install_state(self, entries: dict[Any, Any]) -> None:
         """Replace all state by torch-format ``entries`` ({parameter: entry}); subclasses
         with state outside the flat buffers (NAdam's mu_product) extend this."""
         _checkpoint.install_state(self, entries)
 
     # -- copy and pickle --------------------------------------------------------------------
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         """Copies and pickles rebuild the optimizer over new flat buffers: a deep copy's
         parameters are the copied ones when they were deep-copied with it (a model and its
         optimizer in one ``deepcopy``), new tensors otherwise, as with torch.optim."""
         params = [p for g in self.param_groups for p in g["params"]]
-        first = {}
+        first: dict[torch.Tensor, int] = {}
         for i, p in enumerate(params):
             first.setdefault(p, i)
         entries = {first[p]: e for p, e in self._carried_state().items()}
@@ -210,7 +239,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra))
 
     # -- step ----------------------------------------------------------------------------
-    def _sync_groups(self, bucket):
+    def _sync_groups(self, bucket: _packing.Bucket) -> None:
         """Copy hyperparameters from the torch groups (LR schedulers edit those) into the
         NumPy groups; the NumPy step routine validates them. When the torch groups hold
         the very objects copied last time (the usual step), nothing is copied."""
@@ -237,7 +266,16 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             type(v) in (float, int, bool) or (type(v) is tuple and all(type(x) in (float, int, bool) for x in v))
             for values in objects for v in values) else None
 
-    def step(self, closure=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+    @overload
+    def step(self, closure: None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> float | None:
         """Perform one optimization step (one kernel call per group and dtype).
 
         ``closure``: optional callable that re-evaluates the model and returns the loss,
@@ -252,13 +290,14 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         if grad_scale != 1.0:
             grad_scale = check_real(grad_scale, "grad_scale")
         check_bool(skip_if_nonfinite, "skip_if_nonfinite")
-        loss = None
+        loss: float | None = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         name = type(self).__name__
         # First half of the step routine for every dtype: validate everything, write nothing.
-        scales, plans = [], []
+        scales: list[float] = []
+        plans: list[tuple[npt.NDArray[np.bool_], list[torch.Tensor]]] = []
         for bucket in self._buckets:
             self._sync_groups(bucket)
             scales.append(bucket.opt._begin_step(grad_scale, skip_if_nonfinite))
@@ -276,18 +315,24 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
                 runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
                 bucket.opt._pending_grad_scale = pending
-                before_run, done = None, [0]
-                if self._before_update is not None:
+                before_run: Callable[[int, dict[str, Any], int], None] | None = None
+                done = [0]
+                hook = self._before_update
+                if hook is not None:
                     # The hook sees the counts of the runs already taken advanced, as it
                     # would if every run were a separate step.
-                    def before_run(gi, group, count, numpy_opt=bucket.opt, counts=bucket.counts,
-                                   advance=advance, done=done):
+                    def before_run(gi: int, group: dict[str, Any], count: int,
+                                   numpy_opt: NumpyOptimizer = bucket.opt,
+                                   counts: npt.NDArray[Any] = bucket.counts,
+                                   advance: list[_runs.Advance] = advance, done: list[int] = done,
+                                   hook: BeforeUpdate = hook) -> None:
                         k = done[0]
-                        if k and advance[k - 1] is not None:
-                            a, b = advance[k - 1]
+                        span = advance[k - 1] if k else None
+                        if span is not None:
+                            a, b = span
                             counts[a:b] += 1
                         done[0] = k + 1
-                        self._before_update(numpy_opt, gi, group, count)
+                        hook(numpy_opt, gi, group, count)
                 if not bucket.opt._finish_step(bucket.opt.flat_grads, runs, scale,
                                                skip_if_nonfinite, n_threads, before_run):
                     self.last_step_skipped = True
@@ -298,12 +343,13 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self.skipped_steps += 1
         return loss
 
-    def _after_update(self, bucket, taking_part, runs, advance, advanced=0):
+    def _after_update(self, bucket: _packing.Bucket, taking_part: npt.NDArray[np.bool_], runs: list[_Run],
+                      advance: list[_runs.Advance], advanced: int = 0) -> None:
         """Advance step counts (of the runs from ``advanced`` on), give newly stateful
         parameters their entries, and bump the version counters of the parameters
         written (as torch's in-place updates do)."""
         counts = bucket.counts
-        fresh = None
+        fresh: list[int] | None = None
         for k, (run, span) in enumerate(zip(runs, advance)):
             if span is None:
                 continue
@@ -319,7 +365,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             _checkpoint.refresh_entries(self, bucket, fresh)
         _increment_version(_runs.updated_params(bucket, taking_part))
 
-    def grad_norm(self, norm_type=2.0):
+    def grad_norm(self, norm_type: float = 2.0) -> float:
         """The global ``norm_type``-norm of every gradient, in one read-only pass per dtype.
 
         As ``torch.nn.utils.get_total_norm`` over the parameters' grads (None counts as
@@ -334,9 +380,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         norms = [b.opt.grad_norm(norm_type) for b in self._buckets]
         if norm_type == math.inf:
             return max(norms, default=0.0)
-        return math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type)
+        return float(math.fsum(n ** norm_type for n in norms) ** (1.0 / norm_type))
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's own ``zero_grad``: with ``set_to_none`` (the default) every
         ``p.grad`` becomes None, so that autograd hands the next gradient over without a
         copy and a parameter the next backward pass does not reach is skipped by
@@ -346,13 +392,13 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         super().zero_grad(set_to_none)
 
     # -- checkpoints ---------------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """The optimizer's state in torch.optim's format (see :mod:`flatopt.torch`):
         ``{"state": {id: {...}}, "param_groups": [{..., "params": [ids]}]}`` with ids
         numbering the parameters as torch does; the tensors are copies."""
         return _checkpoint.state_dict(self)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class or from the torch.optim optimizer of the same
         name, saved by any torch version (keys added later get the defaults torch's
         ``__setstate__`` gives them). Everything is checked before anything changes."""

@@ -9,13 +9,20 @@ through :func:`install_state`, which writes the flat buffers from torch-format e
 
 import copy
 from collections import defaultdict
+from collections.abc import Iterable
 from itertools import chain
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ._packing import Bucket
 
-class ParamState(dict):
+if TYPE_CHECKING:
+    from ._base import _FlatOptimizer
+
+
+class ParamState(dict[str, Any]):
     """``opt.state[p]`` for a parameter with state: torch's entry, live.
 
     Its buffer entries (and ``step``) are views of the flat buffers the kernel updates;
@@ -25,15 +32,17 @@ class ParamState(dict):
 
     __slots__ = ("live",)
 
-    def __init__(self):
+    live: set[str]
+
+    def __init__(self) -> None:
         super().__init__()
         self.live = set()
 
-    def _set_live(self, key, view):
+    def _set_live(self, key: str, view: torch.Tensor) -> None:
         dict.__setitem__(self, key, view)
         self.live.add(key)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: str, value: Any) -> None:
         if key in self.live:
             view = dict.__getitem__(self, key)
             if isinstance(value, torch.Tensor) and value.shape not in (view.shape, ()):
@@ -43,17 +52,18 @@ class ParamState(dict):
             return
         dict.__setitem__(self, key, value)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: str) -> None:
         if key in self.live:
             raise KeyError(f"state[{key!r}] is a flat-buffer view and cannot be deleted; "
                            "use load_state_dict()")
         dict.__delitem__(self, key)
 
-    def __reduce__(self):  # copies and pickles are plain dicts of copies
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:  # copies and pickles are plain dicts of copies
         return (dict, ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.items()},))
 
 
-def make_entry(opt, bucket, i, extras=None):
+def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
+               extras: dict[str, Any] | None = None) -> ParamState:
     """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys)."""
     entry = ParamState()
     group = bucket.opt.param_groups[bucket.group_of[i]]
@@ -68,7 +78,7 @@ def make_entry(opt, bucket, i, extras=None):
     return entry
 
 
-def refresh_entries(opt, bucket, indices):
+def refresh_entries(opt: "_FlatOptimizer", bucket: Bucket, indices: Iterable[int]) -> None:
     """(Re)make the entries of parameters ``indices``, keeping keys that are not views."""
     state = opt.state
     for i in indices:
@@ -78,7 +88,7 @@ def refresh_entries(opt, bucket, indices):
         state[p] = make_entry(opt, bucket, i, extras)
 
 
-def torch_defaults(opt, saved_groups):
+def torch_defaults(opt: "_FlatOptimizer", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``saved_groups`` (without params) with the keys a checkpoint from another
     torch version lacks filled in as torch's ``__setstate__`` does; for an optimizer
     without a torch twin, from the constructor's defaults."""
@@ -96,12 +106,13 @@ def torch_defaults(opt, saved_groups):
     return groups
 
 
-def state_dict(opt):
+def state_dict(opt: "_FlatOptimizer") -> dict[str, Any]:
     """``{"state": {id: entry}, "param_groups": [{..., "params": [ids]}]}``, ids numbered as
     torch numbers them; tensors are copies."""
     for hook in opt._optimizer_state_dict_pre_hooks.values():
         hook(opt)
-    param_mappings, start = {}, 0
+    param_mappings: dict[int, int] = {}
+    start = 0
     param_groups = []
     for group in opt.param_groups:
         param_mappings.update({id(p): i for i, p in enumerate(group["params"], start)
@@ -111,7 +122,7 @@ def state_dict(opt):
         start += len(packed["params"])
         param_groups.append(packed)
     where = {p: (bucket, i) for bucket in opt._buckets for i, p in enumerate(bucket.params)}
-    state = {}
+    state: dict[Any, Any] = {}
     for key, entry in opt.state.items():
         if isinstance(key, torch.Tensor) and key in where:
             entry = opt._param_state(*where[key], copy=True)
@@ -121,14 +132,14 @@ def state_dict(opt):
             pid = param_mappings[id(key)] if isinstance(key, torch.Tensor) else key
             state[pid] = copy.deepcopy(entry)
     result = {"state": state, "param_groups": param_groups}
-    for hook in opt._optimizer_state_dict_post_hooks.values():
-        out = hook(opt, result)
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        out = post_hook(opt, result)
         if out is not None:
             result = out
     return result
 
 
-def load_state_dict(opt, state_dict):
+def load_state_dict(opt: "_FlatOptimizer", state_dict: dict[str, Any]) -> None:
     """Load a checkpoint of this class or of torch.optim's class of the same name (any
     torch version's). Everything is checked, for every dtype's buffers, before anything
     changes."""
@@ -165,7 +176,7 @@ def load_state_dict(opt, state_dict):
 
     id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                       chain.from_iterable(g["params"] for g in opt.param_groups)))
-    entries = {}
+    entries: dict[Any, Any] = {}
     for pid, entry in saved_state.items():
         if pid not in id_map:
             entries[pid] = entry  # kept as is, as torch does
@@ -185,11 +196,11 @@ def load_state_dict(opt, state_dict):
                 group[key] = value
     opt._install_state(entries)
     opt._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
-    for hook in opt._optimizer_load_state_dict_post_hooks.values():
-        hook(opt)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
-def check_entry(opt, p, pid, entry):
+def check_entry(opt: "_FlatOptimizer", p: torch.Tensor, pid: Any, entry: dict[str, Any]) -> dict[str, Any]:
     """A saved per-parameter entry, validated, with None values (old torch's
     ``momentum_buffer=None``) dropped."""
     name = type(opt).__name__
@@ -208,7 +219,7 @@ def check_entry(opt, p, pid, entry):
     return entry
 
 
-def install_state(opt, entries):
+def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
     """Replace all state by ``entries`` (parameter -> torch-format entry; other keys are
     kept as they are): write the flat buffers and the step counts, rebuild ``opt.state``.
     A parameter without an entry starts afresh, as a new parameter does."""
@@ -216,13 +227,13 @@ def install_state(opt, entries):
         opt._sync_groups(bucket)
         bucket.opt._begin_step(1.0, False)  # validated already: allocates needed state
     known = set(opt._numpy_class._all_state_names)
-    state = defaultdict(dict)
+    state: defaultdict[Any, Any] = defaultdict(dict)
     for bucket in opt._buckets:
         for key in {k for p in bucket.params for k in entries.get(p, ()) if k in known} - set(bucket.opt.state):
             bucket.opt._add_state(key)
         bucket.opt._forget_validation()
         bucket.opt._prepare()
-        fresh = {}
+        fresh: dict[str, np.ndarray[Any, Any]] = {}
         for i, p in enumerate(bucket.params):
             entry = entries.get(p)
             lo, hi = bucket.starts[i], bucket.stops[i]

@@ -5,12 +5,18 @@ Each is a few lines: its NumPy twin, torch's constructor signature written out (
 The update formulas are the NumPy twin's kernel; everything else is ``_FlatOptimizer``.
 """
 
+from typing import Any, cast
+
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from .. import _adam_variants, _adaptive, _momentum
+from .._optimizer import Optimizer as NumpyOptimizer
 from ._base import _FlatOptimizer
-from ._packing import _get_scalar_dtype
+from ._packing import Bucket, _get_scalar_dtype
 
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -24,15 +30,17 @@ class SGD(_FlatOptimizer):
     """
     _numpy_class = _momentum.SGD
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
             fused=fused), n_threads=n_threads)
 
-    def _uses_state(self, group):
-        return group["momentum"] != 0  # torch keeps no state for plain SGD
+    def _uses_state(self, group: dict[str, Any]) -> bool:
+        return bool(group["momentum"] != 0)  # torch keeps no state for plain SGD
 
 
 class Momentum(_FlatOptimizer):
@@ -42,7 +50,8 @@ class Momentum(_FlatOptimizer):
     """
     _numpy_class = _momentum.Momentum
 
-    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor, beta: float = 0.9, weight_decay: float = 0.0,
+                 maximize: bool = False, *, n_threads: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
                          n_threads=n_threads)
 
@@ -54,9 +63,12 @@ class Adam(_FlatOptimizer):
     _numpy_class = _adaptive.Adam
     _torch_step = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
-                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False,
+                 n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -71,9 +83,11 @@ class AdamW(_FlatOptimizer):
     _torch_step = True
     _fixed = {"decoupled_weight_decay": True}  # in every group, as torch's AdamW sets it
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused),
@@ -87,8 +101,10 @@ class RMSprop(_FlatOptimizer):
     _numpy_class = _adaptive.RMSprop
     _torch_step = True
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, *, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False,
+                 capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable),
@@ -102,8 +118,9 @@ class Adadelta(_FlatOptimizer):
     _numpy_class = _adaptive.Adadelta
     _torch_step = True
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
+                 maximize: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
             foreach=foreach, differentiable=differentiable), n_threads=n_threads)
@@ -120,14 +137,16 @@ class Adagrad(_FlatOptimizer):
     _torch_step = True
     _eager_state = True  # torch creates Adagrad's state in the constructor
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
             differentiable=differentiable, fused=fused), n_threads=n_threads)
 
-    def _fresh_state(self, bucket, name):
+    def _fresh_state(self, bucket: Bucket, name: str) -> npt.NDArray[np.floating[Any]]:
         buf = super()._fresh_state(bucket, name)
         if name == "sum":
             buf.fill(self.defaults["initial_accumulator_value"])
@@ -141,9 +160,10 @@ class NAdam(_FlatOptimizer):
     _numpy_class = _adam_variants.NAdam
     _torch_step = True
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
-                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
@@ -156,7 +176,11 @@ class NAdam(_FlatOptimizer):
     # count + 1 at the group's next call (or when the state is read). Exact for every
     # parameter, whichever steps its gradient was None for.
 
-    def _mu_tables_filed(self):
+    _mu_tables: dict[tuple[int, int], dict[int, float]]
+    _mu_pending: dict[tuple[NumpyOptimizer, int], int]
+    _mu_loaded: bool
+
+    def _mu_tables_filed(self) -> dict[tuple[int, int], dict[int, float]]:
         if "_mu_tables" not in self.__dict__:
             self._mu_tables, self._mu_pending = {}, {}
         for (bucket_opt, gi), count in self._mu_pending.items():  # file the last call's result
@@ -164,16 +188,19 @@ class NAdam(_FlatOptimizer):
         self._mu_pending.clear()
         return self._mu_tables
 
-    def _mu_table(self, numpy_opt, gi):
+    def _mu_table(self, numpy_opt: NumpyOptimizer, gi: int) -> dict[int, float]:
         return self._mu_tables_filed().setdefault((id(numpy_opt), gi), {0: 1.0})
 
-    def _before_update(self, numpy_opt, gi, group, count):
+    def _before_update(self, numpy_opt: NumpyOptimizer, gi: int, group: dict[str, Any], count: int) -> None:
         # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set);
         # torch's load_state_dict casts it to the parameter's dtype, as every state tensor.
+        # flatopt.NAdam declares _mu_product_float32 as a bare ``= None`` (so mypy infers
+        # the type None); it is None or a bool (see _adam_variants.NAdam).
+        nadam = cast(_adam_variants.NAdam, numpy_opt)
         if self.__dict__.get("_mu_loaded"):
-            numpy_opt._mu_product_float32 = numpy_opt.flat_params.dtype == np.float32
+            nadam._mu_product_float32 = nadam.flat_params.dtype == np.float32  # type: ignore[assignment]
         else:
-            numpy_opt._mu_product_float32 = _get_scalar_dtype() == torch.float32
+            nadam._mu_product_float32 = _get_scalar_dtype() == torch.float32  # type: ignore[assignment]
         table = self._mu_table(numpy_opt, gi)
         if len(table) > 64:  # forget counts no parameter of the group has any more
             bucket = next(b for b in self._buckets if b.opt is numpy_opt)
@@ -184,7 +211,7 @@ class NAdam(_FlatOptimizer):
         numpy_opt.state["mu_product"][gi] = table[count]
         self._mu_pending[numpy_opt, gi] = count
 
-    def _param_state(self, bucket, i, copy):
+    def _param_state(self, bucket: Bucket, i: int, copy: bool) -> dict[str, Any] | None:
         entry = super()._param_state(bucket, i, copy)
         if entry is not None:
             value = self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
@@ -193,7 +220,7 @@ class NAdam(_FlatOptimizer):
                 value, dtype=_TORCH_DTYPE[bucket.opt.flat_params.dtype] if loaded else _get_scalar_dtype())
         return entry
 
-    def _carried_state(self):
+    def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         carried = super()._carried_state()
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
@@ -202,10 +229,11 @@ class NAdam(_FlatOptimizer):
                         int(bucket.counts[i])]
         return carried
 
-    def _install_state(self, entries):
+    def _install_state(self, entries: dict[Any, Any]) -> None:
         """Carry each parameter's mu_product (add_param_group's repack, copies) into the
         tables of the new buffers."""
-        mu, stripped = {}, {}
+        mu: dict[Any, float] = {}
+        stripped: dict[Any, Any] = {}
         for p, entry in entries.items():
             entry = dict(entry)
             value = entry.pop("mu_product", None)
@@ -216,16 +244,17 @@ class NAdam(_FlatOptimizer):
         self._mu_tables_filed().clear()
         self._fill_mu_tables(mu)
 
-    def _fill_mu_tables(self, mu):
+    def _fill_mu_tables(self, mu: dict[torch.Tensor, float]) -> None:
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
                 if p in mu:
                     self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])] = mu[p]
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
         state_dict = dict(state_dict)
-        stripped, mu = {}, {}
+        stripped: dict[Any, Any] = {}
+        mu: dict[Any, float] = {}
         for pid, entry in dict(state_dict.get("state", {})).items():
             if isinstance(entry, dict) and "mu_product" in entry:
                 entry = dict(entry)
@@ -251,9 +280,10 @@ class RAdam(_FlatOptimizer):
     _numpy_class = _adam_variants.RAdam
     _torch_step = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
@@ -267,8 +297,10 @@ class Adamax(_FlatOptimizer):
     _numpy_class = _adam_variants.Adamax
     _torch_step = True
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
-                 maximize=False, differentiable=False, capturable=False, n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, capturable: bool = False,
+                 n_threads: int | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
             differentiable=differentiable, capturable=capturable), n_threads=n_threads)
@@ -283,8 +315,8 @@ class Lion(_FlatOptimizer):
     """
     _numpy_class = _adam_variants.Lion
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 n_threads=None):
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
                          n_threads=n_threads)
 

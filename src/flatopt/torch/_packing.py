@@ -18,18 +18,34 @@ the one copy costs here.
 
 import inspect
 import operator
+from collections.abc import Callable
 from itertools import repeat
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from .._optimizer import Optimizer as NumpyOptimizer
+
+if TYPE_CHECKING:
+    from ._base import _FlatOptimizer
+
+
+def _fallback_scalar_dtype(is_fused: bool | None = None) -> torch.dtype:
+    if is_fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# torch's default dtype for scalar state (``step``); torch's own function is unannotated,
+# hence the typed name it is bound to.
+_get_scalar_dtype: Callable[[], torch.dtype]
 try:
-    from torch.optim.optimizer import _get_scalar_dtype
+    from torch.optim.optimizer import _get_scalar_dtype as _torch_get_scalar_dtype
+    _get_scalar_dtype = _torch_get_scalar_dtype
 except ImportError:  # torch < 2.1
-    def _get_scalar_dtype(is_fused=None):
-        if is_fused:
-            return torch.float32
-        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    _get_scalar_dtype = _fallback_scalar_dtype
 
 TORCH_DTYPES = (torch.float32, torch.float64)
 _GRAD_OF = operator.attrgetter("grad")
@@ -37,7 +53,7 @@ _LAYOUT_OF = operator.attrgetter("layout")
 _SHAPE_OF = operator.attrgetter("shape")
 
 
-def as_python(value):
+def as_python(value: Any) -> Any:
     """A hyperparameter as the NumPy layer takes it: 1-element tensors become floats."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -51,7 +67,7 @@ def as_python(value):
 class Bucket:
     """The parameters of one dtype and the NumPy optimizer that owns their buffers."""
 
-    def __init__(self, numpy_opt, params, group_map):
+    def __init__(self, numpy_opt: NumpyOptimizer, params: list[torch.Tensor], group_map: list[int]) -> None:
         self.opt = numpy_opt
         self.params = params                  # torch parameters, in flat order
         self.group_map = group_map            # NumPy group index -> torch group index
@@ -59,7 +75,7 @@ class Bucket:
         self.shapes = list(layout.shapes)
         self.starts = np.asarray(layout.offsets, dtype=np.int64)
         self.stops = self.starts + np.asarray([int(np.prod(s)) for s in layout.shapes], dtype=np.int64)
-        self.ranges = []                      # NumPy group index -> (first, stop) param index
+        self.ranges: list[tuple[int, int]] = []  # NumPy group index -> (first, stop) param index
         first = 0
         for group in numpy_opt.param_groups:
             self.ranges.append((first, first + len(group["params"])))
@@ -76,22 +92,23 @@ class Bucket:
         self.counts = self.steps.numpy()
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.
         self.dirty = np.zeros(len(params), dtype=bool)
-        self.data_ptrs = []
+        self.data_ptrs: list[int] = []
         self.all_taking_part = np.ones(len(params), dtype=bool)  # read-only by convention
         self.index = {p: i for i, p in enumerate(params)}
         # Element bounds of each NumPy group, and whether every group's parameters share
         # one step count (then a step is one run per group; see _runs.plan_runs).
-        self.group_bounds = [tuple(int(x) for x in s) for s in numpy_opt._segments]
+        self.group_bounds = [(int(a), int(b)) for a, b in numpy_opt._segments]
         self.uniform = False
-        self.synced = None      # the torch groups' hyperparameter objects last copied
-        self.n_state = None     # how many state entries opt.state's entries were made for
+        # the torch groups' hyperparameter objects last copied
+        self.synced: list[tuple[Any, ...]] | None = None
+        self.n_state: int | None = None  # how many state entries opt.state's entries were made for
 
-    def state_view(self, name, i):
+    def state_view(self, name: str, i: int) -> torch.Tensor:
         a, b = self.starts[i], self.stops[i]
         return torch.from_numpy(self.opt.state[name][a:b]).view(self.shapes[i])
 
 
-def check_param(p, where, name):
+def check_param(p: torch.Tensor, where: str, name: str) -> None:
     """Raise if ``p`` cannot live in a flat buffer (device, layout, dtype, sparse grad)."""
     if p.device.type != "cpu":
         raise ValueError(f"{where} is on device {p.device}; flatopt.torch runs on the CPU only")
@@ -103,12 +120,13 @@ def check_param(p, where, name):
         raise RuntimeError(f"{where}: {name} does not support sparse gradients")
 
 
-def make_buckets(opt):
+def make_buckets(opt: "_FlatOptimizer") -> list[Bucket]:
     """One :class:`Bucket` per dtype for ``opt.param_groups``: validated and allocated,
     with every parameter's values copied in, but no parameter rebound yet."""
     name = type(opt).__name__
     numpy_class = opt._numpy_class
-    by_dtype, seen = {}, set()
+    by_dtype: dict[torch.dtype, dict[int, list[torch.Tensor]]] = {}
+    seen: set[torch.Tensor] = set()
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
             check_param(p, f"{name}: param_groups[{gi}]['params'][{pi}]", name)
@@ -127,7 +145,7 @@ def make_buckets(opt):
     return buckets
 
 
-def bind(bucket):
+def bind(bucket: Bucket) -> None:
     """Rebind every parameter of ``bucket`` to its flat-buffer view (gradients stay where
     they are: ``step()`` reads them)."""
     with torch.no_grad():
@@ -136,7 +154,7 @@ def bind(bucket):
             bucket.data_ptrs.append(p.data_ptr())
 
 
-def gather(bucket, name):
+def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch.Tensor]]:
     """Which parameters take part in this step (their ``grad`` is not None), and those
     gradients, validated; nothing is written."""
     params = bucket.params
@@ -166,7 +184,7 @@ def gather(bucket, name):
     return taking_part, grads
 
 
-def copy_in(bucket, taking_part, grads):
+def copy_in(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor]) -> None:
     """Make the flat gradient buffer hold exactly the parameters' gradients: one
     ``_foreach_copy_`` of the ``grads`` of the parameters ``taking_part``, and zeros for
     the others (a None gradient counts as zero in norms and finiteness checks; the step

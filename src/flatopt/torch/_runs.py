@@ -5,13 +5,28 @@ The kernel runs once per maximal run of consecutive participating parameters of 
 group that share a step count: one run per group in the usual case.
 """
 
+from collections.abc import Callable, Sequence
+from typing import Any
 
-def plan_runs(bucket, taking_part, uses_state):
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from .._optimizer import _Run
+from ._packing import Bucket
+
+#: The parameter range ``(a, b)`` whose step counts a run advances (None: no state).
+Advance = tuple[int, int] | None
+
+
+def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
+              uses_state: Callable[[dict[str, Any]], bool]) -> tuple[list[_Run], list[Advance]]:
     """The runs of one bucket for the NumPy step routine: a list of
     ``(gi, lo, hi, step, fresh)`` (see ``flatopt.Optimizer._finish_step``) and, beside
     it, for each run, the parameter range ``(a, b)`` whose step counts it advances (None
     when its group keeps no state)."""
-    runs, advance = [], []
+    runs: list[_Run] = []
+    advance: list[Advance] = []
     counts = bucket.counts
     if taking_part is bucket.all_taking_part and bucket.uniform:
         # The usual case: every parameter takes part and each group's parameters share
@@ -34,14 +49,15 @@ def plan_runs(bucket, taking_part, uses_state):
     return runs, advance
 
 
-def _per_group(runs, n_groups):
-    groups = [[] for _ in range(n_groups)]
+def _per_group(runs: Sequence[_Run], n_groups: int) -> list[list[_Run]]:
+    groups: list[list[_Run]] = [[] for _ in range(n_groups)]
     for run in runs:
         groups[run[0]].append(run)
     return groups
 
 
-def param_runs(taking_part, counts, first, stop):
+def param_runs(taking_part: npt.NDArray[np.bool_], counts: npt.NDArray[Any], first: int,
+               stop: int) -> list[tuple[int, int, int]]:
     """Maximal runs ``(a, b, count)`` of consecutive participating parameters in
     ``[first, stop)`` that share a step count."""
     if stop <= first:
@@ -49,7 +65,8 @@ def param_runs(taking_part, counts, first, stop):
     part, cnt = taking_part[first:stop], counts[first:stop]
     if part.all() and (cnt == cnt[0]).all():
         return [(first, stop, int(cnt[0]))]
-    runs, start = [], None
+    runs: list[tuple[int, int, int]] = []
+    start: int | None = None
     for j in range(first, stop + 1):
         if start is not None and (j == stop or not taking_part[j] or counts[j] != counts[start]):
             runs.append((start, j, int(counts[start])))
@@ -59,7 +76,7 @@ def param_runs(taking_part, counts, first, stop):
     return runs
 
 
-def updated_params(bucket, taking_part):
+def updated_params(bucket: Bucket, taking_part: npt.NDArray[np.bool_]) -> list[torch.Tensor]:
     """The parameters a step with ``taking_part`` writes (for their version counters)."""
     if taking_part is bucket.all_taking_part:
         return bucket.params
