@@ -121,10 +121,14 @@ import inspect
 import math
 import weakref
 import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NoReturn, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import ParamsT
 
 from .. import functional as _functional
 from .._layout import FlatLayout
@@ -143,11 +147,18 @@ _ELEMENTWISE_TORCH = tuple(getattr(torch.optim, name) for name in (
 # for 0-dim parameters, whose elementwise state is 0-dim too).
 _SCALAR_STATE = ("step",)
 
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# The newer names where torch has them (not in every version's stubs: typed loosely).
+_REDUCE_SCATTER: Callable[..., Any] = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER: Callable[..., Any] = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+#: A piece of the local optimizer: (bucket, global parameter index, start, stop, offset in
+#: this rank's slice); start/stop are offsets inside the parameter.
+_Piece = tuple["_Bucket", int, int, int, int]
+#: What a rank reports in the first exchange: (rank, _describe_error(...), _signature()).
+_Report = tuple[int, "tuple[type[BaseException], str] | None", Any]
 
 
-def _is_elementwise_class(cls):
+def _is_elementwise_class(cls: object) -> bool:
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         return False
     if cls.__module__.startswith("flatopt.torch"):
@@ -155,7 +166,7 @@ def _is_elementwise_class(cls):
     return any(issubclass(cls, base) for base in _ELEMENTWISE_TORCH)
 
 
-def chunk_size(n, world_size, itemsize):
+def chunk_size(n: int, world_size: int, itemsize: int) -> int:
     """Elements per rank for ``n`` elements: ``ceil(n / world_size)`` rounded up to a whole
     number of cache lines, so every rank's slice starts on a cache line."""
     align = max(1, CACHE_LINE // itemsize)
@@ -163,7 +174,7 @@ def chunk_size(n, world_size, itemsize):
     return -(-per_rank // align) * align
 
 
-def _span(tensors, n):
+def _span(tensors: Sequence[torch.Tensor], n: int) -> torch.Tensor | None:
     """One 1-D tensor over ``tensors`` if they lie back to back in one storage, else None."""
     if not tensors:
         return None
@@ -176,7 +187,7 @@ def _span(tensors, n):
             return None
         expected += t.numel() * t.element_size()
     span = torch.empty(0, dtype=first.dtype)
-    span.set_(first.untyped_storage(), first.storage_offset(), (n,))
+    span.set_(first.untyped_storage(), first.storage_offset(), (n,), (1,))
     return span
 
 
@@ -188,14 +199,21 @@ class AttachGrad:
 
     __slots__ = ("param", "view", "dirty", "sparse", "index")
 
-    def __init__(self, param, view, dirty, sparse, index):
+    param: "weakref.ref[torch.Tensor]"
+    view: torch.Tensor
+    dirty: npt.NDArray[np.bool_]
+    sparse: npt.NDArray[np.bool_]
+    index: int
+
+    def __init__(self, param: torch.Tensor, view: torch.Tensor, dirty: npt.NDArray[np.bool_],
+                 sparse: npt.NDArray[np.bool_], index: int) -> None:
         self.param = weakref.ref(param)
         self.view = view
         self.dirty = dirty
         self.sparse = sparse
         self.index = index
 
-    def __call__(self, grad):
+    def __call__(self, grad: torch.Tensor) -> None:
         if grad.layout != torch.strided:
             # Leave sparse gradients alone (a dense view would silently absorb them);
             # step() rejects them.
@@ -213,7 +231,11 @@ class _Bucket:
     """The parameters of one dtype: flat (padded) parameter and gradient buffers, this
     rank's slice, and the pieces of the local optimizer that lie in it."""
 
-    def __init__(self, dtype, indices, numels, world_size, rank, full_grads):
+    views: list[torch.Tensor]                        # this slice of flat_param, per piece
+    grad_views: list[torch.Tensor]                   # this slice of slice_grad, per piece
+
+    def __init__(self, dtype: torch.dtype, indices: list[int], numels: list[int], world_size: int,
+                 rank: int, full_grads: bool) -> None:
         self.dtype = dtype
         self.indices = indices                       # global parameter indices, flat order
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -226,7 +248,7 @@ class _Bucket:
         self.hi = min((rank + 1) * self.chunk, self.n)
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if dtype in (torch.float32, torch.float64) else None
 
-        def zeros(n):
+        def zeros(n: int) -> torch.Tensor:
             if np_dtype is not None:   # 64-byte aligned
                 return torch.from_numpy(FlatLayout(((n,),), np_dtype).zeros())
             return torch.zeros(n, dtype=dtype)
@@ -237,16 +259,17 @@ class _Bucket:
         self.slice_grad = zeros(self.chunk)
         self.my_chunk = self.flat_param[rank * self.chunk:(rank + 1) * self.chunk]
         self.offset = dict(zip(indices, self.starts.tolist()))
-        self.target = None                           # where this step's reduced slice landed
-        self.pieces = []                             # (local piece tensor, global index, start, stop)
+        self.target: torch.Tensor | None = None      # where this step's reduced slice landed
+        # (local piece tensor, global index, start, stop)
+        self.pieces: list[tuple[torch.Tensor, int, int, int]] = []
         # Where the local optimizer keeps this rank's slice (see locate()).
-        self.piece_ptrs = None
+        self.piece_ptrs: list[int] | None = None
         self.aliased = True                          # its parameters are views of flat_param
-        self.param_span = None                       # else one tensor over them, if contiguous
-        self.local_grads = None                      # the gradient tensors it reads
-        self.grad_span = None                        # one tensor over those, if contiguous
+        self.param_span: torch.Tensor | None = None  # else one tensor over them, if contiguous
+        self.local_grads: list[torch.Tensor] | None = None  # the gradient tensors it reads
+        self.grad_span: torch.Tensor | None = None   # one tensor over those, if contiguous
 
-    def locate(self):
+    def locate(self) -> None:
         """Find where the local optimizer keeps this slice: torch.optim keeps our views of
         the flat buffer; flatopt.torch moves its parameters into buffers of its own and
         (after its first step) reads gradients from its own buffer. Cheap when nothing
@@ -260,31 +283,33 @@ class _Bucket:
         grads = [p.grad for p in tensors]
         if self.local_grads is not None and all(map(lambda a, b: a is b, grads, self.local_grads)):
             return
-        if all(g is not None and g.dim() == 1 for g in grads):
-            self.local_grads = grads
-            self.grad_span = _span(grads, self.hi - self.lo)
+        present = [g for g in grads if g is not None and g.dim() == 1]
+        if len(present) == len(grads):
+            self.local_grads = present
+            self.grad_span = _span(present, self.hi - self.lo)
 
-    def grad_target(self):
+    def grad_target(self) -> torch.Tensor:
         """Where the reduce-scatter writes: straight into the local optimizer's gradient
         buffer when it spans a whole chunk, else our slice buffer."""
         span = self.grad_span
         return span if span is not None and span.numel() == self.chunk else self.slice_grad
 
-    def deliver(self, target):
+    def deliver(self, target: torch.Tensor) -> None:
         """Make the reduced slice (written to ``target``) what the local optimizer reads."""
         dest = self.reduced()
         if dest.data_ptr() != target.data_ptr():
             dest.copy_(target[:self.hi - self.lo])
 
-    def reduced(self):
+    def reduced(self) -> torch.Tensor:
         span = self.grad_span
         return self.slice_grad[:self.hi - self.lo] if span is None else span
 
-    def read_views(self):
+    def read_views(self) -> list[torch.Tensor]:
         """Per piece, the tensor the local optimizer reads its gradient from."""
-        return self.grad_views if self.grad_span is None else self.local_grads
+        # local_grads is set whenever grad_span is (see locate()).
+        return self.grad_views if self.grad_span is None or self.local_grads is None else self.local_grads
 
-    def params_in(self):
+    def params_in(self) -> None:
         """Copy this slice of the parameters into the local optimizer's memory (they may
         have been changed since the last step)."""
         if self.aliased:
@@ -295,7 +320,7 @@ class _Bucket:
         else:
             torch._foreach_copy_([p for p, *_ in self.pieces], self.views)
 
-    def gather_input(self):
+    def gather_input(self) -> torch.Tensor:
         """This rank's chunk for the all-gather: the local optimizer's memory itself when
         it is one whole chunk, else the flat buffer's chunk (updated from it)."""
         if self.aliased:
@@ -310,10 +335,10 @@ class _Bucket:
             torch._foreach_copy_(self.views, [p for p, *_ in self.pieces])
         return self.my_chunk
 
-    def piece_ranges(self):
+    def piece_ranges(self) -> list[tuple[int, int, int]]:
         """(global index, start, stop) of each parameter's part in [lo, hi), in flat order;
         start/stop are offsets inside the parameter."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         for k, a, b in zip(self.indices, self.starts, self.stops):
             s, e = max(a, self.lo), min(b, self.hi)
             if s < e:
@@ -335,14 +360,46 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     """
 
     # Collectives a test may declare unsupported, to exercise the fallbacks.
-    _disabled_collectives = frozenset()
+    _disabled_collectives: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, params, optimizer_class, *, process_group=None, average_gradients=True,
-                 **defaults):
+    process_group: dist.ProcessGroup
+    rank: int
+    world_size: int
+    average_gradients: bool
+    collectives: tuple[str | None, str]
+    local_optimizer: torch.optim.Optimizer
+    skipped_steps: int
+    last_step_skipped: bool
+    _pending_grad_scale: float
+    _consolidated: dict[str, Any] | None
+    _reduced: tuple[list[bool], tuple[float, float, int] | None] | None
+    _params: list[torch.Tensor]
+    _group_of: list[int]
+    _buckets: list[_Bucket]
+    _pieces: list[_Piece]
+    _n: int
+    _control: torch.Tensor
+    _control_out: torch.Tensor
+    _grad_scale_arg: bool
+    _small_gather: str
+    # Per parameter: its view of the flat parameter buffer, and of the flat gradient buffer
+    # (None unless average_gradients).
+    _param_views: list[torch.Tensor]
+    _grad_views: list[torch.Tensor | None]
+    _dirty: npt.NDArray[np.bool_]
+    _sparse: npt.NDArray[np.bool_]
+    _data_ptrs: list[int]
+    _hooks: list[Any]
+
+    def __init__(self, params: ParamsT, optimizer_class: type[torch.optim.Optimizer], *,
+                 process_group: dist.ProcessGroup | None = None, average_gradients: bool = True,
+                 **defaults: Any) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedOptimizer needs torch.distributed initialised "
                                "(torch.distributed.init_process_group) on every rank")
-        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        # group.WORLD is set once init_process_group has run (checked above).
+        self.process_group = process_group if process_group is not None else cast(dist.ProcessGroup,
+                                                                                  dist.group.WORLD)
         self.rank = dist.get_rank(self.process_group)
         if self.rank < 0:
             raise ValueError("ShardedOptimizer: this process is not a member of process_group")
@@ -358,7 +415,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 
         # 1. Everything local, on fresh memory (your parameters are untouched until all
         #    ranks agree); an error is held back for the exchange.
-        error = None
+        error: Exception | None = None
         signature = None
         try:
             check_bool(average_gradients, "average_gradients")
@@ -378,7 +435,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._constructing = False
 
         # 2. The first collective: every rank reaches it, whatever happened above.
-        reports = [None] * self.world_size
+        reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
         dist.all_gather_object(reports, (self.rank, _describe_error(error), signature),
                                group=self.process_group)
         failures = [(r, e) for r, e, _ in reports if e is not None]
@@ -401,7 +458,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._bind()
 
     # -- construction --------------------------------------------------------------------
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the partition across ranks is fixed."""
         if not self._constructing:
             raise NotImplementedError(
@@ -413,13 +470,13 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         if len({id(p) for p in params}) != len(params):
             raise ValueError("ShardedOptimizer: a parameter appears twice in one parameter group")
 
-    def _setup(self, optimizer_class, defaults):
+    def _setup(self, optimizer_class: type[torch.optim.Optimizer], defaults: dict[str, Any]) -> None:
         """Validate the parameters, build the flat buffers and the local optimizer."""
         self._params = [p for g in self.param_groups for p in g["params"]]
         if len({id(p) for p in self._params}) != len(self._params):
             raise ValueError("ShardedOptimizer: a parameter appears in two parameter groups")
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-        by_dtype = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
         positions = [(gi, i) for gi, g in enumerate(self.param_groups) for i in range(len(g["params"]))]
         for k, p in enumerate(self._params):
             gi, i = positions[k]
@@ -441,7 +498,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 for k, a, e in zip(b.indices, b.starts, b.stops):
                     b.flat_param[a:e].copy_(self._params[k].detach().reshape(-1))
         # The local optimizer: one group per group, over this rank's pieces.
-        local_groups = [[] for _ in self.param_groups]
+        local_groups: list[list[tuple[torch.Tensor, _Bucket, int, int, int, int]]] = [
+            [] for _ in self.param_groups]
         self._pieces = []   # local id -> (bucket, global index, start, stop, slice offset)
         for b in self._buckets:
             for k, s, e in b.piece_ranges():
@@ -449,7 +507,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 piece = b.flat_param[a + s:a + e].detach()
                 b.pieces.append((piece, k, s, e))
                 local_groups[self._group_of[k]].append((piece, b, k, s, e, a + s - b.lo))
-        local_params = []
+        local_params: list[dict[str, Any]] = []
         for gi, group in enumerate(self.param_groups):
             hyper = {key: v for key, v in group.items() if key != "params"}
             local_params.append({**hyper, "params": [t[0] for t in local_groups[gi]]})
@@ -472,7 +530,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._control = torch.zeros(self._n + 5, dtype=torch.uint8)
         self._control_out = torch.zeros(self.world_size * (self._n + 5), dtype=torch.uint8)
 
-    def _signature(self):
+    def _signature(self) -> tuple[Any, ...]:
         """What every rank must have been given alike."""
         groups = []
         for group in self.param_groups:
@@ -481,7 +539,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return (type(self.local_optimizer).__module__, type(self.local_optimizer).__name__,
                 self.average_gradients, groups)
 
-    def _pick_collectives(self):
+    def _pick_collectives(self) -> tuple[str | None, str]:
         """The collectives for gradients and parameters (and small exchanges), in order of
         preference for the backend, skipping any it lacks (tried once, on tiny tensors).
 
@@ -492,30 +550,37 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         world, group = self.world_size, self.process_group
         disabled = self._disabled_collectives
 
-        def works(call):
+        def works(call: Callable[[], object]) -> bool:
             try:
                 call()
                 return True
             except (RuntimeError, NotImplementedError, ValueError, TypeError):
                 return False
 
+        def reduce_scatter_works(d: torch.dtype) -> bool:
+            return works(lambda: _REDUCE_SCATTER(
+                torch.zeros(1, dtype=d), torch.zeros(world, dtype=d), group=group))
+
+        def all_gather_into_tensor_works(d: torch.dtype) -> bool:
+            return works(lambda: _ALL_GATHER(torch.zeros(world, dtype=d), torch.zeros(1, dtype=d), group=group))
+
+        def all_gather_works(d: torch.dtype) -> bool:
+            return works(lambda: dist.all_gather(
+                list(torch.split(torch.zeros(world, dtype=d), 1)), torch.zeros(1, dtype=d), group=group))
+
         dtypes = [b.dtype for b in self._buckets]
-        supported = {
-            "reduce_scatter_tensor": lambda: all(works(lambda d=d: _REDUCE_SCATTER(
-                torch.zeros(1, dtype=d), torch.zeros(world, dtype=d), group=group)) for d in dtypes),
-            "all_gather_into_tensor": lambda: all(works(lambda d=d: _ALL_GATHER(
-                torch.zeros(world, dtype=d), torch.zeros(1, dtype=d), group=group))
-                for d in dtypes + [torch.uint8, torch.float64]),
-            "all_gather": lambda: all(works(lambda d=d: dist.all_gather(
-                list(torch.zeros(world, dtype=d).split(1)), torch.zeros(1, dtype=d), group=group))
-                for d in dtypes + [torch.uint8, torch.float64]),
+        supported: dict[str, Callable[[], bool]] = {
+            "reduce_scatter_tensor": lambda: all(reduce_scatter_works(d) for d in dtypes),
+            "all_gather_into_tensor": lambda: all(all_gather_into_tensor_works(d)
+                                                  for d in dtypes + [torch.uint8, torch.float64]),
+            "all_gather": lambda: all(all_gather_works(d) for d in dtypes + [torch.uint8, torch.float64]),
             "all_reduce": lambda: True,
             "reduce": lambda: True,
             "broadcast": lambda: True,
         }
-        known = {}
+        known: dict[str, bool] = {}
 
-        def first(names, last_resort):
+        def first(names: list[str], last_resort: str) -> str:
             for name in names:
                 if name not in disabled:
                     if name not in known:
@@ -535,38 +600,44 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._small_gather = first(["all_gather_into_tensor", "all_gather"], "broadcast")
         return (grad_op, param_op)
 
-    def _bind(self):
+    def _bind(self) -> None:
         """Rebind each parameter to its view of the flat buffer (and its grad, when this
         optimizer averages gradients, to the gradient buffer)."""
-        self._param_views, self._grad_views = [None] * self._n, [None] * self._n
+        param_views: list[torch.Tensor | None] = [None] * self._n
+        self._grad_views = [None] * self._n
         for b in self._buckets:
             for k, a, e in zip(b.indices, b.starts, b.stops):
                 p = self._params[k]
-                self._param_views[k] = b.flat_param[a:e].view(p.shape)
+                param_views[k] = b.flat_param[a:e].view(p.shape)
                 if b.flat_grad is not None:
                     self._grad_views[k] = b.flat_grad[a:e].view(p.shape)
+        # Every parameter is in a bucket: no None is left.
+        self._param_views = cast(list[torch.Tensor], param_views)
         self._dirty = np.zeros(self._n, dtype=bool)
         self._sparse = np.zeros(self._n, dtype=bool)  # AttachGrad's flag; step() checks layouts
         for k, p in enumerate(self._params):
             grad = p.grad
             p.data = self._param_views[k]
             if self.average_gradients:
+                view = _own(self._grad_views[k])
                 if grad is not None:
-                    self._grad_views[k].copy_(grad.detach())
+                    view.copy_(grad.detach())
                     self._dirty[k] = True
-                    p.grad = self._grad_views[k]
+                    p.grad = view
                 if p.requires_grad:
-                    self._hooks.append(p.register_hook(AttachGrad(p, self._grad_views[k], self._dirty, self._sparse, k)))
+                    # Tensor.register_hook is unannotated in torch (no typed alternative).
+                    self._hooks.append(p.register_hook(  # type: ignore[no-untyped-call]
+                        AttachGrad(p, view, self._dirty, self._sparse, k)))
         self._data_ptrs = [p.data_ptr() for p in self._params]
 
-    def __del__(self):
+    def __del__(self) -> None:
         for handle in getattr(self, "_hooks", ()):
             handle.remove()
 
-    def __getstate__(self):
+    def __getstate__(self) -> NoReturn:
         raise TypeError("ShardedOptimizer cannot be pickled or copied; save state_dict() instead")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"ShardedOptimizer({type(self.local_optimizer).__name__}, rank {self.rank} of "
                  f"{self.world_size}, average_gradients={self.average_gradients})",
                  f"  collectives: {self.collectives[0] or 'none (gradients used as they are)'} "
@@ -581,9 +652,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 f"{k}={v!r}" for k, v in group.items() if k != "params"))
         return "\n".join(lines)
 
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state this rank holds (its local optimizer's state tensors)."""
-        total, seen = 0, set()
+        total = 0
+        seen: set[tuple[int, int]] = set()
         state = self.local_optimizer.state
         for entry in state.values():
             for value in entry.values():
@@ -595,7 +667,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return total
 
     # -- gradients -----------------------------------------------------------------------
-    def _collect(self):
+    def _collect(self) -> None:
         """This rank's gradients into the flat buffers (or its slice); the has-grad mask.
         Raises on bad input, before any collective."""
         params = self._params
@@ -615,7 +687,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for k, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 if self.average_gradients and self._dirty[k]:
-                    self._grad_views[k].zero_()
+                    _own(self._grad_views[k]).zero_()
                     self._dirty[k] = False
                 continue
             has[k] = 1
@@ -628,9 +700,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     f"ShardedOptimizer: a gradient of shape {tuple(g.shape)} on {g.device} ({g.dtype}) "
                     f"does not match its parameter ({tuple(p.shape)}, cpu, {p.dtype})")
             if self.average_gradients:
-                self._grad_views[k].copy_(g.detach())
+                view = _own(self._grad_views[k])
+                view.copy_(g.detach())
                 self._dirty[k] = True
-                p.grad = self._grad_views[k]
+                p.grad = view
         control[:self._n] = torch.from_numpy(has)
         if not self.average_gradients:   # read this rank's slice of each gradient
             for b in self._buckets:
@@ -641,12 +714,12 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     else:
                         view.copy_(g.detach().reshape(-1)[s:e])
 
-    def _reduce(self):
+    def _reduce(self) -> list[bool]:
         """Agree on the participating parameters (and that no rank failed), and reduce the
         gradients into each rank's slice. Returns the participation mask."""
         if self._reduced is not None:
             return self._reduced[0]
-        error = None
+        error: Exception | None = None
         try:
             self._collect()
             self._control[self._n] = 0
@@ -659,24 +732,25 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         works = [self._gather(self._control_out, self._control, async_op=True)]
         if self.average_gradients:
             for b in self._buckets:
+                flat_grad = _own(b.flat_grad)
                 if self.collectives[0] == "reduce_scatter_tensor":
                     target = b.grad_target()
-                    works.append(_REDUCE_SCATTER(target, b.flat_grad, group=group, async_op=True))
+                    works.append(_REDUCE_SCATTER(target, flat_grad, group=group, async_op=True))
                 elif self.collectives[0] == "reduce":   # each chunk summed on its owner, in place
-                    target = b.flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+                    target = flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
                     works.extend(dist.reduce(chunk, dst=dist.get_global_rank(group, r), group=group,
                                              async_op=True)
-                                 for r, chunk in enumerate(b.flat_grad.split(b.chunk)))
+                                 for r, chunk in enumerate(torch.split(flat_grad, b.chunk)))
                 else:   # in place: p.grad then holds the sum over ranks
-                    target = b.flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
-                    works.append(dist.all_reduce(b.flat_grad, group=group, async_op=True))
+                    target = flat_grad[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+                    works.append(dist.all_reduce(flat_grad, group=group, async_op=True))
                 b.target = target
         for work in works:
             if work is not None:
                 work.wait()
         if self.average_gradients:
             for b in self._buckets:
-                b.deliver(b.target)
+                b.deliver(_own(b.target))
             if self.collectives[0] != "reduce_scatter_tensor":
                 self._dirty[:] = True   # the views hold sums now: zero before reuse
         rows = self._control_out.view(self.world_size, self._n + 5)
@@ -690,11 +764,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._raise_hyperparameter_error()
         return mask
 
-    def _hyperparameters(self):
+    def _hyperparameters(self) -> list[list[tuple[str, Any]]]:
         return [[(k, group[k]) for k in sorted(group) if k != "params"] for group in self.param_groups]
 
-    def _raise_hyperparameter_error(self):
-        groups = [None] * self.world_size
+    def _raise_hyperparameter_error(self) -> NoReturn:
+        groups = cast(list[list[list[tuple[str, Any]]]], [None] * self.world_size)  # filled below
         dist.all_gather_object(groups, self._hyperparameters(), group=self.process_group)
         r, (gi, (a, b)) = next((r, next((gi, (a, b)) for gi, (a, b) in enumerate(zip(groups[0], other))
                                         if a != b)) for r, other in enumerate(groups) if other != groups[0])
@@ -705,13 +779,13 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             f"{dict(b)} on rank {r} (differing: {diff}); no rank changed its parameters or "
             "optimizer state, and step() may be called again once they agree")
 
-    def _raise_step_error(self, failed, error):
-        reports = [None] * self.world_size
+    def _raise_step_error(self, failed: list[int], error: Exception | None) -> NoReturn:
+        reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
         dist.all_gather_object(reports, (self.rank, _describe_error(error), None), group=self.process_group)
         _raise_agreed("ShardedOptimizer.step", [(r, e) for r, e, _ in reports if e is not None], error,
                       suffix="; no rank changed its parameters or optimizer state")
 
-    def _gather(self, out, inp, async_op=False):
+    def _gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
         """All-gather a small tensor (every rank's ``inp`` into ``out``, in rank order)."""
         how = self._small_gather
         if how == "all_gather_into_tensor":
@@ -719,8 +793,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._gather_list(out, inp, how)
         return None
 
-    def _gather_list(self, out, inp, how):
-        chunks = list(out.split(inp.numel()))
+    def _gather_list(self, out: torch.Tensor, inp: torch.Tensor, how: str) -> None:
+        chunks = list(torch.split(out, inp.numel()))
         if how == "all_gather":
             dist.all_gather(chunks, inp, group=self.process_group)
         else:
@@ -729,7 +803,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for r, chunk in enumerate(chunks):
                 dist.broadcast(chunk, src=dist.get_global_rank(self.process_group, r), group=self.process_group)
 
-    def _refresh_params(self, b):
+    def _refresh_params(self, b: _Bucket) -> None:
         """Every rank's updated slice into every rank's flat parameter buffer."""
         chunk = b.gather_input()
         how = self.collectives[1]
@@ -740,7 +814,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 b.my_chunk.copy_(chunk)
             group = self.process_group
             works = [dist.broadcast(c, src=dist.get_global_rank(group, r), group=group, async_op=True)
-                     for r, c in enumerate(b.flat_param.split(b.chunk))]
+                     for r, c in enumerate(torch.split(b.flat_param, b.chunk))]
             for work in works:
                 work.wait()
         elif how == "all_reduce":
@@ -753,14 +827,15 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         else:
             self._gather_list(b.flat_param, chunk, how)
 
-    def _stats(self, norm_type):
+    def _stats(self, norm_type: float) -> tuple[float, int]:
         """(global norm of the averaged gradient, global non-finite count), agreed by all."""
         mask = self._reduce()
-        stats = self._reduced[1]
+        stats = self._reduced[1] if self._reduced is not None else None  # set by _reduce()
         if stats is not None and stats[0] == norm_type:
             return stats[1], stats[2]
         partial = torch.zeros(2, dtype=torch.float64)
-        norms, count = [], 0
+        norms: list[float] = []
+        count = 0
         for b in self._buckets:
             g = b.reduced()
             if g.dtype in (torch.float32, torch.float64):
@@ -791,7 +866,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._reduced = (mask, (norm_type, total, count))
         return total, count
 
-    def grad_norm(self, norm_type=2.0):
+    def grad_norm(self, norm_type: float = 2.0) -> float:
         """The global ``norm_type``-norm of the (averaged) gradient, the same on every rank.
 
         A collective: call it on every rank. It reduces the gradients for the coming
@@ -800,15 +875,16 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """
         return self._stats(check_norm_type(norm_type))[0]
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients: the flat gradient buffer in one pass, and with
         ``set_to_none`` (the default) every ``p.grad`` set to None, as in torch."""
         self._reduced = None
         self._pending_grad_scale = 1.0
         if not self.average_gradients:
-            return super().zero_grad(set_to_none=set_to_none)
+            super().zero_grad(set_to_none=set_to_none)
+            return
         for b in self._buckets:
-            b.flat_grad.zero_()
+            _own(b.flat_grad).zero_()
         self._dirty[:] = False
         for p, view in zip(self._params, self._grad_views):
             if set_to_none:
@@ -817,8 +893,17 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 p.grad = view
 
     # -- step ----------------------------------------------------------------------------
+    @overload
+    def step(self, closure: None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale=1.0, skip_if_nonfinite=False):
+    def step(self, closure: Callable[[], float] | None = None, *, grad_scale: float = 1.0,
+             skip_if_nonfinite: bool = False) -> float | None:
         """Reduce the gradients into this rank's slice, run the local optimizer on it, and
         all-gather the parameters (a collective: call it on every rank).
 
@@ -830,7 +915,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         if grad_scale != 1.0:
             grad_scale = check_real(grad_scale, "grad_scale")
         check_bool(skip_if_nonfinite, "skip_if_nonfinite")
-        loss = None
+        loss: float | None = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -855,8 +940,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if piece.grad is not grad or not mask[k]:
                     piece.grad = grad if mask[k] else None
             b.params_in()
-        if self._grad_scale_arg:
-            local.step(grad_scale=scale)
+        if self._grad_scale_arg:   # its step() takes grad_scale (a flatopt.torch class)
+            cast(Any, local).step(grad_scale=scale)
         else:
             if scale != 1.0:
                 for b in self._buckets:
@@ -868,15 +953,16 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------
-    def _local_to_shard(self, local_sd):
+    def _local_to_shard(self, local_sd: dict[str, Any]) -> dict[str, Any]:
         """The local optimizer's state dict re-keyed by global parameter ids, plus the slice."""
-        state = {}
-        ranges = {}
+        state: dict[int, Any] = {}
+        ranges: dict[int, tuple[int, int]] = {}
         for j, (b, k, s, e, _) in enumerate(self._pieces):
             ranges[k] = (s, e)
             if j in local_sd["state"]:
                 state[k] = local_sd["state"][j]
-        groups, pid = [], 0
+        groups: list[dict[str, Any]] = []
+        pid = 0
         for gi, (group, saved) in enumerate(zip(self.param_groups, local_sd["param_groups"])):
             packed = {k: v for k, v in saved.items() if k != "params"}
             packed["params"] = list(range(pid, pid + len(group["params"])))
@@ -886,35 +972,35 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 "shard": {"rank": self.rank, "world_size": self.world_size, "ranges": ranges,
                           "numels": [p.numel() for p in self._params]}}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """This rank's shard (see the module docstring); after :meth:`consolidate_state_dict`
         on this rank and before the next step, the full torch-format state dict."""
         if self._consolidated is not None:
             return self._consolidated
         return self._local_to_shard(self.local_optimizer.state_dict())
 
-    def consolidate_state_dict(self, to=0):
+    def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather every rank's shard on rank ``to`` (a collective: call it on every rank),
         whose :meth:`state_dict` then returns the full state dict until the next step."""
         if not isinstance(to, int) or not 0 <= to < self.world_size:
             raise ValueError(f"to must be a rank in 0..{self.world_size - 1}, got {to!r}")
         shard = self._local_to_shard(self.local_optimizer.state_dict())
-        shards = [None] * self.world_size if self.rank == to else None
+        shards: list[Any] | None = [None] * self.world_size if self.rank == to else None
         dist.gather_object(shard, shards, dst=dist.get_global_rank(self.process_group, to),
                            group=self.process_group)
         if self.rank == to:
-            self._consolidated = self._merge(shards)
+            self._consolidated = self._merge(cast(list[dict[str, Any]], shards))  # filled by gather_object
 
-    def _merge(self, shards):
-        pieces = {}   # global id -> [(start, entry)]
+    def _merge(self, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        pieces: dict[int, list[tuple[int, dict[str, Any]]]] = {}   # global id -> [(start, entry)]
         for shard in shards:
             for k, entry in shard["state"].items():
                 pieces.setdefault(k, []).append((shard["shard"]["ranges"][k][0], entry))
-        state = {}
+        state: dict[int, dict[str, Any]] = {}
         for k in sorted(pieces):
             p = self._params[k]
             parts = sorted(pieces[k], key=lambda t: t[0])
-            full = {}
+            full: dict[str, Any] = {}
             for name, value in parts[0][1].items():
                 if isinstance(value, torch.Tensor) and value.dim() == 1 and not (
                         p.dim() == 0 and name in _SCALAR_STATE):
@@ -924,7 +1010,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             state[k] = full
         return {"state": state, "param_groups": shards[self.rank]["param_groups"]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a full state dict (from :meth:`consolidate_state_dict`, or saved by the
         single-process optimizer of the same class or torch.optim's of the same name),
         taking this rank's pieces; or this rank's own shard. Local: no collective."""
@@ -949,7 +1035,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     f"ShardedOptimizer: this is rank {shard.get('rank')} of {shard.get('world_size')}'s "
                     f"shard; it loads only into the same rank of the same layout (rank {self.rank} of "
                     f"{self.world_size} here); load a consolidated state dict to reshard")
-        local_state = {}
+        local_state: dict[int, dict[str, Any]] = {}
         for j, (b, k, s, e, _) in enumerate(self._pieces):
             entry = state_dict["state"].get(ids[k])
             if entry is None:
@@ -960,7 +1046,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             if shard is not None:
                 local_state[j] = dict(entry)
                 continue
-            piece = {}
+            piece: dict[str, Any] = {}
             for name, value in entry.items():
                 if (isinstance(value, torch.Tensor) and value.shape == p.shape
                         and not (p.dim() == 0 and name in _SCALAR_STATE)):
@@ -972,7 +1058,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 else:
                     piece[name] = value
             local_state[j] = piece
-        local_groups, j = [], 0
+        local_groups: list[dict[str, Any]] = []
+        j = 0
         for saved, theirs in zip(saved_groups, self.local_optimizer.param_groups):
             n = len(theirs["params"])
             local_groups.append({**{k: v for k, v in saved.items() if k != "params"},
@@ -988,7 +1075,13 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._pending_grad_scale = 1.0
 
 
-def _describe_error(error):
+def _own(view: torch.Tensor | None) -> torch.Tensor:
+    """A gradient buffer or view that exists whenever the code reading it runs (those
+    kept when ``average_gradients``; a bucket's ``target`` after its reduction)."""
+    return cast(torch.Tensor, view)
+
+
+def _describe_error(error: BaseException | None) -> tuple[type[BaseException], str] | None:
     """(exception class if builtin else RuntimeError, message): picklable for the exchange."""
     if error is None:
         return None
@@ -996,7 +1089,8 @@ def _describe_error(error):
     return (cls, f"{type(error).__name__}: {error}")
 
 
-def _raise_agreed(where, failures, own, suffix=""):
+def _raise_agreed(where: str, failures: list[tuple[int, tuple[type[BaseException], str]]],
+                  own: BaseException | None, suffix: str = "") -> NoReturn:
     """Raise on every rank the same error naming every rank that failed."""
     cls = failures[0][1][0]
     message = f"{where}: " + "; ".join(f"rank {r}: {e[1]}" for r, e in failures) + suffix
@@ -1009,7 +1103,7 @@ def _raise_agreed(where, failures, own, suffix=""):
     raise exc from own
 
 
-def _first_difference(mine, theirs, rank, other):
+def _first_difference(mine: Any, theirs: Any, rank: int, other: int) -> str:
     if theirs is None:
         return f"rank {other} built nothing"
     if mine[:3] != theirs[:3]:
