@@ -1,10 +1,11 @@
 """The package's type information, checked the way a user's type checker sees it.
 
-* ``user_code.py`` (public API usage) passes ``mypy --strict`` and runs;
+* ``user_code.py`` (public API usage) passes ``mypy --strict`` and runs; so does
+  ``user_code_torch.py`` (``flatopt.torch``) when torch is installed;
 * from the source tree, ``mypy --strict -p flatopt`` passes: every module of the package
   but those in the ``ignore_errors`` list of ``[tool.mypy]`` is strict-clean;
 * code that misuses the annotated API is rejected, with the errors expected (so the
-  check above is live, not vacuous);
+  check above is live, not vacuous); ``flatopt.torch`` too when torch is installed;
 * the stubs of the compiled modules match their runtime signatures (``mypy.stubtest``).
 
 Skipped when mypy is not installed. The mypy configuration is ``[tool.mypy]`` in
@@ -12,6 +13,7 @@ pyproject.toml; from the source tree mypy reads the package in ``src/``, elsewhe
 installed-wheel runs) the installed package and its ``py.typed``.
 """
 
+import importlib.util
 import os
 import re
 import runpy
@@ -29,6 +31,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]  # holds pyproject.toml, in the source tree and in the wheel runs
 SOURCE_PACKAGE = ROOT / "src" / "flatopt"  # only in the source tree
 PACKAGE_PARENT = str(Path(flatopt.__file__).resolve().parents[1])
+# flatopt.torch needs torch (optional): its files are checked and run only with it.
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="flatopt.torch needs torch")
 
 MISUSE = '''\
 import flatopt
@@ -66,6 +71,27 @@ EXPECTED = [
 ]
 
 
+MISUSE_TORCH = '''\
+import torch
+import flatopt.torch
+model = torch.nn.Linear(2, 1)
+opt = flatopt.torch.Adam(model.parameters(), lr="1e-3")
+taken: None = flatopt.torch.SGD(model.parameters()).step(lambda: 1.0)
+flatopt.torch.SGD(model.parameters(), n_threads="2")
+flatopt.torch.NAdam(model.parameters(), betas=(0.9, 0.999, 0.5))
+state: list[int] = flatopt.torch.Adam(model.parameters()).state_dict()
+'''
+# (line, message fragment) of every error MISUSE_TORCH must raise. Line 5: with a
+# closure, step() returns the closure's loss (torch.optim.Optimizer.step's overloads).
+EXPECTED_TORCH = [
+    (4, 'Argument "lr" to "Adam" has incompatible type "str"; expected "float | Tensor"'),
+    (5, 'Incompatible types in assignment (expression has type "float", variable has type "None")'),
+    (6, 'Argument "n_threads" to "SGD" has incompatible type "str"; expected "int | None"'),
+    (7, 'Argument "betas" to "NAdam" has incompatible type "tuple[float, float, float]"'),
+    (8, 'expression has type "dict[str, Any]", variable has type "list[int]"'),
+]
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")])}
 
@@ -78,21 +104,28 @@ def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mypy_output(tmp_path_factory: pytest.TempPathFactory, mypy_cache: Path) -> tuple[int, str]:
-    """One strict mypy run over user_code.py and the misuse file: (exit code, output)."""
+    """One strict mypy run over user_code.py and the misuse file (with torch, over
+    user_code_torch.py and the torch misuse file too): (exit code, output)."""
     tmp = tmp_path_factory.mktemp("mypy")
     misuse = tmp / "misuse.py"
     misuse.write_text(MISUSE)
+    files = [HERE / "user_code.py", misuse]
+    if HAS_TORCH:
+        misuse_torch = tmp / "misuse_torch.py"
+        misuse_torch.write_text(MISUSE_TORCH)
+        files += [HERE / "user_code_torch.py", misuse_torch]
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-color-output", "--no-error-summary",
-         "--cache-dir", str(mypy_cache), str(HERE / "user_code.py"), str(misuse)],
+         "--cache-dir", str(mypy_cache), *map(str, files)],
         cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=600)
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_user_code_passes_strict_mypy(mypy_output: tuple[int, str]) -> None:
-    """No error anywhere but in the misuse file: not in user_code.py, not in flatopt."""
+    """No error anywhere but in the misuse files: not in user_code*.py, not in flatopt."""
     _, output = mypy_output
-    others = [line for line in output.splitlines() if line.strip() and "misuse.py:" not in line]
+    others = [line for line in output.splitlines()
+              if line.strip() and "misuse.py:" not in line and "misuse_torch.py:" not in line]
     assert not others, output
 
 
@@ -114,19 +147,38 @@ def test_package_passes_strict_mypy(mypy_cache: Path) -> None:
     assert proc.returncode == 0 and "Success: no issues found" in output, output
 
 
+def _check_rejected(output: str, file: str, expected: list[tuple[int, str]]) -> None:
+    errors = re.findall(rf"\b{re.escape(file)}:(\d+): error: (.*)", output)
+    for line, fragment in expected:
+        assert any(int(n) == line and fragment in msg for n, msg in errors), (line, fragment, output)
+    assert len(errors) == len(expected), output
+
+
 def test_misuse_is_rejected(mypy_output: tuple[int, str]) -> None:
     code, output = mypy_output
     assert code == 1, output
-    errors = re.findall(r"misuse\.py:(\d+): error: (.*)", output)
-    for line, fragment in EXPECTED:
-        assert any(int(n) == line and fragment in msg for n, msg in errors), (line, fragment, output)
-    assert len(errors) == len(EXPECTED), output
+    _check_rejected(output, "misuse.py", EXPECTED)
+
+
+@needs_torch
+def test_torch_misuse_is_rejected(mypy_output: tuple[int, str]) -> None:
+    _, output = mypy_output
+    _check_rejected(output, "misuse_torch.py", EXPECTED_TORCH)
 
 
 def test_user_code_runs() -> None:
     previous = flatopt.set_num_threads(None)
     try:
         runpy.run_path(str(HERE / "user_code.py"), run_name="__main__")
+    finally:
+        flatopt.set_num_threads(previous)
+
+
+@needs_torch
+def test_torch_user_code_runs() -> None:
+    previous = flatopt.set_num_threads(None)
+    try:
+        runpy.run_path(str(HERE / "user_code_torch.py"), run_name="__main__")
     finally:
         flatopt.set_num_threads(previous)
 

@@ -7,9 +7,9 @@ each ``assert_type`` states a type the annotations promise.
 It covers the thread and configuration functions, the optimizers (constructors with their
 hyperparameters, ``step``, ``zero_grad``, ``grad_norm``, ``clip_grad_norm_``, the buffer
 properties and a ``state_dict`` round trip, mixed precision), ``flatopt.keras``,
-``flatten`` / ``FlatLayout`` and ``flatopt.functional``. The modules behind
-``flatopt.torch`` (torch is optional) and ``flatopt.bench`` are not annotated; see
-``[tool.mypy]`` in pyproject.toml for what is checked how.
+``flatten`` / ``FlatLayout`` and ``flatopt.functional``. ``flatopt.torch`` (torch is
+optional) has its own file, ``user_code_torch.py``; ``flatopt.bench`` is not annotated;
+see ``[tool.mypy]`` in pyproject.toml for what is checked how.
 """
 
 import io
