@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.optim.optimizer import ParamsT
 
 from .._dispatch import kernels
 from .._optimizer import Optimizer as NumpyOptimizer, _Run
@@ -27,6 +26,9 @@ from .._norms import ClipGradNormMixin, check_norm_type
 from .._threads import check_n_threads, effective_n_threads
 from .._validation import check_bool, check_fits, check_real
 from . import _checkpoint, _packing, _runs
+
+if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
+    from torch.optim.optimizer import ParamsT
 
 # torch.optim arguments that select an implementation, not the update. foreach and fused
 # are kept (they are part of torch's state dict) but ignored; the others must be False.
@@ -97,7 +99,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             p.name: p.default for p in list(own.values())[2:]
             if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name != "n_threads"}
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, n_threads: int | None = None) -> None:
+    def __init__(self, params: "ParamsT", defaults: dict[str, Any], *, n_threads: int | None = None) -> None:
         self._n_threads = check_n_threads(n_threads)
         defaults = {**defaults, **self._fixed}
         self._check_group(defaults, "defaults")  # hyperparameters first, as torch does

@@ -5,18 +5,20 @@ Each is a few lines: its NumPy twin, torch's constructor signature written out (
 The update formulas are the NumPy twin's kernel; everything else is ``_FlatOptimizer``.
 """
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT
 
 from .. import _adam_variants, _adaptive, _momentum
 from .._optimizer import Optimizer as NumpyOptimizer
 from ._base import _FlatOptimizer
 from ._packing import Bucket, _get_scalar_dtype
+
+if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
+    from torch.optim.optimizer import ParamsT
 
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -30,7 +32,7 @@ class SGD(_FlatOptimizer):
     """
     _numpy_class = _momentum.SGD
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  n_threads: int | None = None) -> None:
@@ -50,7 +52,7 @@ class Momentum(_FlatOptimizer):
     """
     _numpy_class = _momentum.Momentum
 
-    def __init__(self, params: ParamsT, lr: float | Tensor, beta: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params: "ParamsT", lr: float | Tensor, beta: float = 0.9, weight_decay: float = 0.0,
                  maximize: bool = False, *, n_threads: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
                          n_threads=n_threads)
@@ -63,7 +65,7 @@ class Adam(_FlatOptimizer):
     _numpy_class = _adaptive.Adam
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3,
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
@@ -83,7 +85,7 @@ class AdamW(_FlatOptimizer):
     _torch_step = True
     _fixed = {"decoupled_weight_decay": True}  # in every group, as torch's AdamW sets it
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3,
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
@@ -101,7 +103,7 @@ class RMSprop(_FlatOptimizer):
     _numpy_class = _adaptive.RMSprop
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, *, n_threads: int | None = None) -> None:
@@ -118,7 +120,7 @@ class Adadelta(_FlatOptimizer):
     _numpy_class = _adaptive.Adadelta
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
                  maximize: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(
@@ -137,7 +139,7 @@ class Adagrad(_FlatOptimizer):
     _torch_step = True
     _eager_state = True  # torch creates Adagrad's state in the constructor
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
                  n_threads: int | None = None) -> None:
@@ -160,7 +162,7 @@ class NAdam(_FlatOptimizer):
     _numpy_class = _adam_variants.NAdam
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
@@ -280,7 +282,7 @@ class RAdam(_FlatOptimizer):
     _numpy_class = _adam_variants.RAdam
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, n_threads: int | None = None) -> None:
@@ -297,7 +299,7 @@ class Adamax(_FlatOptimizer):
     _numpy_class = _adam_variants.Adamax
     _torch_step = True
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, capturable: bool = False,
                  n_threads: int | None = None) -> None:
@@ -315,7 +317,7 @@ class Lion(_FlatOptimizer):
     """
     _numpy_class = _adam_variants.Lion
 
-    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+    def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, n_threads: int | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
                          n_threads=n_threads)

@@ -122,18 +122,21 @@ import math
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NoReturn, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast, overload
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import ParamsT
 
 from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
+
+if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
+    from torch.optim.optimizer import ParamsT
+
 __all__ = ["ShardedOptimizer"]
 
 CACHE_LINE = 64  # bytes
@@ -391,7 +394,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _data_ptrs: list[int]
     _hooks: list[Any]
 
-    def __init__(self, params: ParamsT, optimizer_class: type[torch.optim.Optimizer], *,
+    def __init__(self, params: "ParamsT", optimizer_class: type[torch.optim.Optimizer], *,
                  process_group: dist.ProcessGroup | None = None, average_gradients: bool = True,
                  **defaults: Any) -> None:
         if not dist.is_available() or not dist.is_initialized():
