@@ -474,12 +474,11 @@ class Optimizer(ClipGradNormMixin):
         if pending != 1.0:
             grad_scale *= pending
             self._pending_grad_scale = 1.0
-        if self._half:
-            return self._finish_mixed_step(flat_grad, runs, grad_scale, skip_if_nonfinite,
-                                           n_threads, before_run)
-        if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
+        if skip_if_nonfinite and self._count_nonfinite(flat_grad, n_threads):
             self.skipped_steps += 1
             return False
+        if self._half:
+            return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
         if runs is None:
             state = self._state
             step: int = state["step"] + 1
@@ -515,8 +514,14 @@ class Optimizer(ClipGradNormMixin):
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         return True
 
+    def _count_nonfinite(self, flat_grad: npt.NDArray[Any], n_threads: int) -> int:
+        """How many elements of ``flat_grad`` (16-bit with ``master_dtype``) are inf or NaN."""
+        if self._half:
+            return int(kernels.count_nonfinite16(flat_grad.view(np.uint16), self._half[1], n_threads))
+        return int(kernels.count_nonfinite(flat_grad, n_threads))
+
     def _finish_mixed_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
-                           grad_scale: float, skip_if_nonfinite: bool, n_threads: int,
+                           grad_scale: float, n_threads: int,
                            before_run: Callable[[int, dict[str, Any], int], object] | None = None,
                            ) -> bool:
         """:meth:`_finish_step` for 16-bit parameters with a float32 master.
@@ -534,9 +539,6 @@ class Optimizer(ClipGradNormMixin):
         assert self._half is not None and self._flat_half is not None  # mixed precision
         kind = self._half[1]
         g16 = flat_grad.view(np.uint16)
-        if skip_if_nonfinite and kernels.count_nonfinite16(g16, kind, n_threads):
-            self.skipped_steps += 1
-            return False
         state = self._state
         step: int = state["step"] + 1
         spans: Iterable[_Run] = runs if runs is not None else [

@@ -12,6 +12,7 @@ from .. import _adam_variants, _adaptive, _momentum
 from ._base import _FlatOptimizer
 from ._packing import _get_scalar_dtype
 
+# The buffers' dtype (the master's, with master_dtype): what torch would keep state in.
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 _SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for how parameters,
@@ -20,16 +21,16 @@ _SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for h
 
 class SGD(_FlatOptimizer):
     __doc__ = f"""torch.optim.SGD on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("SGD")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("SGD")}
     """
     _numpy_class = _momentum.SGD
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, n_threads=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused), n_threads=n_threads)
+            fused=fused), n_threads=n_threads, master_dtype=master_dtype)
 
     def _uses_state(self, group):
         return group["momentum"] != 0  # torch keeps no state for plain SGD
@@ -42,30 +43,30 @@ class Momentum(_FlatOptimizer):
     """
     _numpy_class = _momentum.Momentum
 
-    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *, n_threads=None):
+    def __init__(self, params, lr, beta=0.9, weight_decay=0.0, maximize=False, *, n_threads=None, master_dtype=None):
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
-                         n_threads=n_threads)
+                         n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adam(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adam")}
     """
     _numpy_class = _adaptive.Adam
     _torch_step = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, n_threads=None):
+                 decoupled_weight_decay=False, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads)
+            decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class AdamW(_FlatOptimizer):
     __doc__ = f"""torch.optim.AdamW on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("AdamW")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("AdamW")}
     """
     _numpy_class = _adaptive.AdamW
     _torch_step = True
@@ -73,45 +74,45 @@ class AdamW(_FlatOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 n_threads=None):
+                 n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused),
-            n_threads=n_threads)
+            n_threads=n_threads, master_dtype=master_dtype)
 
 
 class RMSprop(_FlatOptimizer):
     __doc__ = f"""torch.optim.RMSprop on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("RMSprop")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("RMSprop")}
     """
     _numpy_class = _adaptive.RMSprop
     _torch_step = True
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, *, n_threads=None):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, *, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable),
-            n_threads=n_threads)
+            n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adadelta(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adadelta on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adadelta")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adadelta")}
     """
     _numpy_class = _adaptive.Adadelta
     _torch_step = True
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False, n_threads=None):
+                 capturable=False, maximize=False, differentiable=False, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
-            foreach=foreach, differentiable=differentiable), n_threads=n_threads)
+            foreach=foreach, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adagrad(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adagrad on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. As in torch, every parameter's ``sum`` starts at the
+    keyword-only ``n_threads`` and ``master_dtype``. As in torch, every parameter's ``sum`` starts at the
     constructor's ``initial_accumulator_value`` (a group's own value is kept in the group but
     not used), including parameters added later by ``add_param_group`` (torch gives those no
     state and fails at their first step). {_SEE.format("Adagrad")}
@@ -121,11 +122,11 @@ class Adagrad(_FlatOptimizer):
     _eager_state = True  # torch creates Adagrad's state in the constructor
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, n_threads=None):
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, fused=fused), n_threads=n_threads)
+            differentiable=differentiable, fused=fused), n_threads=n_threads, master_dtype=master_dtype)
 
     def _fresh_state(self, bucket, name):
         buf = super()._fresh_state(bucket, name)
@@ -136,18 +137,18 @@ class Adagrad(_FlatOptimizer):
 
 class NAdam(_FlatOptimizer):
     __doc__ = f"""torch.optim.NAdam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("NAdam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("NAdam")}
     """
     _numpy_class = _adam_variants.NAdam
     _torch_step = True
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, n_threads=None):
+                 differentiable=False, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
     # torch keeps NAdam's mu_product per parameter; parameters of one group that have taken the
     # same number of steps share it. So flatopt.torch.NAdam keeps, per NumPy group, a table
@@ -171,7 +172,7 @@ class NAdam(_FlatOptimizer):
         # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set);
         # torch's load_state_dict casts it to the parameter's dtype, as every state tensor.
         if self.__dict__.get("_mu_loaded"):
-            numpy_opt._mu_product_float32 = numpy_opt.flat_params.dtype == np.float32
+            numpy_opt._mu_product_float32 = numpy_opt.layout.dtype == np.float32
         else:
             numpy_opt._mu_product_float32 = _get_scalar_dtype() == torch.float32
         table = self._mu_table(numpy_opt, gi)
@@ -190,7 +191,7 @@ class NAdam(_FlatOptimizer):
             value = self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
             loaded = self.__dict__.get("_mu_loaded")
             entry["mu_product"] = torch.tensor(
-                value, dtype=_TORCH_DTYPE[bucket.opt.flat_params.dtype] if loaded else _get_scalar_dtype())
+                value, dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if loaded else _get_scalar_dtype())
         return entry
 
     def _carried_state(self):
@@ -246,32 +247,32 @@ class NAdam(_FlatOptimizer):
 
 class RAdam(_FlatOptimizer):
     __doc__ = f"""torch.optim.RAdam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("RAdam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("RAdam")}
     """
     _numpy_class = _adam_variants.RAdam
     _torch_step = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, n_threads=None):
+                 differentiable=False, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adamax(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adamax on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adamax")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adamax")}
     """
     _numpy_class = _adam_variants.Adamax
     _torch_step = True
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, foreach=None, *,
-                 maximize=False, differentiable=False, capturable=False, n_threads=None):
+                 maximize=False, differentiable=False, capturable=False, n_threads=None, master_dtype=None):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, capturable=capturable), n_threads=n_threads)
+            differentiable=differentiable, capturable=capturable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Lion(_FlatOptimizer):
@@ -284,9 +285,9 @@ class Lion(_FlatOptimizer):
     _numpy_class = _adam_variants.Lion
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
-                 n_threads=None):
+                 n_threads=None, master_dtype=None):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
-                         n_threads=n_threads)
+                         n_threads=n_threads, master_dtype=master_dtype)
 
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "NAdam", "RAdam",
