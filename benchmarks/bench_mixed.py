@@ -1,12 +1,19 @@
 """Mixed-precision Adam step: flatopt (16-bit params, float32 master) against torch.
 
-For each size and 16-bit format (bf16, fp16) every implementation steps its own data:
+For each case (one tensor of 2**20 or 2**23 elements, or the 168-tensor transformer of
+``flatopt.bench`` at ``--widths``) and 16-bit format (bf16, fp16) every implementation
+steps its own data:
 
 * ``torch``:   what a torch user does today, path (a) of issue 13:
-  ``torch.optim.Adam(fused=True)`` on a float32 master whose ``.grad`` is the 16-bit
-  gradient upcast (``master.grad.copy_(grad16)``), then ``param16.copy_(master)``;
+  ``torch.optim.Adam(fused=True)`` on float32 masters whose ``.grad`` is the 16-bit
+  gradient upcast (``_foreach_copy_``), then the 16-bit params copied from the masters;
+* ``deepspeed``: the same with DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's host
+  optimizer) as the float32 step, when ``deepspeed`` is importable: 0.19 steps float32
+  only, so the upcast and the 16-bit copy are separate passes there too;
 * ``flatopt``: ``flatopt.Adam(params16, master_dtype=np.float32)``: one pass per
   cache-sized block (widen the gradient block, the float32 Adam kernel, narrow the block);
+* ``flatopt.torch``: ``flatopt.torch.Adam(params16, master_dtype=torch.float32)`` with
+  ``p.grad`` the 16-bit gradients (its step copies them into the flat buffer first);
 * ``flatopt fp32``: ``flatopt.Adam`` on float32 params (no 16-bit copy), for reference;
 * ``a += b``: the streaming reference (28 bytes an element moved, as a fused mixed step).
 
@@ -14,25 +21,30 @@ Bytes an element: the mixed step reads the 16-bit grad (2), master (4) and momen
 writes master and moments (12) and the 16-bit param (2): 28. Path (a) moves about 40
 (upcast: read 2, write 4; fused Adam: 28 with a float32 grad; copy back: read 4, write 2).
 ``GB/s`` is 28 bytes an element over the step time for every column, so it compares the
-columns' speed, not their own traffic.
+columns' speed, not their own traffic; ``of a+=b`` is that figure over the reference's.
 
 The implementations take turns in rounds (each runs for ``--per`` seconds, steps timed one
 by one, that round's median kept); the table shows the median over ``--rounds`` rounds.
 The project machine is shared and noisy: read the ratios, not the absolute times.
 
-Run: ``PYTHONPATH=src python benchmarks/bench_mixed.py [--sizes 1048576 8388608]``.
+Run: ``PYTHONPATH=src python benchmarks/bench_mixed.py [--sizes 1048576 8388608]
+[--widths 128] [--threads 2]``.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
 import flatopt
+import flatopt.torch as ft
 from flatopt._dispatch import kernels
 from flatopt._threads import effective_n_threads
+from flatopt.bench import deepspeed_cpu_adam, transformer_shapes
 
 try:
     import ml_dtypes
@@ -40,6 +52,7 @@ except ImportError:
     ml_dtypes = None
 
 BYTES_MIXED = 28
+LR = 1e-3
 
 
 def formats():
@@ -49,34 +62,58 @@ def formats():
     return out
 
 
-def make_impls(n, np16, t16, threads):
+def _float32_path(opt, masters, params16, grads16):
+    """Path (a): upcast the 16-bit gradients, a float32 step, copy the masters back."""
+    def step():
+        torch._foreach_copy_([m.grad for m in masters], grads16)
+        opt.step()
+        torch._foreach_copy_(params16, masters)
+    return step
+
+
+def make_impls(shapes, np16, t16, threads, use_deepspeed):
     rng = np.random.default_rng(0)
-    p32 = rng.standard_normal(n, dtype=np.float32)
-    g32 = (rng.standard_normal(n, dtype=np.float32) * 1e-3)
+    p32 = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    g32 = [rng.standard_normal(s, dtype=np.float32) * 1e-3 for s in shapes]
+    grads16 = [torch.from_numpy(g).to(t16) for g in g32]
     impls = {}
 
-    master = torch.from_numpy(p32.copy())
-    param16 = master.to(t16)
-    grad16 = torch.from_numpy(g32).to(t16)
-    master.grad = torch.zeros_like(master)
-    topt = torch.optim.Adam([master], lr=1e-3, fused=True)
+    def masters():
+        ms = [torch.from_numpy(p.copy()) for p in p32]
+        for m in ms:
+            m.grad = torch.zeros_like(m)
+        return ms, [m.to(t16) for m in ms]
 
-    def torch_step():
-        master.grad.copy_(grad16)
-        topt.step()
-        param16.copy_(master)
-    impls["torch"] = torch_step
+    ms, ps = masters()
+    impls["torch"] = _float32_path(torch.optim.Adam(ms, lr=LR, fused=True), ms, ps, grads16)
+    cls = deepspeed_cpu_adam() if use_deepspeed else None
+    if cls is not None:
+        ms, ps = masters()
+        try:
+            impls["deepspeed"] = _float32_path(cls(ms, lr=LR, weight_decay=0.0, adamw_mode=False),
+                                               ms, ps, grads16)
+        except Exception as exc:  # the op failed to build: leave the row out
+            print(f"DeepSpeed CPU Adam unavailable ({type(exc).__name__}: {exc})", file=sys.stderr)
 
-    fopt = flatopt.Adam([p32.astype(np16)], lr=1e-3, master_dtype=np.float32, n_threads=threads)
-    fopt.grads[0][...] = g32.astype(np16)
+    fopt = flatopt.Adam([p.astype(np16) for p in p32], lr=LR, master_dtype=np.float32,
+                        n_threads=threads)
+    for view, g in zip(fopt.grads, g32):
+        view[...] = g.astype(np16)
     impls["flatopt"] = fopt.step
 
-    f32 = flatopt.Adam([p32.copy()], lr=1e-3, n_threads=threads)
-    f32.grads[0][...] = g32
+    tparams = [torch.nn.Parameter(torch.from_numpy(p).to(t16)) for p in p32]
+    topt = ft.Adam(tparams, lr=LR, master_dtype=torch.float32, n_threads=threads)
+    for p, g in zip(tparams, grads16):
+        p.grad = g
+    impls["flatopt.torch"] = topt.step
+
+    f32 = flatopt.Adam([p.copy() for p in p32], lr=LR, n_threads=threads)
+    for view, g in zip(f32.grads, g32):
+        view[...] = g
     impls["flatopt fp32"] = f32.step
 
     # 28 bytes an element: two float32 arrays of 3.5 elements' worth each
-    m = n * BYTES_MIXED // 12
+    m = sum(int(np.prod(s)) for s in shapes) * BYTES_MIXED // 12
     a, b = np.ones(m, np.float32), np.ones(m, np.float32)
     impls["a += b"] = lambda: kernels.stream_add(a, b, threads)
     return impls
@@ -94,27 +131,36 @@ def measure(fn, per):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2**20, 2**23])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[2**20, 2**23])
+    ap.add_argument("--widths", type=int, nargs="*", default=[128],
+                    help="168-tensor transformer cases (width 128: 2.4M elements)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per", type=float, default=0.4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-deepspeed", action="store_true")
     args = ap.parse_args()
     threads = effective_n_threads(args.threads)
     torch.set_num_threads(threads)
-    print(f"threads={threads} torch={torch.__version__} rounds={args.rounds} per={args.per}s")
-    print(f"{'size':>9} {'fmt':>4} {'impl':>13} {'ms/step':>9} {'GB/s@28B':>9} {'vs torch':>9}")
-    for n in args.sizes:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    print(f"threads={threads} torch={torch.__version__} isa={flatopt.build_info().get('isa')} "
+          f"rounds={args.rounds} per={args.per}s")
+    print(f"{'case':>12} {'fmt':>4} {'impl':>13} {'ms/step':>9} {'GB/s@28B':>9} {'of a+=b':>8} "
+          f"{'vs torch':>9}")
+    cases = [(f"{n}", [(n,)]) for n in args.sizes]
+    cases += [(f"168t w{w}", transformer_shapes(w)) for w in args.widths]
+    for label, shapes in cases:
+        n = sum(int(np.prod(s)) for s in shapes)
         for name, np16, t16 in formats():
-            impls = make_impls(n, np16, t16, threads)
+            impls = make_impls(shapes, np16, t16, threads, not args.no_deepspeed)
             rounds = {k: [] for k in impls}
             for _ in range(args.rounds):
                 for k, fn in impls.items():
                     rounds[k].append(measure(fn, args.per))
             med = {k: statistics.median(v) for k, v in rounds.items()}
             for k, t in med.items():
-                ratio = med["torch"] / t
-                print(f"{n:>9} {name:>4} {k:>13} {t * 1e3:9.3f} "
-                      f"{n * BYTES_MIXED / t / 1e9:9.2f} {ratio:8.2f}x")
+                print(f"{label:>12} {name:>4} {k:>13} {t * 1e3:9.3f} "
+                      f"{n * BYTES_MIXED / t / 1e9:9.2f} {med['a += b'] / t:8.2f} "
+                      f"{med['torch'] / t:8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -449,3 +449,42 @@ def test_flat_16_bit_grads_are_read_directly():
     assert_same(opt, ref, "fp16")
     assert not opt.flat_grads.any()  # read directly, not copied in
 
+
+
+# -- runs of parameters (the step routine flatopt.torch drives) --------------------------------
+@pytest.mark.parametrize("case", [c for c in CASES if not c[0].startswith("keras.")],
+                         ids=[c[0] for c in CASES if not c[0].startswith("keras.")])
+@pytest.mark.parametrize("name", HALF)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_runs_match_the_whole_group_step(case, name, n_threads):
+    """The mixed step over runs (a group split in two at a parameter boundary, each run at
+    the group's step, as flatopt.torch passes them) writes what the whole-group step
+    writes, bit for bit, across block boundaries (MIXED_BLOCK per thread)."""
+    from flatopt._mixed import MIXED_BLOCK
+    rng = np.random.default_rng(5)
+    shapes = [(3,), (MIXED_BLOCK * n_threads + 5,), (7, 9)]
+    params16 = make_params(rng, shapes, name)
+    whole, _ = make_pair(case, [p.copy() for p in params16], name, n_threads)
+    split, _ = make_pair(case, [p.copy() for p in params16], name, n_threads)
+    cut = whole.layout.offsets[1]
+    for step in range(1, 6):
+        grads16 = make_grads(rng, shapes, name)
+        assert whole.step(grads16)
+        split._resolve_grads(grads16)
+        grad_scale = split._begin_step(1.0, False)
+        runs = [(0, 0, cut, step, step == 1), (0, cut, split.layout.size, step, step == 1)]
+        # Per-group plain state (NAdam's running product) belongs to the caller for runs:
+        # each run starts from the value before the step, as flatopt.torch's hook does.
+        before = {k: copy.deepcopy(split._state[k]) for k in split._plain_state}
+
+        def before_run(gi, group, count, before=before):
+            for k, values in before.items():
+                split._state[k][gi] = values[gi]
+        assert split._finish_step(split.flat_grads, runs, grad_scale, False, n_threads,
+                                  before_run)
+        dict.__setitem__(split._state, "step", step)  # the caller keeps the counts
+        np.testing.assert_array_equal(bits(split.master_params), bits(whole.master_params))
+        np.testing.assert_array_equal(bits(split.flat_params), bits(whole.flat_params))
+        for key, value in whole.state.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(split.state[key], value, err_msg=key)

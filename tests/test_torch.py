@@ -527,14 +527,17 @@ def test_tensor_lr_and_named_parameters():
 
 # -- API and errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [n for n in ft.__all__ if hasattr(torch.optim, n)])
-def test_signature_is_torchs_plus_n_threads(name):
+def test_signature_is_torchs_plus_n_threads_and_master_dtype(name):
     ours = inspect.signature(getattr(ft, name))
     theirs = inspect.signature(getattr(torch.optim, name))
-    assert list(ours.parameters)[:-1] == list(theirs.parameters)
+    assert list(ours.parameters)[:-2] == list(theirs.parameters)
     for p in theirs.parameters.values():
         assert ours.parameters[p.name].default == p.default
         assert ours.parameters[p.name].kind == p.kind
-    assert ours.parameters["n_threads"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert list(ours.parameters)[-2:] == ["n_threads", "master_dtype"]
+    for extra in ("n_threads", "master_dtype"):
+        assert ours.parameters[extra].kind == inspect.Parameter.KEYWORD_ONLY
+        assert ours.parameters[extra].default is None
 
 
 def test_every_wrapper_has_a_numpy_twin():

@@ -474,12 +474,11 @@ class Optimizer(ClipGradNormMixin):
         if pending != 1.0:
             grad_scale *= pending
             self._pending_grad_scale = 1.0
-        if self._half:
-            return self._finish_mixed_step(flat_grad, runs, grad_scale, skip_if_nonfinite,
-                                           n_threads)
-        if skip_if_nonfinite and kernels.count_nonfinite(flat_grad, n_threads):
+        if skip_if_nonfinite and self._count_nonfinite(flat_grad, n_threads):
             self.skipped_steps += 1
             return False
+        if self._half:
+            return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
         if runs is None:
             state = self._state
             step: int = state["step"] + 1
@@ -515,38 +514,50 @@ class Optimizer(ClipGradNormMixin):
             self._update(gi, group, seg, grad, step, grad_scale, n_threads)
         return True
 
+    def _count_nonfinite(self, flat_grad: npt.NDArray[Any], n_threads: int) -> int:
+        """How many elements of ``flat_grad`` (16-bit with ``master_dtype``) are inf or NaN."""
+        if self._half:
+            return int(kernels.count_nonfinite16(flat_grad.view(np.uint16), self._half[1], n_threads))
+        return int(kernels.count_nonfinite(flat_grad, n_threads))
+
     def _finish_mixed_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
-                           grad_scale: float, skip_if_nonfinite: bool, n_threads: int) -> bool:
+                           grad_scale: float, n_threads: int,
+                           before_run: Callable[[int, dict[str, Any], int], object] | None = None,
+                           ) -> bool:
         """:meth:`_finish_step` for 16-bit parameters with a float32 master.
 
         The buffer is processed in blocks of ``MIXED_BLOCK`` elements (per thread) that
         stay in cache: the 16-bit gradient block is widened into a float32 scratch buffer,
         the optimizer's own float32 kernel (``_update``) runs on the block's master and
         state with it as the gradient, and the block's master is narrowed into the 16-bit
-        parameters. Each block sees the same step and per-group scalars: per-group plain
+        parameters. Each block of a group (or of a run: ``runs`` as in
+        :meth:`_finish_step`) sees the same step and per-group scalars: per-group plain
         state that ``_update`` advances (NAdam's running product, SGD's first-step flag)
-        is reset to its value before the step for every block, so the last block leaves
-        it advanced exactly once.
+        is reset to its value before the first block for every block, so the last block
+        leaves it advanced exactly once.
         """
-        if runs is not None:
-            raise NotImplementedError("runs of parameters are not supported with master_dtype")
         assert self._half is not None and self._flat_half is not None  # mixed precision
         kind = self._half[1]
         g16 = flat_grad.view(np.uint16)
-        if skip_if_nonfinite and kernels.count_nonfinite16(g16, kind, n_threads):
-            self.skipped_steps += 1
-            return False
         state = self._state
         step: int = state["step"] + 1
+        spans: Iterable[_Run] = runs if runs is not None else [
+            (gi, a, b, step, False) for gi, (a, b) in enumerate(self._segments)]
         update, widen, narrow = self._update, kernels.widen16, kernels.narrow16
-        master, master32 = self._flat_params, self._flat_params.view(np.uint32)
+        master32 = self._flat_params.view(np.uint32)
         p16 = self._flat_half.view(np.uint16)
+        buffers = {"param": self._flat_params,
+                   **{k: v for k, v in state.items() if isinstance(v, np.ndarray)}}
         block = MIXED_BLOCK * max(1, n_threads)
         scratch = self._mixed_scratch(block)
         scratch32 = scratch.view(np.uint32)
         plain = [state[k] for k in self._plain_state]
-        for gi, (group, seg, (a, b)) in enumerate(zip(self.param_groups, self._segment_views,
-                                                       self._segments)):
+        for gi, a, b, run_step, fresh in spans:
+            group = self.param_groups[gi]
+            if runs is not None:
+                self._start_run(gi, group, fresh)
+                if before_run is not None:
+                    before_run(gi, group, run_step - 1)
             saved = [values[gi] for values in plain]
             for lo in range(a, max(b, a + 1), block):
                 hi = min(lo + block, b)
@@ -554,10 +565,12 @@ class Optimizer(ClipGradNormMixin):
                     for values, v in zip(plain, saved):
                         values[gi] = v
                 widen(g16[lo:hi], scratch32, kind, n_threads)
-                sub = {k: v[lo - a:hi - a] for k, v in seg.items()}
-                update(gi, group, sub, scratch[:hi - lo], step, grad_scale, n_threads)
+                sub = {k: v[lo:hi] for k, v in buffers.items()}
+                sub["grad"] = scratch[:hi - lo]
+                update(gi, group, sub, sub["grad"], run_step, grad_scale, n_threads)
                 narrow(master32[lo:hi], p16[lo:hi], kind, n_threads)
-        dict.__setitem__(state, "step", step)
+        if runs is None:
+            dict.__setitem__(state, "step", step)
         return True
 
     def _mixed_scratch(self, block: int) -> FloatArray:

@@ -14,7 +14,8 @@ or reproducing a TensorFlow paper without Keras::
     opt.step()                                              # optimizer.apply(grads)
 
 How Keras's formulas differ from torch.optim's optimizers of the same name is in the
-README ("Keras formulas"). In short: SGD keeps the learning rate inside the velocity;
+documentation (``docs/user_guide/keras.rst``). In short: SGD keeps the learning rate
+inside the velocity;
 Adam's, Nadam's and Adamax's epsilon is not bias-corrected; RMSprop and Adagrad put
 epsilon inside the square root; Adagrad's accumulator starts at 0.1; Nadam's momentum
 schedule is ``0.96**t`` (torch: ``0.96**(0.004*t)``); weight decay is always decoupled,

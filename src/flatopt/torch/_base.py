@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .._dispatch import kernels
 from .._optimizer import Optimizer as NumpyOptimizer, _Run
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._threads import check_n_threads, effective_n_threads
@@ -52,11 +51,11 @@ except AttributeError:  # torch < 2.1: one call per tensor
 
 
 def _restore(cls: type["_FlatOptimizer"], param_groups: list[dict[str, Any]], defaults: dict[str, Any],
-             n_threads: int | None, entries: dict[int, dict[str, Any]],
-             extra: dict[str, Any]) -> "_FlatOptimizer":
+             n_threads: int | None, entries: dict[int, dict[str, Any]], extra: dict[str, Any],
+             master_dtype: torch.dtype | None = None) -> "_FlatOptimizer":
     """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``)."""
     opt = cls.__new__(cls)
-    _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads)
+    _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads, master_dtype=master_dtype)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt._install_state({params[i]: e for i, e in entries.items()})
     opt.__dict__.update(extra)
@@ -99,8 +98,12 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             p.name: p.default for p in list(own.values())[2:]
             if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name != "n_threads"}
 
-    def __init__(self, params: "ParamsT", defaults: dict[str, Any], *, n_threads: int | None = None) -> None:
+    def __init__(self, params: "ParamsT", defaults: dict[str, Any], *, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         self._n_threads = check_n_threads(n_threads)
+        if master_dtype is not None and master_dtype != torch.float32:
+            raise TypeError(f"master_dtype must be None or torch.float32, got {master_dtype!r}")
+        self._master_dtype = master_dtype
         defaults = {**defaults, **self._fixed}
         self._check_group(defaults, "defaults")  # hyperparameters first, as torch does
         if isinstance(params, torch.Tensor):  # torch's own check, before list() iterates rows
@@ -238,7 +241,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         extra = {k: v for k, v in self.__dict__.items() if k.startswith("_optimizer_")}
         extra.update(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
                      _pending_grad_scale=self._pending_grad_scale)
-        return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra))
+        return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra,
+                           self._master_dtype))
 
     # -- step ----------------------------------------------------------------------------
     def _sync_groups(self, bucket: _packing.Bucket) -> None:
@@ -311,7 +315,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         pending, self._pending_grad_scale = self._pending_grad_scale, 1.0
         self.last_step_skipped = False
         if skip_if_nonfinite and len(self._buckets) > 1 and any(
-                kernels.count_nonfinite(b.opt.flat_grads, n_threads) for b in self._buckets):
+                b.opt._count_nonfinite(b.opt.flat_grads, n_threads) for b in self._buckets):
             self.last_step_skipped = True
         else:
             for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
@@ -362,7 +366,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 counts[a:b] += 1
         if len(bucket.opt.state) != bucket.n_state:  # a buffer was allocated: all entries
             bucket.n_state = len(bucket.opt.state)
-            fresh = [i for i in range(len(bucket.params)) if counts[i] > 0 or self._eager_state]
+            fresh = [i for i in range(len(bucket.params)) if counts[i] > 0 or self._eager_state or bucket.mixed]
         if fresh:
             _checkpoint.refresh_entries(self, bucket, fresh)
         _increment_version(_runs.updated_params(bucket, taking_part))

@@ -21,6 +21,11 @@ from ._packing import Bucket
 if TYPE_CHECKING:
     from ._base import _FlatOptimizer
 
+# With master_dtype: each 16-bit parameter's float32 master weights, a live entry of its
+# state (saved by state_dict(), loaded by load_state_dict(); a checkpoint without it, such
+# as torch.optim's, gets the parameter's own values widened).
+MASTER = "master_param"
+
 
 class ParamState(dict[str, Any]):
     """``opt.state[p]`` for a parameter with state: torch's entry, live.
@@ -72,6 +77,9 @@ def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
     for name in bucket.opt._state_names(group):
         if name in bucket.opt.state:
             entry._set_live(name, bucket.state_view(name, i))
+    master = bucket.master_view(i)
+    if master is not None:
+        entry._set_live(MASTER, master)
     for key, value in (extras or {}).items():
         if key not in entry.live:
             dict.__setitem__(entry, key, value)
@@ -205,7 +213,7 @@ def check_entry(opt: "_FlatOptimizer", p: torch.Tensor, pid: Any, entry: dict[st
     ``momentum_buffer=None``) dropped."""
     name = type(opt).__name__
     entry = {k: v for k, v in entry.items() if v is not None}
-    known = set(opt._numpy_class._all_state_names)
+    known = set(opt._numpy_class._all_state_names) | {MASTER}
     for key, value in entry.items():
         if key == "step" and opt._torch_step:
             step = float(value.item() if isinstance(value, torch.Tensor) else value)
@@ -246,13 +254,18 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
                 if key not in fresh:
                     fresh[key] = opt._fresh_state(bucket, key)
                 buf[lo:hi] = fresh[key][lo:hi]
+            master = bucket.master_view(i)
+            if master is not None:
+                with torch.no_grad():
+                    master.copy_(entry[MASTER].detach() if entry is not None and MASTER in entry
+                                 else bucket.params[i].detach())
             if opt._torch_step:
                 step = (entry or {}).get("step", 0)
                 bucket.counts[i] = float(step.item() if isinstance(step, torch.Tensor) else step)
             else:
                 bucket.counts[i] = 1 if entry and any(k in entry for k in known) else 0
-            if bucket.counts[i] > 0 or opt._eager_state:
-                extras = {k: v for k, v in (entry or {}).items() if k not in known and k != "step"}
+            if bucket.counts[i] > 0 or opt._eager_state or bucket.mixed:  # a master: always an entry
+                extras = {k: v for k, v in (entry or {}).items() if k not in known and k not in ("step", MASTER)}
                 state[p] = make_entry(opt, bucket, i, extras)
             elif entry is not None:
                 state[p] = dict(entry)

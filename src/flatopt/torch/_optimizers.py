@@ -20,6 +20,7 @@ from ._packing import Bucket, _get_scalar_dtype
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
 
+# The buffers' dtype (the master's, with master_dtype): what torch would keep state in.
 _TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 _SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for how parameters,
@@ -28,18 +29,19 @@ _SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for h
 
 class SGD(_FlatOptimizer):
     __doc__ = f"""torch.optim.SGD on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("SGD")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("SGD")}
     """
     _numpy_class = _momentum.SGD
 
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-            fused=fused), n_threads=n_threads)
+            fused=fused), n_threads=n_threads, master_dtype=master_dtype)
 
     def _uses_state(self, group: dict[str, Any]) -> bool:
         return bool(group["momentum"] != 0)  # torch keeps no state for plain SGD
@@ -53,14 +55,15 @@ class Momentum(_FlatOptimizer):
     _numpy_class = _momentum.Momentum
 
     def __init__(self, params: "ParamsT", lr: float | Tensor, beta: float = 0.9, weight_decay: float = 0.0,
-                 maximize: bool = False, *, n_threads: int | None = None) -> None:
+                 maximize: bool = False, *, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize),
-                         n_threads=n_threads)
+                         n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adam(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adam")}
     """
     _numpy_class = _adaptive.Adam
     _torch_step = True
@@ -70,16 +73,17 @@ class Adam(_FlatOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads)
+            decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class AdamW(_FlatOptimizer):
     __doc__ = f"""torch.optim.AdamW on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("AdamW")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("AdamW")}
     """
     _numpy_class = _adaptive.AdamW
     _torch_step = True
@@ -89,16 +93,17 @@ class AdamW(_FlatOptimizer):
                  betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, n_threads: int | None = None) -> None:
+                 fused: bool | None = None, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused),
-            n_threads=n_threads)
+            n_threads=n_threads, master_dtype=master_dtype)
 
 
 class RMSprop(_FlatOptimizer):
     __doc__ = f"""torch.optim.RMSprop on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("RMSprop")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("RMSprop")}
     """
     _numpy_class = _adaptive.RMSprop
     _torch_step = True
@@ -106,31 +111,33 @@ class RMSprop(_FlatOptimizer):
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
                  capturable: bool = False, foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, n_threads: int | None = None) -> None:
+                 differentiable: bool = False, *, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
             capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable),
-            n_threads=n_threads)
+            n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adadelta(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adadelta on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adadelta")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adadelta")}
     """
     _numpy_class = _adaptive.Adadelta
     _torch_step = True
 
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
-                 maximize: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
+                 maximize: bool = False, differentiable: bool = False, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
-            foreach=foreach, differentiable=differentiable), n_threads=n_threads)
+            foreach=foreach, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adagrad(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adagrad on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. As in torch, every parameter's ``sum`` starts at the
+    keyword-only ``n_threads`` and ``master_dtype``. As in torch, every parameter's ``sum`` starts at the
     constructor's ``initial_accumulator_value`` (a group's own value is kept in the group but
     not used), including parameters added later by ``add_param_group`` (torch gives those no
     state and fails at their first step). {_SEE.format("Adagrad")}
@@ -142,11 +149,12 @@ class Adagrad(_FlatOptimizer):
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, fused=fused), n_threads=n_threads)
+            differentiable=differentiable, fused=fused), n_threads=n_threads, master_dtype=master_dtype)
 
     def _fresh_state(self, bucket: Bucket, name: str) -> npt.NDArray[np.floating[Any]]:
         buf = super()._fresh_state(bucket, name)
@@ -157,7 +165,7 @@ class Adagrad(_FlatOptimizer):
 
 class NAdam(_FlatOptimizer):
     __doc__ = f"""torch.optim.NAdam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("NAdam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("NAdam")}
     """
     _numpy_class = _adam_variants.NAdam
     _torch_step = True
@@ -165,11 +173,12 @@ class NAdam(_FlatOptimizer):
     def __init__(self, params: "ParamsT", lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None, maximize: bool = False,
-                 capturable: bool = False, differentiable: bool = False, n_threads: int | None = None) -> None:
+                 capturable: bool = False, differentiable: bool = False, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
     # torch keeps NAdam's mu_product per parameter; parameters of one group that have taken the
     # same number of steps share it. So flatopt.torch.NAdam keeps, per NumPy group, a table
@@ -200,7 +209,7 @@ class NAdam(_FlatOptimizer):
         # the type None); it is None or a bool (see _adam_variants.NAdam).
         nadam = cast(_adam_variants.NAdam, numpy_opt)
         if self.__dict__.get("_mu_loaded"):
-            nadam._mu_product_float32 = nadam.flat_params.dtype == np.float32  # type: ignore[assignment]
+            nadam._mu_product_float32 = nadam.layout.dtype == np.float32  # type: ignore[assignment]
         else:
             nadam._mu_product_float32 = _get_scalar_dtype() == torch.float32  # type: ignore[assignment]
         table = self._mu_table(numpy_opt, gi)
@@ -219,7 +228,7 @@ class NAdam(_FlatOptimizer):
             value = self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
             loaded = self.__dict__.get("_mu_loaded")
             entry["mu_product"] = torch.tensor(
-                value, dtype=_TORCH_DTYPE[bucket.opt.flat_params.dtype] if loaded else _get_scalar_dtype())
+                value, dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if loaded else _get_scalar_dtype())
         return entry
 
     def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
@@ -277,7 +286,7 @@ class NAdam(_FlatOptimizer):
 
 class RAdam(_FlatOptimizer):
     __doc__ = f"""torch.optim.RAdam on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("RAdam")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("RAdam")}
     """
     _numpy_class = _adam_variants.RAdam
     _torch_step = True
@@ -285,16 +294,17 @@ class RAdam(_FlatOptimizer):
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, n_threads: int | None = None) -> None:
+                 differentiable: bool = False, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable), n_threads=n_threads)
+            capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adamax(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adamax on flat buffers: same arguments, results and state dict, plus
-    keyword-only ``n_threads``. {_SEE.format("Adamax")}
+    keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adamax")}
     """
     _numpy_class = _adam_variants.Adamax
     _torch_step = True
@@ -302,10 +312,11 @@ class Adamax(_FlatOptimizer):
     def __init__(self, params: "ParamsT", lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, capturable: bool = False,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, capturable=capturable), n_threads=n_threads)
+            differentiable=differentiable, capturable=capturable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Lion(_FlatOptimizer):
@@ -318,9 +329,10 @@ class Lion(_FlatOptimizer):
     _numpy_class = _adam_variants.Lion
 
     def __init__(self, params: "ParamsT", lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False, n_threads: int | None = None) -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False, n_threads: int | None = None,
+                 master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
-                         n_threads=n_threads)
+                         n_threads=n_threads, master_dtype=master_dtype)
 
 
 __all__ = ["SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "NAdam", "RAdam",

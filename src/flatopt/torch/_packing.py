@@ -48,6 +48,26 @@ except ImportError:  # torch < 2.1
     _get_scalar_dtype = _fallback_scalar_dtype
 
 TORCH_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)   # with master_dtype=torch.float32
+
+
+def as_numpy(t: torch.Tensor) -> npt.NDArray[Any]:
+    """A NumPy array sharing ``t``'s memory (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    t = t.detach()
+    if t.dtype != torch.bfloat16:
+        return t.numpy()
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("bfloat16 parameters need the ml_dtypes package: pip install ml-dtypes") from None
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+def as_tensor(a: npt.NDArray[Any]) -> torch.Tensor:
+    """A tensor sharing NumPy array ``a``'s memory (``ml_dtypes.bfloat16`` as bfloat16)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 _GRAD_OF = operator.attrgetter("grad")
 _LAYOUT_OF = operator.attrgetter("layout")
 _SHAPE_OF = operator.attrgetter("shape")
@@ -81,8 +101,9 @@ class Bucket:
             self.ranges.append((first, first + len(group["params"])))
             first += len(group["params"])
         self.group_of = np.repeat(np.arange(len(self.ranges)), [b - a for a, b in self.ranges])
-        self.flat_param = torch.from_numpy(numpy_opt.flat_params)
-        self.flat_grad = torch.from_numpy(numpy_opt.flat_grads)
+        self.mixed = numpy_opt.master_params is not None       # 16-bit params, float32 master
+        self.flat_param = as_tensor(numpy_opt.flat_params)   # 16-bit with master_dtype
+        self.flat_grad = as_tensor(numpy_opt.flat_grads)
         self.grad_views = [self.flat_grad[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         self.param_views = [self.flat_param[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # Updates each parameter has received that used its state: torch's state["step"].
@@ -107,15 +128,26 @@ class Bucket:
         a, b = self.starts[i], self.stops[i]
         return torch.from_numpy(self.opt.state[name][a:b]).view(self.shapes[i])
 
+    def master_view(self, i: int) -> torch.Tensor | None:
+        """Parameter ``i``'s float32 master weights (``master_dtype``), or None."""
+        master = self.opt.master_params
+        if master is None:
+            return None
+        return torch.from_numpy(master[self.starts[i]:self.stops[i]]).view(self.shapes[i])
 
-def check_param(p: torch.Tensor, where: str, name: str) -> None:
+
+def check_param(p: torch.Tensor, where: str, name: str, master_dtype: torch.dtype | None = None) -> None:
     """Raise if ``p`` cannot live in a flat buffer (device, layout, dtype, sparse grad)."""
     if p.device.type != "cpu":
         raise ValueError(f"{where} is on device {p.device}; flatopt.torch runs on the CPU only")
     if p.layout != torch.strided:
         raise ValueError(f"{where} has layout {p.layout}; only dense (strided) tensors are supported")
-    if p.dtype not in TORCH_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; flatopt.torch supports float32 and float64")
+    if p.dtype in HALF_DTYPES and master_dtype is None:
+        raise TypeError(f"{where} has dtype {p.dtype}: 16-bit parameters need float32 master "
+                        "weights, pass master_dtype=torch.float32")
+    if p.dtype not in TORCH_DTYPES + HALF_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; flatopt.torch supports float32 and float64 "
+                        "(float16 and bfloat16 with master_dtype=torch.float32)")
     if p.grad is not None and p.grad.layout != torch.strided:
         raise RuntimeError(f"{where}: {name} does not support sparse gradients")
 
@@ -129,7 +161,7 @@ def make_buckets(opt: "_FlatOptimizer") -> list[Bucket]:
     seen: set[torch.Tensor] = set()
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
-            check_param(p, f"{name}: param_groups[{gi}]['params'][{pi}]", name)
+            check_param(p, f"{name}: param_groups[{gi}]['params'][{pi}]", name, opt._master_dtype)
             if p in seen:  # listed twice in its group (torch warns): packed once
                 continue
             seen.add(p)
@@ -137,10 +169,12 @@ def make_buckets(opt: "_FlatOptimizer") -> list[Bucket]:
     accepted = inspect.signature(numpy_class).parameters
     buckets = []
     for groups in by_dtype.values():
-        numpy_groups = [{"params": [p.detach().numpy() for p in ps],
+        numpy_groups = [{"params": [as_numpy(p) for p in ps],
                          **opt._hyperparameters(opt.param_groups[gi])} for gi, ps in groups.items()]
         defaults = {k: v for k, v in opt._hyperparameters(opt.defaults).items() if k in accepted}
-        numpy_opt = numpy_class(numpy_groups, n_threads=opt._n_threads, **defaults)
+        half = next(iter(groups.values()))[0].dtype in HALF_DTYPES
+        numpy_opt = numpy_class(numpy_groups, n_threads=opt._n_threads,
+                                master_dtype=np.float32 if half else None, **defaults)
         buckets.append(Bucket(numpy_opt, [p for ps in groups.values() for p in ps], list(groups)))
     return buckets
 

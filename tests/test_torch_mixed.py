@@ -1,0 +1,205 @@
+"""flatopt.torch with 16-bit models and float32 master weights (issue 13, item 3).
+
+Reference, independent of flatopt's conversion kernels: the same flatopt.torch optimizer
+on a float32 model holding the master weights (its float32 step is checked against
+torch.optim in test_torch.py), stepped with the 16-bit gradients widened by torch, then
+torch's own cast of its weights to 16 bits. Master and 16-bit parameters must match it bit
+for bit over many steps; torch.optim's float32 optimizer checks the trajectory loosely.
+"""
+
+import copy
+import pickle
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import flatopt.torch as ft  # noqa: E402
+
+pytest.importorskip("ml_dtypes", reason="bfloat16 parameters need ml_dtypes")
+
+HALF = [torch.bfloat16, torch.float16]
+CASES = [
+    ("Adam", dict(lr=1e-2, weight_decay=0.01)),
+    ("AdamW", dict(lr=1e-2, amsgrad=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("SGD", dict(lr=0.05)),
+    ("RMSprop", dict(lr=1e-3, centered=True)),
+    ("Adagrad", dict(lr=0.05)),
+    ("NAdam", dict(lr=1e-2)),
+    ("Lion", dict(lr=1e-3)),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CASES]
+
+
+class Net(torch.nn.Module):
+    """Two layers, and a bias that some steps leave without a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 33)
+        self.b = torch.nn.Linear(33, 3)
+        self.extra = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x, s):
+        y = self.b(torch.tanh(self.a(x)))
+        return y + self.extra if s % 3 else y
+
+
+def models(half, seed=0):
+    torch.manual_seed(seed)
+    m16 = Net().to(half)
+    m32 = copy.deepcopy(m16).float()  # the master weights start as the widened 16-bit ones
+    return m16, m32
+
+
+def data(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(steps)]
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def assert_matches(m16, m32, opt, half):
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):
+        assert torch.equal(bits(p16), bits(p32.detach().to(half)))
+        assert torch.equal(bits(opt.state[p16]["master_param"]), bits(p32))
+
+
+def step_pair(m16, m32, flat, ref, x, y, s):
+    for o in (flat, ref):
+        o.zero_grad()
+    loss = ((m16(x.to(m16.a.weight.dtype), s) - y.to(m16.a.weight.dtype)) ** 2).mean()
+    loss.backward()
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):  # the widened 16-bit gradients
+        p32.grad = None if p16.grad is None else p16.grad.float()
+    flat.step()
+    ref.step()
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_matches_the_float32_step_and_torch_cast(name, kwargs, half, n_threads):
+    m16, m32 = models(half)
+    cls = getattr(ft, name)
+    flat = cls(m16.parameters(), **kwargs, n_threads=n_threads, master_dtype=torch.float32)
+    ref = cls(m32.parameters(), **kwargs, n_threads=1)
+    for s, (x, y) in enumerate(data(200)):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    assert_matches(m16, m32, flat, half)
+    if "step" in ref.state[m32.extra]:  # skipped on the steps it had no gradient, as in torch
+        assert flat.state[m16.extra]["step"] == ref.state[m32.extra]["step"] < 200
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_close_to_torch_optim_in_float32(half):
+    """The loose check against torch.optim itself: its float32 Adam on the master."""
+    m16, m32 = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    ref = torch.optim.Adam(m32.parameters(), lr=1e-2)
+    for s, (x, y) in enumerate(data(50)):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    for p16, p32 in zip(m16.parameters(), m32.parameters()):
+        torch.testing.assert_close(flat.state[p16]["master_param"], p32.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_state_dict_carries_the_master_and_resumes_exactly(half):
+    m16, m32 = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    ref = ft.Adam(m32.parameters(), lr=1e-2)
+    batches = data(40)
+    for s, (x, y) in enumerate(batches[:20]):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    saved = pickle.loads(pickle.dumps(flat.state_dict()))
+    entry = saved["state"][0]
+    assert entry["master_param"].dtype == torch.float32 and entry["exp_avg"].dtype == torch.float32
+    assert not torch.equal(entry["master_param"].to(half).float(), entry["master_param"])  # finer than 16 bits
+    # a new model from the 16-bit weights, a new optimizer, the checkpoint loaded
+    m16b = copy.deepcopy(m16)
+    resumed = ft.Adam(m16b.parameters(), lr=1e-2, master_dtype=torch.float32)
+    resumed.load_state_dict(saved)
+    for s, (x, y) in enumerate(batches[20:], start=20):
+        step_pair(m16, m32, flat, ref, x, y, s)
+        resumed.zero_grad()
+        ((m16b(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+        resumed.step()
+    assert_matches(m16, m32, flat, half)
+    for p, q in zip(m16.parameters(), m16b.parameters()):
+        assert torch.equal(bits(p), bits(q))
+    copied = copy.deepcopy(resumed)
+    for p, q in zip(resumed.param_groups[0]["params"], copied.param_groups[0]["params"]):
+        assert torch.equal(bits(resumed.state[p]["master_param"]), bits(copied.state[q]["master_param"]))
+
+
+def test_a_torch_checkpoint_loads_with_the_parameters_as_master():
+    """torch.optim's state dict has no master: the 16-bit weights, widened, become it."""
+    m16, _ = models(torch.bfloat16)
+    twin = copy.deepcopy(m16)
+    ref = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    ((twin(torch.ones(2, 6, dtype=torch.bfloat16), 1)).sum()).backward()
+    ref.step()
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    flat.load_state_dict(ref.state_dict())
+    for p in m16.parameters():
+        assert torch.equal(flat.state[p]["master_param"], p.detach().float())
+        assert flat.state[p]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_nonfinite_gradient_skips_with_nothing_written(half):
+    m16, _ = models(half)
+    opt = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    (m16(torch.ones(2, 6, dtype=half), 1).sum()).backward()
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    params = [bits(p).clone() for p in m16.parameters()]
+    opt.zero_grad()
+    (m16(torch.ones(2, 6, dtype=half), 1).sum()).backward()
+    m16.a.weight.grad[0, 0] = float("inf")
+    opt.step(skip_if_nonfinite=True)
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    assert all(torch.equal(bits(p), b) for p, b in zip(m16.parameters(), params))
+    after = opt.state_dict()["state"][0]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_bad_input_is_refused_before_anything_changes():
+    m16, _ = models(torch.bfloat16)
+    before = [bits(p).clone() for p in m16.parameters()]
+    ptrs = [p.data_ptr() for p in m16.parameters()]
+    with pytest.raises(TypeError, match="16-bit parameters need float32 master weights, pass master_dtype=torch.float32"):
+        ft.Adam(m16.parameters(), lr=1e-2)
+    with pytest.raises(TypeError, match="master_dtype must be None or torch.float32, got torch.float16"):
+        ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float16)
+    with pytest.raises(TypeError, match="master_dtype must be None or torch.float32"):
+        ft.SGD(m16.parameters(), lr=1e-2, master_dtype="float32")
+    ints = torch.nn.Parameter(torch.zeros(3, dtype=torch.int16), requires_grad=False)
+    with pytest.raises(TypeError, match=r"has dtype torch.int16; flatopt.torch supports float32"):
+        ft.SGD([ints], lr=1e-2, master_dtype=torch.float32)
+    assert [p.data_ptr() for p in m16.parameters()] == ptrs  # nothing rebound
+    assert all(torch.equal(bits(p), b) for p, b in zip(m16.parameters(), before))
+
+
+def test_mixed_dtypes_in_one_model():
+    """bf16 weights beside float32 ones (a float32 norm layer, say): one bucket each; the
+    float32 ones have no master and step as usual."""
+    torch.manual_seed(0)
+    w16 = torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+    w32 = torch.nn.Parameter(torch.randn(4))
+    r16 = torch.nn.Parameter(w16.detach().float().clone())
+    r32 = torch.nn.Parameter(w32.detach().clone())
+    opt = ft.Adam([w16, w32], lr=1e-2, master_dtype=torch.float32)
+    ref = ft.Adam([r16, r32], lr=1e-2)
+    for s in range(10):
+        for o in (opt, ref):
+            o.zero_grad()
+        (w16.float().square().sum() + w32.square().sum() * s).backward()
+        r16.grad, r32.grad = w16.grad.float(), w32.grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(bits(w16), bits(r16.detach().to(torch.bfloat16)))
+    assert torch.equal(w32, r32)
+    assert "master_param" not in opt.state[w32]
