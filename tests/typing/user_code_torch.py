@@ -28,7 +28,8 @@ def make_model(seed: int) -> torch.nn.Linear:
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> float:
     """A few steps on a fixed batch through the plain torch.optim interface; the final loss."""
-    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).view(3, 4)
+    dtype = next(model.parameters()).dtype
+    x = torch.linspace(-1.0, 1.0, 12, dtype=dtype).view(3, 4)
     loss = float("inf")
     for _ in range(steps):
         opt.zero_grad()
@@ -52,6 +53,9 @@ def optimizers() -> None:
     for opt in (adam, lion, flatopt.torch.AdamW(make_model(3).parameters()),
                 flatopt.torch.Momentum(make_model(4).parameters(), lr=0.1)):
         assert_type(opt.step(), None)  # no gradients yet: every parameter is skipped
+    half = torch.nn.Linear(4, 2, dtype=torch.float16)
+    mixed = flatopt.torch.SGD(half.parameters(), lr=0.1, master_dtype=torch.float32)
+    assert train(half, mixed) < float("inf")
 
 
 def step_api() -> None:
