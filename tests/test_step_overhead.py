@@ -79,3 +79,70 @@ def test_torch_usual_step_python_work_does_not_grow_with_parameters():
         return python_calls(opt.step)
 
     assert calls(2) == calls(64)
+
+
+def python_calls_below(fn, name):
+    """How many Python-level calls ``fn()`` makes from inside frames of functions ``name``."""
+    count = 0
+
+    def profiler(frame, event, arg):
+        nonlocal count
+        if event == "call":
+            caller = frame.f_back
+            while caller is not None:
+                if caller.f_code.co_name == name:
+                    count += 1
+                    break
+                caller = caller.f_back
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def _optimizer_table():
+    from test_adversarial import OPTIMIZERS, VALID_KWARGS
+    return [(cls, VALID_KWARGS[cls.__name__]) for cls in OPTIMIZERS if cls.__name__ in VALID_KWARGS]
+
+
+@pytest.mark.parametrize("cls, kwargs", _optimizer_table(), ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unchanged_step_update_is_one_kernel_call(cls, kwargs, dtype):
+    # Issue 16: an optimizer's _update on the unchanged path is its kernel call and nothing
+    # else at Python level (no property, helper or fused-type dispatch in Python), and the
+    # kernel is the dtype's specialisation, resolved once per optimizer.
+    opt = cls([{"params": [np.ones(5, dtype)]}, {"params": [np.ones(3, dtype)]}], n_threads=1,
+              **kwargs)
+    opt.step()
+    opt.step()
+    assert python_calls_below(opt.step, "_update") == 0
+    name = {"SGD": "sgd", "Momentum": "momentum", "AdamW": "adam"}.get(cls.__name__, cls.__name__.lower())
+    fused = getattr(flatopt._dispatch.kernels, name)
+    assert getattr(opt._kernels, name) is fused[{np.float32: "float", np.float64: "double"}[dtype]]
+
+
+@pytest.mark.parametrize("cls, kwargs", [(flatopt.SGD, dict(lr=0.1)),
+                                         (flatopt.Adam, dict(lr=1e-3)),
+                                         (flatopt.RMSprop, dict(lr=1e-3))])
+def test_unused_state_argument_is_not_sliced_per_step(cls, kwargs):
+    # SGD without momentum, Adam without amsgrad and plain RMSprop pass their kernel an
+    # empty buffer for the unused state: one shared array, not a new param[:0] per step.
+    opt = cls([np.ones(4, np.float32)], n_threads=1, **kwargs)
+    real, calls = opt._kernels, []
+
+    class Recorder:
+        def __getattr__(self, name):
+            kernel = getattr(real, name)
+            if not callable(kernel):
+                return kernel
+            return lambda *args: (calls.append(args), kernel(*args))[1]
+
+    opt.__dict__["_kernels"] = Recorder()
+    opt.step()
+    opt.step()
+    empties = [a for args in calls for a in args if isinstance(a, np.ndarray) and a.size == 0]
+    assert len(calls) == 2 and empties
+    assert all(a is real.empty for a in empties)

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._adaptive import _check_common, check_betas
-from ._dispatch import kernels
+from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
 from ._validation import FloatArray, check_bool, check_real
 
@@ -63,6 +63,7 @@ class NAdam(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
                         "decoupled_weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
     _plain_state: tuple[str, ...] = ("mu_product",)
     # None: round the running product to float32 exactly when the buffers are float32.
     # flatopt.torch.NAdam sets it to follow torch's default dtype instead.
@@ -98,8 +99,8 @@ class NAdam(Optimizer):
         single = self._mu_product_float32
         if single is None:
             single = self.layout.dtype == np.float32
-        mu_products = self.state["mu_product"]
-        mu_products[gi] = kernels.nadam(
+        mu_products = self._state["mu_product"]
+        mu_products[gi] = self._kernels.nadam(
             seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"], step, mu_products[gi],
             single, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             group["momentum_decay"], group["decoupled_weight_decay"], group["maximize"],
@@ -116,6 +117,7 @@ class RAdam(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -136,9 +138,10 @@ class RAdam(Optimizer):
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
-        kernels.radam(seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"], step, group["lr"],
-                      beta1, beta2, group["eps"], group["weight_decay"],
-                      group["decoupled_weight_decay"], group["maximize"], grad_scale, n_threads)
+        self._kernels.radam(seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"], step,
+                            group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                            group["decoupled_weight_decay"], group["maximize"], grad_scale,
+                            n_threads)
 
 
 class Adamax(Optimizer):
@@ -150,6 +153,7 @@ class Adamax(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_inf")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -168,9 +172,9 @@ class Adamax(Optimizer):
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
-        kernels.adamax(seg["param"], grad, seg["exp_avg"], seg["exp_inf"], step, group["lr"],
-                       beta1, beta2, group["eps"], group["weight_decay"], group["maximize"],
-                       grad_scale, n_threads)
+        self._kernels.adamax(seg["param"], grad, seg["exp_avg"], seg["exp_inf"], step,
+                             group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                             group["maximize"], grad_scale, n_threads)
 
 
 class Lion(Optimizer):
@@ -188,6 +192,7 @@ class Lion(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg",)
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -206,8 +211,8 @@ class Lion(Optimizer):
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
-        kernels.lion(seg["param"], grad, seg["exp_avg"], group["lr"], beta1, beta2,
-                     group["weight_decay"], group["maximize"], grad_scale, n_threads)
+        self._kernels.lion(seg["param"], grad, seg["exp_avg"], group["lr"], beta1, beta2,
+                           group["weight_decay"], group["maximize"], grad_scale, n_threads)
 
 
 __all__ = ["NAdam", "RAdam", "Adamax", "Lion"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from ._dispatch import kernels
+from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
 from ._validation import FloatArray, check_bool, check_real
 
@@ -75,6 +75,7 @@ class Adam(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                         "decoupled_weight_decay")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -97,11 +98,11 @@ class Adam(Optimizer):
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
-        param = seg["param"]
-        kernels.adam(param, grad, seg["exp_avg"], seg["exp_avg_sq"],
-                      seg["max_exp_avg_sq"] if amsgrad else param[:0], step, group["lr"],
-                      beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
-                      group["decoupled_weight_decay"], group["maximize"], grad_scale, n_threads)
+        kernels = self._kernels
+        kernels.adam(seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"],
+                     seg["max_exp_avg_sq"] if amsgrad else kernels.empty, step, group["lr"],
+                     beta1, beta2, group["eps"], group["weight_decay"], amsgrad,
+                     group["decoupled_weight_decay"], group["maximize"], grad_scale, n_threads)
 
 
 class AdamW(Adam):
@@ -134,6 +135,7 @@ class RMSprop(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
     _all_state_names: tuple[str, ...] = ("square_avg", "grad_avg", "momentum_buffer")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
@@ -154,13 +156,13 @@ class RMSprop(Optimizer):
 
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
-        param = seg["param"]
         centered, momentum = group["centered"], group["momentum"]
-        kernels.rmsprop(param, grad, seg["square_avg"],
-                         seg["grad_avg"] if centered else param[:0],
-                         seg["momentum_buffer"] if momentum > 0 else param[:0],
-                         group["lr"], group["alpha"], group["eps"], group["weight_decay"],
-                         momentum, centered, group["maximize"], grad_scale, n_threads)
+        kernels = self._kernels
+        kernels.rmsprop(seg["param"], grad, seg["square_avg"],
+                        seg["grad_avg"] if centered else kernels.empty,
+                        seg["momentum_buffer"] if momentum > 0 else kernels.empty,
+                        group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                        momentum, centered, group["maximize"], grad_scale, n_threads)
 
 
 class Adadelta(Optimizer):
@@ -172,6 +174,7 @@ class Adadelta(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "rho", "eps", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("square_avg", "acc_delta")
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -189,9 +192,9 @@ class Adadelta(Optimizer):
 
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
-        kernels.adadelta(seg["param"], grad, seg["square_avg"], seg["acc_delta"], group["lr"],
-                          group["rho"], group["eps"], group["weight_decay"], group["maximize"],
-                          grad_scale, n_threads)
+        self._kernels.adadelta(seg["param"], grad, seg["square_avg"], seg["acc_delta"],
+                               group["lr"], group["rho"], group["eps"], group["weight_decay"],
+                               group["maximize"], grad_scale, n_threads)
 
 
 class Adagrad(Optimizer):
@@ -206,6 +209,7 @@ class Adagrad(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                         "maximize")
     _all_state_names: tuple[str, ...] = ("sum",)
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
@@ -231,9 +235,9 @@ class Adagrad(Optimizer):
 
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
-        kernels.adagrad(seg["param"], grad, seg["sum"], step, group["lr"], group["lr_decay"],
-                         group["eps"], group["weight_decay"], group["maximize"], grad_scale,
-                         n_threads)
+        self._kernels.adagrad(seg["param"], grad, seg["sum"], step, group["lr"],
+                              group["lr_decay"], group["eps"], group["weight_decay"],
+                              group["maximize"], grad_scale, n_threads)
 
 
 __all__ = ["Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad"]

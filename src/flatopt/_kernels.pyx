@@ -4,8 +4,10 @@
 Three layers, as in scikit-learn's ``sklearn/_loss``:
 
 * ``cdef inline`` functions compute one element;
-* ``def`` kernels loop over typed memoryviews with ``prange``, reading each element of
-  param, grad and state once and writing it once;
+* ``def`` kernels loop over typed memoryviews, reading each element of param, grad and
+  state once and writing it once: with ``prange`` where it pays, and for the optimizer
+  steps through a ``cdef`` range function called directly when serial, so that a small
+  buffer opens no parallel region (see ``_KEEP_GIL_BELOW``);
 * the Python layer (``flatopt.functional`` and the optimizer classes) validates and
   forwards. Nothing here checks its arguments beyond what the memoryviews enforce, and
   nothing raises inside the loop.
@@ -63,6 +65,34 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
     return False
 
 
+# A kernel on one thread opens no parallel region: even ``if(0)``, ``#pragma omp parallel``
+# builds a team of one in libgomp, which cost ~1.4 us per call, more than the whole
+# momentum update of 1 to 1000 float32 elements (2-core Xeon, Cython 3.3, gcc, libgomp).
+# So each step kernel loops in a ``cdef`` range function: called directly when serial, or
+# once per static chunk inside ``prange`` when parallel. Elementwise, so the chunking
+# cannot change a bit. A serial call keeps the GIL below _KEEP_GIL_BELOW elements (tens of
+# microseconds at most; releasing and re-taking it costs ~0.1 us) and releases it above.
+# So far sgd, momentum and adam are built this way; the other kernels still open a
+# (one-thread) region on every call.
+cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
+
+
+cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
+    """How many static chunks (threads) a kernel splits ``n`` elements into: 1 when it
+    runs serially (see ``_use_threads``)."""
+    return n_threads if _use_threads(n, n_threads) else 1
+
+
+cdef inline bint _inline_call(Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
+    """True when the kernel runs on the calling thread with the GIL held."""
+    return parts == 1 and n < _KEEP_GIL_BELOW
+
+
+cdef inline Py_ssize_t _lo(Py_ssize_t t, Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
+    """First element of chunk ``t`` of ``parts`` (chunk ``parts`` starts at ``n``)."""
+    return n // parts * t + min(t, n % parts)
+
+
 cdef inline floating _direction(floating g, floating p, floating scale,
                                 floating weight_decay) noexcept nogil:
     """The gradient as the update sees it: scaled, sign-flipped for ``maximize`` (folded
@@ -73,19 +103,13 @@ cdef inline floating _direction(floating g, floating p, floating scale,
     return g
 
 
-def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
-        double lr, double momentum, double dampening, double weight_decay,
-        bint nesterov, bint maximize, bint init_buffer, double grad_scale, int n_threads):
-    """torch.optim.SGD, in place. ``momentum_buffer`` is unused (may be empty) when
-    ``momentum == 0``; when ``init_buffer`` it is set to the gradient (torch's first step).
-    """
-    cdef Py_ssize_t i, n = param.shape[0]
-    cdef floating lr_ = lr, m = momentum, c = 1.0 - dampening, wd = weight_decay
-    cdef floating scale = -grad_scale if maximize else grad_scale
+cdef inline void _sgd(floating[::1] param, const floating[::1] grad,
+                      floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi, floating lr_,
+                      floating m, floating c, floating wd, floating scale, bint use_momentum,
+                      bint init_buffer, bint nesterov) noexcept nogil:
+    cdef Py_ssize_t i
     cdef floating d, b
-    cdef bint use_momentum = momentum != 0
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
+    for i in range(lo, hi):
         d = _direction(grad[i], param[i], scale, wd)
         if use_momentum:
             if init_buffer:
@@ -100,19 +124,68 @@ def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_bu
         param[i] = param[i] - lr_ * d
 
 
+cdef inline void _sgd_unswitched(floating[::1] param, const floating[::1] grad,
+                                 floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi,
+                                 floating lr_, floating m, floating c, floating wd,
+                                 floating scale, bint use_momentum, bint init_buffer,
+                                 bint nesterov) noexcept nogil:
+    """``_sgd`` with its loop-invariant flags as literal constants, one call per case.
+    Inlined into the ``def`` wrapper, gcc 12 does not unswitch ``_sgd``'s loop on three
+    flags (plus ``_direction``'s weight-decay test) by itself: "control flow in loop", not
+    vectorised, 3-4x slower at 4096 float32 elements. The constants do the unswitching."""
+    if not use_momentum:
+        _sgd(param, grad, momentum_buffer, lo, hi, lr_, m, c, wd, scale, False, False, False)
+    elif init_buffer:  # the first step only
+        _sgd(param, grad, momentum_buffer, lo, hi, lr_, m, c, wd, scale, True, True, nesterov)
+    elif nesterov:
+        _sgd(param, grad, momentum_buffer, lo, hi, lr_, m, c, wd, scale, True, False, True)
+    else:
+        _sgd(param, grad, momentum_buffer, lo, hi, lr_, m, c, wd, scale, True, False, False)
+
+
+def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+        double lr, double momentum, double dampening, double weight_decay,
+        bint nesterov, bint maximize, bint init_buffer, double grad_scale, int n_threads):
+    """torch.optim.SGD, in place. ``momentum_buffer`` is unused (may be empty) when
+    ``momentum == 0``; when ``init_buffer`` it is set to the gradient (torch's first step).
+    """
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
+    cdef floating lr_ = lr, m = momentum, c = 1.0 - dampening, wd = weight_decay
+    cdef floating scale = -grad_scale if maximize else grad_scale
+    cdef bint use_momentum = momentum != 0
+    if _inline_call(n, parts):
+        _sgd_unswitched(param, grad, momentum_buffer, 0, n, lr_, m, c, wd, scale,
+                        use_momentum, init_buffer, nesterov)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _sgd_unswitched(param, grad, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
+                        lr_, m, c, wd, scale, use_momentum, init_buffer, nesterov)
+
+
+cdef inline void _momentum(floating[::1] param, const floating[::1] grad,
+                           floating[::1] velocity, Py_ssize_t lo, Py_ssize_t hi, floating lr_,
+                           floating b, floating c, floating wd, floating scale) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v
+    for i in range(lo, hi):
+        v = b * velocity[i] + c * _direction(grad[i], param[i], scale, wd)
+        velocity[i] = v
+        param[i] = param[i] - lr_ * v
+
+
 def momentum(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
              double lr, double beta, double weight_decay, bint maximize,
              double grad_scale, int n_threads):
     """Textbook momentum, in place: ``v = beta*v + (1-beta)*g; p -= lr*v``."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, b = beta, c = 1.0 - beta, wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating v
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        v = b * velocity[i] + c * _direction(grad[i], param[i], scale, wd)
-        velocity[i] = v
-        param[i] = param[i] - lr_ * v
+    if _inline_call(n, parts):
+        _momentum(param, grad, velocity, 0, n, lr_, b, c, wd, scale)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _momentum(param, grad, velocity, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, b, c,
+                  wd, scale)
 
 
 # ---- gradient hygiene: norms and finiteness, read-only passes ----------------------------
@@ -244,6 +317,30 @@ cdef inline floating _square_avg(floating s, floating d, floating a, floating c)
     return s * a + (c * d) * d
 
 
+cdef inline void _adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+                       floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t lo,
+                       Py_ssize_t hi, floating neg_step_size, floating inv_bc2_sqrt,
+                       floating eps_, floating b2, floating c2, floating w1,
+                       floating one_minus_w1, bint small1, floating decay, floating wd,
+                       floating scale, bint amsgrad) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating p, d, m, v, v_max
+    for i in range(lo, hi):
+        p = param[i]
+        d = _direction(grad[i], p, scale, wd)
+        p = p * decay
+        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+        v = _square_avg(exp_avg_sq[i], d, b2, c2)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        if amsgrad:
+            v_max = max_exp_avg_sq[i]
+            if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
+                v = v_max
+            max_exp_avg_sq[i] = v
+        param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
+
+
 def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
          floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t step,
          double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -258,7 +355,7 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     divisions per element makes it ~1.35x faster (2**20 float32, 2 threads: 210 -> 156 us)
     and moves the result by at most an ulp of the denominator per step.
     """
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double bias_correction1 = 1.0 - beta1 ** step
     cdef double bias_correction2 = 1.0 - beta2 ** step
     cdef floating neg_step_size = -(lr / bias_correction1)
@@ -271,22 +368,14 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating p, d, m, v, v_max
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        d = _direction(grad[i], p, scale, wd)
-        p = p * decay
-        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-        v = _square_avg(exp_avg_sq[i], d, b2, c2)
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        if amsgrad:
-            v_max = max_exp_avg_sq[i]
-            if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
-                v = v_max
-            max_exp_avg_sq[i] = v
-        param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
+    if _inline_call(n, parts):
+        _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
+              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, amsgrad)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
+              _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1,
+              small1, decay, wd, scale, amsgrad)
 
 
 def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from ._dispatch import kernels
+from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
 from ._validation import FloatArray, check_bool, check_real
 
@@ -42,6 +42,7 @@ class SGD(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _all_state_names: tuple[str, ...] = ("momentum_buffer",)
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
     _plain_state: tuple[str, ...] = ("momentum_buffer_initialized",)
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
@@ -78,15 +79,14 @@ class SGD(Optimizer):
         momentum = group["momentum"]
         if momentum != 0:
             initialized = self._state["momentum_buffer_initialized"]
-            kernels.sgd(seg["param"], grad, seg["momentum_buffer"], group["lr"], momentum,
-                        group["dampening"], group["weight_decay"], group["nesterov"],
-                        group["maximize"], not initialized[gi], grad_scale, n_threads)
+            self._kernels.sgd(seg["param"], grad, seg["momentum_buffer"], group["lr"], momentum,
+                              group["dampening"], group["weight_decay"], group["nesterov"],
+                              group["maximize"], not initialized[gi], grad_scale, n_threads)
             initialized[gi] = True
         else:
-            param = seg["param"]
-            kernels.sgd(param, grad, param[:0], group["lr"], momentum, group["dampening"],
-                        group["weight_decay"], group["nesterov"], group["maximize"], False,
-                        grad_scale, n_threads)
+            self._kernels.sgd(seg["param"], grad, self._kernels.empty, group["lr"], momentum,
+                              group["dampening"], group["weight_decay"], group["nesterov"],
+                              group["maximize"], False, grad_scale, n_threads)
 
 
 class Momentum(Optimizer):
@@ -98,6 +98,7 @@ class Momentum(Optimizer):
 
     _hyperparameters: tuple[str, ...] = ("lr", "beta", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("momentum_buffer",)
+    _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
 
     def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0,
                  maximize: bool = False, *, n_threads: int | None = None,
@@ -115,5 +116,6 @@ class Momentum(Optimizer):
 
     def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
                 step: int, grad_scale: float, n_threads: int) -> None:
-        kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"], group["beta"],
-                          group["weight_decay"], group["maximize"], grad_scale, n_threads)
+        self._kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"],
+                               group["beta"], group["weight_decay"], group["maximize"],
+                               grad_scale, n_threads)
