@@ -485,6 +485,30 @@ def test_parameters_and_grads_are_views_of_flat_buffers():
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_strided_gradients_are_read_as_their_values():
+    """A gradient the user assigned with other strides (a transposed tensor) is read by
+    value, as torch reads it; a dtype changed behind torch's setter is refused."""
+    m1, m2 = make_models(MLP, torch.float64)
+    flat, ref = make_pair("Adam", list(m1.parameters()), list(m2.parameters()), dict(lr=0.01))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            grad = torch.randn(p1.shape[::-1], generator=g, dtype=torch.float64)
+            if grad.dim() == 2:
+                grad = grad.T
+                assert not grad.is_contiguous()
+            p1.grad, p2.grad = grad, grad.clone()
+        flat.step()
+        ref.step()
+    assert_models_same(m1, m2, 1e-12)
+    weight = m1.net[0].weight
+    before = weight.detach().clone()
+    weight.grad.data = weight.grad.data.float()
+    with pytest.raises(RuntimeError, match=r"dtype torch.float32 does not match its parameter"):
+        flat.step()
+    assert torch.equal(weight, before)
+
+
 @pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
 def test_step_without_any_gradient_changes_nothing(name, kwargs):
     """Before the first backward pass and after zero_grad(), as torch.optim."""

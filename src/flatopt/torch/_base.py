@@ -311,7 +311,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             plans.append(_packing.gather(bucket, name))
         n_threads = effective_n_threads(self._n_threads)
         for bucket, (taking_part, copies) in zip(self._buckets, plans):
-            _packing.copy_in(bucket, taking_part, copies)
+            _packing.copy_in(bucket, taking_part, copies, n_threads)
         pending, self._pending_grad_scale = self._pending_grad_scale, 1.0
         self.last_step_skipped = False
         if skip_if_nonfinite and len(self._buckets) > 1 and any(
@@ -381,8 +381,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         norm_type = check_norm_type(norm_type)
         name = type(self).__name__
         plans = [_packing.gather(bucket, name) for bucket in self._buckets]
+        n_threads = effective_n_threads(self._n_threads)
         for bucket, plan in zip(self._buckets, plans):
-            _packing.copy_in(bucket, *plan)
+            _packing.copy_in(bucket, *plan, n_threads)
         norms = [b.opt.grad_norm(norm_type) for b in self._buckets]
         if norm_type == math.inf:
             return max(norms, default=0.0)

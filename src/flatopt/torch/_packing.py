@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._dispatch import kernels
 from .._optimizer import Optimizer as NumpyOptimizer
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ def as_tensor(a: npt.NDArray[Any]) -> torch.Tensor:
 _GRAD_OF = operator.attrgetter("grad")
 _LAYOUT_OF = operator.attrgetter("layout")
 _SHAPE_OF = operator.attrgetter("shape")
+_DTYPE_OF = operator.attrgetter("dtype")
 
 
 def as_python(value: Any) -> Any:
@@ -105,6 +107,13 @@ class Bucket:
         self.flat_param = as_tensor(numpy_opt.flat_params)   # 16-bit with master_dtype
         self.flat_grad = as_tensor(numpy_opt.flat_grads)
         self.grad_views = [self.flat_grad[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
+        # For kernels.gather_bytes: where each parameter's gradient goes in the flat buffer
+        # (bytes), and where it starts in the concatenation of all gradients.
+        self.itemsize = numpy_opt.flat_grads.dtype.itemsize
+        self.grad_bytes = numpy_opt.flat_grads.view(np.uint8)
+        self.out_offsets = (self.starts * self.itemsize).astype(np.intp)
+        self.grad_nbytes = ((self.stops - self.starts) * self.itemsize).astype(np.intp)
+        self.byte_starts = np.concatenate(([0], np.cumsum(self.grad_nbytes))).astype(np.intp)
         self.param_views = [self.flat_param[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # Updates each parameter has received that used its state: torch's state["step"].
         # One tensor; each parameter's state["step"] is a 0-d view of it, and ``counts``
@@ -209,26 +218,33 @@ def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch
         taking_part, shapes = bucket.all_taking_part, bucket.shapes
     if not all(map(operator.is_, map(_LAYOUT_OF, grads), repeat(torch.strided))):
         raise RuntimeError(f"{name} does not support sparse gradients")
-    if list(map(_SHAPE_OF, grads)) != shapes:
-        # torch's grad setter checks shapes; `p.grad.data = ...` can still change one.
+    dtype = bucket.flat_grad.dtype
+    if (list(map(_SHAPE_OF, grads)) != shapes
+            or not all(map(operator.is_, map(_DTYPE_OF, grads), repeat(dtype)))):
+        # torch's grad setter checks both; `p.grad.data = ...` can still change them.
         for g, shape in zip(grads, shapes):
-            if g.shape != shape:
-                raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} does not match its "
-                                   f"parameter's shape {tuple(shape)}")
+            if g.shape != shape or g.dtype != dtype:
+                raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} and dtype {g.dtype} "
+                                   f"does not match its parameter ({tuple(shape)}, {dtype})")
+    if not all(map(torch.Tensor.is_contiguous, grads)):  # a user's strided gradient: one copy
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     return taking_part, grads
 
 
-def copy_in(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor]) -> None:
-    """Make the flat gradient buffer hold exactly the parameters' gradients: one
-    ``_foreach_copy_`` of the ``grads`` of the parameters ``taking_part``, and zeros for
-    the others (a None gradient counts as zero in norms and finiteness checks; the step
-    skips those parameters either way)."""
-    views = bucket.grad_views
+def copy_in(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor],
+            n_threads: int) -> None:
+    """Make the flat gradient buffer hold exactly the parameters' gradients: the ``grads``
+    (contiguous, validated by :func:`gather`) of the parameters ``taking_part`` copied in
+    with one ``kernels.gather_bytes`` call, zeros for the others (a None gradient counts as
+    zero in norms and finiteness checks; the step skips those parameters either way)."""
+    out_offsets, starts = bucket.out_offsets, bucket.byte_starts
     if taking_part is not bucket.all_taking_part:
+        flat = bucket.opt.flat_grads
         for i in np.flatnonzero(~taking_part & bucket.dirty):
-            views[i].zero_()
-        views = [v for v, t in zip(views, taking_part) if t]
-    if grads:
-        with torch.no_grad():  # a create_graph gradient must not enter the buffer's history
-            torch._foreach_copy_(views, grads)
+            flat[bucket.starts[i]:bucket.stops[i]] = 0
+        out_offsets = out_offsets[taking_part]
+        starts = np.concatenate(([0], np.cumsum(bucket.grad_nbytes[taking_part]))).astype(np.intp)
+    # `grads` keeps every source alive through the call.
+    sources = np.fromiter(map(torch.Tensor.data_ptr, grads), np.intp, len(grads))
+    kernels.gather_bytes(bucket.grad_bytes, sources, out_offsets, starts, bucket.itemsize, n_threads)
     bucket.dirty |= taking_part
