@@ -27,7 +27,7 @@ At construction the parameters (CPU, float32 or float64) are copied into one fla
 64-byte-aligned buffer per dtype, owned by a NumPy optimizer, and each parameter is
 rebound to a view of it (``p.data = view``). Gradients stay where autograd puts them,
 as with torch.optim: ``step()`` copies them into a flat gradient buffer of the same
-layout in one ``torch._foreach_copy_`` call, then runs the NumPy optimizer's fused
+layout in one kernel call (a ``memcpy`` from each gradient's data pointer), then runs the NumPy optimizer's fused
 kernel over zero-copy NumPy views of those buffers: one kernel call per parameter group
 and dtype, whatever the number of tensors. Parameters of other dtypes, on other
 devices, or with sparse gradients are rejected with a clear error.

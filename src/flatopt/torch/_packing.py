@@ -5,8 +5,8 @@ buffer per role (params, grads, state), torch views of those buffers, and per-pa
 step counts. :func:`make_buckets` builds them without touching a parameter;
 :func:`bind` then rebinds ``p.data``. Gradients stay where autograd puts them (it *steals*
 a fresh gradient into a ``grad`` that is None: no copy, no accumulation); the step-time
-half (:func:`gather`, :func:`copy_in`) copies them into the flat gradient buffer in one
-``torch._foreach_copy_`` call just before the kernel reads them.
+half (:func:`gather`, :func:`copy_in`) copies them into the flat gradient buffer with one
+``kernels.gather_bytes`` call just before the kernel reads them.
 
 Why not attach flat-buffer views as ``p.grad`` (as flatopt.torch did until 0.x): autograd
 then has to *add* every fresh gradient into its view, a read-modify-write pass over the
