@@ -194,7 +194,10 @@ def test_spawned_child_keeps_its_threads(tmp_path):
 # ---- no allocation proportional to the buffer size per step ------------------------------
 
 N_ALLOC = 2**20
-ALLOC_LIMIT = 4096  # bytes of peak growth over many steps, for a 4 or 8 MiB buffer
+# Bytes of peak growth over 100 steps, for a 4 or 8 MiB buffer: a per-element allocation
+# would be megabytes. One-off interpreter allocations (a free list growing, a cache entry)
+# have measured up to ~4.1 KB here once in a full run, hence 16 KiB.
+ALLOC_LIMIT = 16384
 
 
 def _peak_growth(fn, repeats=100):

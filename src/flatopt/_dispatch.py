@@ -21,11 +21,16 @@ speed. Environment:
     tests, and to rule out a variant when chasing a problem.
 """
 
+from __future__ import annotations
+
 import importlib
 import importlib.util
 import os
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._cpu_features import IS_X86_64, cpu_supports
 
@@ -35,11 +40,11 @@ MODULES = {"baseline": "flatopt._kernels", "avx2": "flatopt._kernels_avx2",
            "avx512": "flatopt._kernels_avx512"}
 
 
-def _env_levels(name):
+def _env_levels(name: str) -> set[str]:
     return {word for word in os.environ.get(name, "").replace(",", " ").lower().split()}
 
 
-def _disabled():
+def _disabled() -> set[str]:
     words = _env_levels("FLATOPT_DISABLE_CPU_FEATURES")
     # The same words everywhere: a typo is an error on aarch64 too, where the x86 levels
     # named here are accepted and have nothing to disable.
@@ -51,7 +56,7 @@ def _disabled():
     return words
 
 
-def available_levels():
+def available_levels() -> list[str]:
     """ISA levels whose kernel module was built and installed, widest first.
 
     Answered from the import system's metadata: no variant module is imported (importing
@@ -60,14 +65,14 @@ def available_levels():
     return [level for level in LEVELS if importlib.util.find_spec(MODULES[level]) is not None]
 
 
-def supported_levels():
+def supported_levels() -> list[str]:
     """Built ISA levels that this CPU and OS can run, widest first (never imports one)."""
     disabled = _disabled()
     return [level for level in available_levels()
             if level not in disabled and cpu_supports(level)]
 
 
-def select(forced=None):
+def select(forced: str | None = None) -> tuple[str, ModuleType]:
     """The (level, module) to use: ``forced`` if given and usable, else the widest.
 
     Support is decided before anything is imported; only the chosen module is imported.
@@ -99,7 +104,7 @@ ISA, kernels = select(os.environ.get("FLATOPT_ISA", "").strip().lower() or None)
 # calls it directly.
 
 _FUSED_NAMES = {"float32": "float", "float64": "double"}
-_specialized = {}
+_specialized: dict[str, Specialized] = {}
 
 
 class Specialized:
@@ -110,14 +115,14 @@ class Specialized:
     mismatch"); callers validate their buffers first, as for the fused kernels.
     """
 
-    def __init__(self, dtype):
+    def __init__(self, dtype: str) -> None:
         self._dtype = dtype
         self._index = _FUSED_NAMES[dtype]
         #: A zero-length buffer for a kernel's unused state argument (Adam's
         #: ``max_exp_avg_sq`` without amsgrad, say), so that a step slices nothing.
         self.empty = np.empty(0, dtype)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
         kernel = getattr(kernels, name)
@@ -126,14 +131,14 @@ class Specialized:
         setattr(self, name, kernel)
         return kernel
 
-    def __reduce__(self):  # copies and pickles of an optimizer share the one instance
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # copies and pickles of an optimizer share the one instance
         return specialized, (self._dtype,)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<flatopt {ISA} kernels for {self._dtype}>"
 
 
-def specialized(dtype):
+def specialized(dtype: npt.DTypeLike) -> Specialized:
     """The :class:`Specialized` kernels for ``dtype`` (float32 or float64), one per dtype."""
     name = np.dtype(dtype).name
     k = _specialized.get(name)
@@ -146,10 +151,10 @@ class KernelsFor:
     """A class attribute: ``self.<name>`` is ``specialized(self.layout.dtype)``, resolved on
     first access and then stored on the instance (one attribute read per step)."""
 
-    def __set_name__(self, owner, name):
+    def __set_name__(self, owner: type, name: str) -> None:
         self._name = name
 
-    def __get__(self, obj, owner=None):
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
         k = specialized(obj.layout.dtype)
