@@ -292,7 +292,7 @@ def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
 # corrections, Adagrad's decayed lr) are computed once per call in double, then cast.
 # The one exception, for speed, is Adam's bias-correction divide (see ``adam``).
 
-from libc.math cimport sqrt, sqrtf
+from libc.math cimport copysign, copysignf, fabsf, sqrt, sqrtf
 
 
 cdef inline floating _sqrt(floating x) noexcept nogil:
@@ -598,12 +598,18 @@ def adamax(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
 
 
 cdef inline floating _sign(floating x) noexcept nogil:
-    """1, -1, or ``x`` itself for zeros and NaN (so NaN propagates, as torch.sign)."""
-    if x > 0:
-        return 1
-    if x < 0:
-        return -1
-    return x
+    """1, -1, or ``x`` itself for zeros and NaN (so NaN propagates, as torch.sign).
+
+    One select on ``|x| > 0``, with ``copysign`` for the value: gcc 12 vectorises that
+    (blends), where ``if x > 0 ... if x < 0`` left a branch per element in the AVX2 and
+    baseline builds ("control flow in loop": the second compare may not be speculated
+    under trapping math). Lion at 2**20 float32, 1 thread, AMD EPYC, random data: 9.7 ms
+    a step with the branches, one mispredicted every other element."""
+    cdef floating one = 1
+    if floating is float:
+        return copysignf(one, x) if fabsf(x) > 0 else x
+    else:
+        return copysign(one, x) if fabs(x) > 0 else x
 
 
 def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, double lr,

@@ -212,17 +212,22 @@ def bind(bucket: Bucket) -> None:
             bucket.data_ptrs.append(p.data_ptr())
 
 
-def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch.Tensor]]:
-    """Which parameters take part in this step (their ``grad`` is not None), and those
-    gradients, validated; nothing is written."""
-    params = bucket.params
-    if list(map(torch.Tensor.data_ptr, params)) != bucket.data_ptrs:
-        for p, ptr in zip(params, bucket.data_ptrs):
+def check_still_bound(params: list[torch.Tensor], data_ptrs: list[int], name: str) -> None:
+    """Raise if a parameter no longer views the flat buffer it was bound to."""
+    if list(map(torch.Tensor.data_ptr, params)) != data_ptrs:
+        for p, ptr in zip(params, data_ptrs):
             if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"{name}: a parameter of shape {tuple(p.shape)} no longer views the optimizer's "
                     "flat buffer (was p.data replaced, e.g. by module.to()?); create the optimizer "
                     "after such changes")
+
+
+def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch.Tensor]]:
+    """Which parameters take part in this step (their ``grad`` is not None), and those
+    gradients, validated; nothing is written."""
+    params = bucket.params
+    check_still_bound(params, bucket.data_ptrs, name)
     # C-level loops over the parameters: the usual step is a few microseconds for any count.
     grads = list(map(_GRAD_OF, params))
     if any(map(operator.is_, grads, repeat(None))):  # not `None in grads`: that calls Tensor.__eq__

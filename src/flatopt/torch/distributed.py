@@ -133,6 +133,7 @@ from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
+from ._packing import check_still_bound
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
@@ -674,13 +675,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """This rank's gradients into the flat buffers (or its slice); the has-grad mask.
         Raises on bad input, before any collective."""
         params = self._params
-        if list(map(torch.Tensor.data_ptr, params)) != self._data_ptrs:
-            for p, ptr in zip(params, self._data_ptrs):
-                if p.data_ptr() != ptr:
-                    raise RuntimeError(
-                        f"ShardedOptimizer: a parameter of shape {tuple(p.shape)} no longer views the "
-                        "flat buffer (was p.data replaced, e.g. by module.to()?); create the optimizer "
-                        "after such changes")
+        check_still_bound(params, self._data_ptrs, "ShardedOptimizer")
         grads = [p.grad for p in params]
         control = self._control
         if self.average_gradients and all(map(lambda g, v: g is v, grads, self._grad_views)):
