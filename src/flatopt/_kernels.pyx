@@ -93,6 +93,126 @@ cdef inline Py_ssize_t _lo(Py_ssize_t t, Py_ssize_t n, Py_ssize_t parts) noexcep
     return n // parts * t + min(t, n % parts)
 
 
+# ---- gradients: one flat buffer, or a table of sources read where they are -----------------
+# A step kernel's ``grad`` is either a flat buffer (the NumPy API) or a ``GradTable``:
+# flatopt.torch hands over each parameter's gradient where autograd left it, so that a step
+# reads 4 bytes a float32 element of gradient once instead of copying it into the flat
+# buffer first (a copy is 8 more bytes an element through memory). The range functions walk
+# their elements in *pieces* that read one source each (``_piece``); the element formulas do
+# not change, so both forms give bit-identical results.
+
+from libc.stdint cimport intptr_t
+
+
+cdef struct _Grads:
+    const char* flat            # one contiguous gradient for the whole range, or NULL: then
+    const Py_ssize_t* bounds    # source k holds the table's elements [bounds[k], bounds[k+1])
+    const intptr_t* sources     # at address sources[k],
+    Py_ssize_t n_sources
+    Py_ssize_t offset           # and the kernel's element 0 is the table's element ``offset``
+
+
+cdef inline Py_ssize_t _segment_of(const Py_ssize_t* starts, Py_ssize_t n,
+                                   Py_ssize_t x) noexcept nogil:
+    """The last k < n with ``starts[k] <= x`` (``starts`` non-decreasing, ``starts[0] <= x``):
+    the segment holding ``x`` where segment k is ``[starts[k], starts[k+1])``."""
+    cdef Py_ssize_t a = 0, b = n, k
+    while b - a > 1:
+        k = (a + b) // 2
+        if starts[k] <= x:
+            a = k
+        else:
+            b = k
+    return a
+
+
+cdef inline Py_ssize_t _piece(const _Grads* g, Py_ssize_t lo, Py_ssize_t hi,
+                              Py_ssize_t itemsize, const char** src) noexcept nogil:
+    """The end (at most ``hi``) of the piece of elements from ``lo`` whose gradients lie
+    in one source; ``src[0]`` is set to the address of element ``lo``'s gradient."""
+    if g.flat != NULL:
+        src[0] = g.flat + lo * itemsize
+        return hi
+    cdef Py_ssize_t j = lo + g.offset
+    cdef Py_ssize_t k = _segment_of(g.bounds, g.n_sources, j)
+    src[0] = <const char*>g.sources[k] + (j - g.bounds[k]) * itemsize
+    return min(hi, g.bounds[k + 1] - g.offset)
+
+
+cdef class GradTable:
+    """Gradients read where they are: a step kernel's ``grad`` argument for flatopt.torch.
+
+    ``GradTable(bounds, sources, itemsize, keep)``: source ``k`` is the gradient of the
+    elements ``[bounds[k], bounds[k+1])`` of the parameter buffer, stored contiguously at
+    address ``sources[k]`` with ``itemsize`` bytes an element (the parameter buffer's own
+    dtype). ``bounds`` (intp, one entry more than ``sources``) starts at 0 and never
+    decreases. ``keep`` is held for the table's life: the objects owning the memory.
+    ``table[lo:hi]`` is the table of elements ``[lo, hi)`` (no copy), as a flat buffer
+    slices. A kernel checks only the itemsize and the length; the caller guarantees that
+    every address is valid for ``bounds`` while the table is in use.
+    """
+    cdef const Py_ssize_t[::1] bounds
+    cdef const intptr_t[::1] sources
+    cdef readonly Py_ssize_t itemsize, offset, size
+    cdef readonly object keep
+
+    def __init__(self, const Py_ssize_t[::1] bounds not None, const intptr_t[::1] sources not None,
+                 Py_ssize_t itemsize, keep=None):
+        cdef Py_ssize_t k, n = sources.shape[0]
+        if bounds.shape[0] != n + 1:
+            raise ValueError(f"bounds must have len(sources) + 1 = {n + 1} entries, got {bounds.shape[0]}")
+        if bounds[0] != 0:
+            raise ValueError(f"bounds must start at 0, got {bounds[0]}")
+        for k in range(n):
+            if bounds[k + 1] < bounds[k]:
+                raise ValueError(f"bounds must not decrease; bounds[{k + 1}] < bounds[{k}]")
+        if itemsize not in (4, 8):
+            raise ValueError(f"itemsize must be 4 or 8, got {itemsize}")
+        self.bounds, self.sources, self.itemsize, self.keep = bounds, sources, itemsize, keep
+        self.offset, self.size = 0, bounds[n]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or (key.step is not None and key.step != 1):
+            raise TypeError(f"a GradTable takes a slice with step 1, got {key!r}")
+        lo, hi, _ = key.indices(self.size)
+        cdef GradTable part = GradTable.__new__(GradTable)
+        part.bounds, part.sources, part.itemsize, part.keep = self.bounds, self.sources, self.itemsize, self.keep
+        part.offset, part.size = self.offset + lo, max(hi - lo, 0)
+        return part
+
+    def __repr__(self):
+        return (f"<GradTable of {self.sources.shape[0]} sources, elements "
+                f"[{self.offset}, {self.offset + self.size}), itemsize {self.itemsize}>")
+
+
+cdef int _grads(object grad, floating[::1] param, _Grads* out) except -1:
+    """Fill ``out`` for a kernel over ``param``: from a flat buffer (which the caller's
+    reference keeps alive) or a :class:`GradTable` of this dtype and length."""
+    cdef const floating[::1] flat
+    cdef GradTable table
+    if type(grad) is GradTable:
+        table = grad
+        if table.itemsize != sizeof(floating) or table.size != param.shape[0]:
+            raise ValueError(f"grad: a GradTable of {table.size} elements of {table.itemsize} bytes "
+                             f"for a buffer of {param.shape[0]} elements of {sizeof(floating)}")
+        out.flat = NULL
+        out.bounds = &table.bounds[0]
+        out.sources = &table.sources[0] if table.sources.shape[0] else NULL
+        out.n_sources = table.sources.shape[0]
+        out.offset = table.offset
+        return 0
+    flat = grad
+    if flat.shape[0] != param.shape[0]:
+        raise ValueError(f"grad has {flat.shape[0]} elements, param {param.shape[0]}")
+    out.flat = <const char*>&flat[0] if flat.shape[0] else NULL
+    out.n_sources = 0
+    out.offset = 0
+    return 0
+
+
 cdef inline floating _direction(floating g, floating p, floating scale,
                                 floating weight_decay) noexcept nogil:
     """The gradient as the update sees it: scaled, sign-flipped for ``maximize`` (folded
@@ -103,28 +223,34 @@ cdef inline floating _direction(floating g, floating p, floating scale,
     return g
 
 
-cdef inline void _sgd(floating[::1] param, const floating[::1] grad,
+cdef inline void _sgd(floating[::1] param, const _Grads* grads,
                       floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi, floating lr_,
                       floating m, floating c, floating wd, floating scale, bint use_momentum,
                       bint init_buffer, bint nesterov) noexcept nogil:
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
     cdef floating d, b
-    for i in range(lo, hi):
-        d = _direction(grad[i], param[i], scale, wd)
-        if use_momentum:
-            if init_buffer:
-                b = d
-            else:
-                b = m * momentum_buffer[i] + c * d
-            momentum_buffer[i] = b
-            if nesterov:
-                d = d + m * b
-            else:
-                d = b
-        param[i] = param[i] - lr_ * d
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = _direction(g[i - lo], param[i], scale, wd)
+            if use_momentum:
+                if init_buffer:
+                    b = d
+                else:
+                    b = m * momentum_buffer[i] + c * d
+                momentum_buffer[i] = b
+                if nesterov:
+                    d = d + m * b
+                else:
+                    d = b
+            param[i] = param[i] - lr_ * d
+        lo = end
 
 
-cdef inline void _sgd_unswitched(floating[::1] param, const floating[::1] grad,
+cdef inline void _sgd_unswitched(floating[::1] param, const _Grads* grad,
                                  floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi,
                                  floating lr_, floating m, floating c, floating wd,
                                  floating scale, bint use_momentum, bint init_buffer,
@@ -143,48 +269,60 @@ cdef inline void _sgd_unswitched(floating[::1] param, const floating[::1] grad,
         _sgd(param, grad, momentum_buffer, lo, hi, lr_, m, c, wd, scale, True, False, False)
 
 
-def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+def sgd(floating[::1] param, grad, floating[::1] momentum_buffer,
         double lr, double momentum, double dampening, double weight_decay,
         bint nesterov, bint maximize, bint init_buffer, double grad_scale, int n_threads):
     """torch.optim.SGD, in place. ``momentum_buffer`` is unused (may be empty) when
     ``momentum == 0``; when ``init_buffer`` it is set to the gradient (torch's first step).
+    ``grad`` is a flat buffer or a :class:`GradTable`.
     """
+    cdef _Grads g
+    _grads(grad, param, &g)
     cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, m = momentum, c = 1.0 - dampening, wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
     cdef bint use_momentum = momentum != 0
     if _inline_call(n, parts):
-        _sgd_unswitched(param, grad, momentum_buffer, 0, n, lr_, m, c, wd, scale,
+        _sgd_unswitched(param, &g, momentum_buffer, 0, n, lr_, m, c, wd, scale,
                         use_momentum, init_buffer, nesterov)
         return
     for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
-        _sgd_unswitched(param, grad, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
+        _sgd_unswitched(param, &g, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
                         lr_, m, c, wd, scale, use_momentum, init_buffer, nesterov)
 
 
-cdef inline void _momentum(floating[::1] param, const floating[::1] grad,
+cdef inline void _momentum(floating[::1] param, const _Grads* grads,
                            floating[::1] velocity, Py_ssize_t lo, Py_ssize_t hi, floating lr_,
                            floating b, floating c, floating wd, floating scale) noexcept nogil:
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
     cdef floating v
-    for i in range(lo, hi):
-        v = b * velocity[i] + c * _direction(grad[i], param[i], scale, wd)
-        velocity[i] = v
-        param[i] = param[i] - lr_ * v
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            v = b * velocity[i] + c * _direction(g[i - lo], param[i], scale, wd)
+            velocity[i] = v
+            param[i] = param[i] - lr_ * v
+        lo = end
 
 
-def momentum(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+def momentum(floating[::1] param, grad, floating[::1] velocity,
              double lr, double beta, double weight_decay, bint maximize,
              double grad_scale, int n_threads):
-    """Textbook momentum, in place: ``v = beta*v + (1-beta)*g; p -= lr*v``."""
+    """Textbook momentum, in place: ``v = beta*v + (1-beta)*g; p -= lr*v``. ``grad`` is a
+    flat buffer or a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
     cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, b = beta, c = 1.0 - beta, wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
     if _inline_call(n, parts):
-        _momentum(param, grad, velocity, 0, n, lr_, b, c, wd, scale)
+        _momentum(param, &g, velocity, 0, n, lr_, b, c, wd, scale)
         return
     for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
-        _momentum(param, grad, velocity, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, b, c,
+        _momentum(param, &g, velocity, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, b, c,
                   wd, scale)
 
 
@@ -317,37 +455,44 @@ cdef inline floating _square_avg(floating s, floating d, floating a, floating c)
     return s * a + (c * d) * d
 
 
-cdef inline void _adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
                        floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t lo,
                        Py_ssize_t hi, floating neg_step_size, floating inv_bc2_sqrt,
                        floating eps_, floating b2, floating c2, floating w1,
                        floating one_minus_w1, bint small1, floating decay, floating wd,
                        floating scale, bint amsgrad) noexcept nogil:
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
     cdef floating p, d, m, v, v_max
-    for i in range(lo, hi):
-        p = param[i]
-        d = _direction(grad[i], p, scale, wd)
-        p = p * decay
-        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-        v = _square_avg(exp_avg_sq[i], d, b2, c2)
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        if amsgrad:
-            v_max = max_exp_avg_sq[i]
-            if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
-                v = v_max
-            max_exp_avg_sq[i] = v
-        param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            p = param[i]
+            d = _direction(g[i - lo], p, scale, wd)
+            p = p * decay
+            m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+            v = _square_avg(exp_avg_sq[i], d, b2, c2)
+            exp_avg[i] = m
+            exp_avg_sq[i] = v
+            if amsgrad:
+                v_max = max_exp_avg_sq[i]
+                if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
+                    v = v_max
+                max_exp_avg_sq[i] = v
+            param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
+        lo = end
 
 
-def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+def adam(floating[::1] param, grad, floating[::1] exp_avg,
          floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t step,
          double lr, double beta1, double beta2, double eps, double weight_decay,
          bint amsgrad, bint decoupled, bint maximize, double grad_scale, int n_threads):
     """torch.optim.Adam / AdamW (``decoupled``), in place, for the 1-based ``step``.
 
-    ``max_exp_avg_sq`` is unused (may be empty) unless ``amsgrad``.
+    ``max_exp_avg_sq`` is unused (may be empty) unless ``amsgrad``. ``grad`` is a flat
+    buffer or a :class:`GradTable`.
 
     One deliberate departure from torch's operation order: ``sqrt(v) / sqrt(bc2)`` is
     computed as ``sqrt(v) * (1/sqrt(bc2))``, the reciprocal taken once per call in double.
@@ -355,6 +500,8 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     divisions per element makes it ~1.35x faster (2**20 float32, 2 threads: 210 -> 156 us)
     and moves the result by at most an ulp of the denominator per step.
     """
+    cdef _Grads g
+    _grads(grad, param, &g)
     cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double bias_correction1 = 1.0 - beta1 ** step
     cdef double bias_correction2 = 1.0 - beta2 ** step
@@ -369,11 +516,11 @@ def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
     if _inline_call(n, parts):
-        _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
+        _adam(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
               inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, amsgrad)
         return
     for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
-        _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
+        _adam(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
               _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1,
               small1, decay, wd, scale, amsgrad)
 
@@ -974,7 +1121,6 @@ def count_nonfinite16(const uint16_t[::1] x, int kind, int n_threads):
 # bytes across threads, each walking the segments its byte range covers.
 
 from libc.string cimport memcpy
-from libc.stdint cimport intptr_t
 
 
 cdef inline void _gather_range(char* out, const intptr_t[::1] sources,
@@ -983,14 +1129,7 @@ cdef inline void _gather_range(char* out, const intptr_t[::1] sources,
                                Py_ssize_t hi) noexcept nogil:
     """Bytes ``[lo, hi)`` of the concatenated sources (source ``k`` holds bytes
     ``[starts[k], starts[k+1])`` of it) to their places in ``out``."""
-    cdef Py_ssize_t a = 0, b = sources.shape[0], k, end
-    while b - a > 1:  # the last segment starting at or before lo
-        k = (a + b) // 2
-        if starts[k] <= lo:
-            a = k
-        else:
-            b = k
-    k = a
+    cdef Py_ssize_t end, k = _segment_of(&starts[0], sources.shape[0], lo)
     while lo < hi:
         end = min(hi, starts[k + 1])
         if end > lo:
