@@ -76,6 +76,7 @@ class Adam(Optimizer):
                         "decoupled_weight_decay")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
+    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,

@@ -118,6 +118,10 @@ class Optimizer(ClipGradNormMixin):
     """
 
     _hyperparameters: tuple[str, ...] = ()
+    #: True when :meth:`_update`'s kernel also takes a ``kernels.GradTable`` as its
+    #: gradient (gradients read where they are: flatopt.torch passes one to
+    #: :meth:`_finish_step` instead of copying them into :attr:`flat_grads`).
+    _reads_grad_table: bool = False
 
     defaults: dict[str, Any]
     #: The parameter groups: dicts of hyperparameters (which may be changed between
