@@ -470,13 +470,16 @@ def test_parameters_and_grads_are_views_of_flat_buffers():
         assert p.grad is None  # no backward yet: as torch
     x = torch.randn(4, 5)
     m(x, 0).sum().backward()
-    # Gradients stay where autograd put them (its own tensors, as with torch.optim);
-    # step() copies them into the flat gradient buffer for the kernel.
+    # Gradients stay where autograd put them (its own tensors, as with torch.optim) and
+    # the kernel reads them there: the flat gradient buffer is not written...
     grads = [p.grad for p in m.parameters()]
     flat_grad_ptr = bucket.flat_grad.data_ptr()
     assert all(g.untyped_storage().data_ptr() != flat_grad_ptr for g in grads)
     opt.step()
     assert all(p.grad is g for p, g in zip(m.parameters(), grads))
+    assert not bucket.opt.flat_grads.any()
+    # ...unless skip_if_nonfinite, whose check reads the flat buffer: then they are copied.
+    opt.step(skip_if_nonfinite=True)
     np.testing.assert_array_equal(bucket.opt.flat_grads, torch.cat([g.flatten() for g in grads]).numpy())
     opt.zero_grad(set_to_none=False)  # torch's: zeroed in place
     assert all(p.grad is g for p, g in zip(m.parameters(), grads))
@@ -538,6 +541,49 @@ def test_threads_give_identical_results():
             opt.step()
         results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
     assert torch.equal(results[0], results[1])
+
+
+IN_PLACE_CASES = CASES + [("NAdam", dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=1e-2)),
+                          ("RAdam", dict(lr=1e-2)), ("Adamax", dict(lr=1e-2)), ("Lion", dict(lr=1e-3))]
+
+
+@pytest.mark.parametrize("name,kwargs", IN_PLACE_CASES, ids=[c[0] + str(i) for i, c in enumerate(IN_PLACE_CASES)])
+def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, monkeypatch):
+    """The kernels read each gradient where autograd left it (a GradTable of sources) and
+    get exactly what they get from the gradients copied into the flat buffer: a model that
+    straddles the parallel threshold, 1 and 2 threads, two groups, gradients that are None
+    on some steps (runs of parameters with different step counts) or strided."""
+    def run(n_threads, in_place):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(130, 127), torch.nn.Tanh(), torch.nn.Linear(127, 9),
+                                    torch.nn.Tanh(), torch.nn.Linear(9, 3))
+        first, second = list(model.parameters())[:3], list(model.parameters())[3:]
+        opt = getattr(ft, name)([{"params": first}, {"params": second, "lr": kwargs.get("lr", 1.0) / 2}],
+                                **kwargs, n_threads=n_threads)
+        (bucket,) = opt._buckets
+        assert bucket.reads_in_place == bucket.opt._reads_grad_table
+        assert bucket.flat_param.numel() > flatopt._kernels.PARALLEL_THRESHOLD
+        bucket.reads_in_place &= in_place
+        x = torch.randn(16, 130, generator=torch.Generator().manual_seed(1))
+        for step in range(6):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            if step % 3 == 1:
+                model[2].weight.grad = None
+                model[0].bias.grad = None
+            if step == 4:
+                model[0].weight.grad = model[0].weight.grad.T.contiguous().T  # strided
+            opt.step()
+        params = [p.detach().clone() for p in model.parameters()]
+        return params, opt.state_dict()
+
+    ref_params, ref_state = run(1, in_place=False)
+    for n_threads in (1, 2):
+        params, state = run(n_threads, in_place=True)
+        assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+        for pid, entry in ref_state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(state["state"][pid][key], value), key
 
 
 def test_tensor_lr_and_named_parameters():

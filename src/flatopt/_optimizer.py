@@ -460,7 +460,9 @@ class Optimizer(ClipGradNormMixin):
                      ) -> bool:
         """Second half of the step routine: the writes. Returns False if skipped.
 
-        ``flat_grad`` is the validated flat gradient. The factor left by
+        ``flat_grad`` is the validated flat gradient, or (with ``runs``, if
+        :attr:`_reads_grad_table`, and neither ``skip_if_nonfinite`` nor 16-bit params)
+        a ``kernels.GradTable`` of the same length. The factor left by
         :meth:`clip_grad_norm_` multiplies ``grad_scale`` and is consumed (it belongs to
         one step). With ``skip_if_nonfinite`` an inf/NaN gradient skips the step (counted
         in :attr:`skipped_steps`, nothing else written). Then the kernel runs:
@@ -503,9 +505,9 @@ class Optimizer(ClipGradNormMixin):
         buffers: dict[str, npt.NDArray[Any]] | None = None
         for gi, lo, hi, step, fresh in runs:
             group = self.param_groups[gi]
-            if own and segments[gi] == (lo, hi):  # a whole group: its cached views
+            if segments[gi] == (lo, hi):  # a whole group: its cached views
                 seg = self._segment_views[gi]
-                grad = seg["grad"]
+                grad = seg["grad"] if own else flat_grad[lo:hi]
             else:
                 if buffers is None:
                     buffers = {"param": self._flat_params,

@@ -310,15 +310,17 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for bucket in self._buckets:
             plans.append(_packing.gather(bucket, name))
         n_threads = effective_n_threads(self._n_threads)
-        for bucket, (taking_part, copies) in zip(self._buckets, plans):
-            _packing.copy_in(bucket, taking_part, copies, n_threads)
+        # The gradients as each bucket's kernels read them: in place, or copied into the
+        # flat buffer (which skip_if_nonfinite's check reads).
+        sources = [_packing.step_grads(bucket, taking_part, grads, n_threads, flat=skip_if_nonfinite)
+                   for bucket, (taking_part, grads) in zip(self._buckets, plans)]
         pending, self._pending_grad_scale = self._pending_grad_scale, 1.0
         self.last_step_skipped = False
         if skip_if_nonfinite and len(self._buckets) > 1 and any(
                 b.opt._count_nonfinite(b.opt.flat_grads, n_threads) for b in self._buckets):
             self.last_step_skipped = True
         else:
-            for bucket, (taking_part, _), scale in zip(self._buckets, plans, scales):
+            for bucket, (taking_part, _), scale, source in zip(self._buckets, plans, scales, sources):
                 runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
                 bucket.opt._pending_grad_scale = pending
                 before_run: Callable[[int, dict[str, Any], int], None] | None = None
@@ -339,7 +341,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                             counts[a:b] += 1
                         done[0] = k + 1
                         hook(numpy_opt, gi, group, count)
-                if not bucket.opt._finish_step(bucket.opt.flat_grads, runs, scale,
+                if not bucket.opt._finish_step(source, runs, scale,
                                                skip_if_nonfinite, n_threads, before_run):
                     self.last_step_skipped = True
                     break

@@ -129,6 +129,23 @@ class Bucket:
         self.out_offsets = (self.starts * self.itemsize).astype(np.intp)
         self.grad_nbytes = ((self.stops - self.starts) * self.itemsize).astype(np.intp)
         self.byte_starts = np.concatenate(([0], np.cumsum(self.grad_nbytes))).astype(np.intp)
+        # For kernels.GradTable: the buffer as 2 sources per parameter, its gradient
+        # (elements [starts[i], stops[i])) and the padding after it, read from the flat
+        # gradient buffer (zeros: nothing writes there). Parameter i's entry is
+        # table_sources[2*i]: its gradient's address in a step, else its flat-buffer place.
+        n = len(params)
+        self.table_bounds = np.empty(2 * n + 1, dtype=np.intp)
+        self.table_bounds[0:2 * n:2] = self.starts
+        self.table_bounds[1:2 * n:2] = self.stops
+        self.table_bounds[2 * n] = layout.size
+        flat_address = numpy_opt.flat_grads.ctypes.data
+        self.flat_sources = (flat_address + self.starts * self.itemsize).astype(np.intp)
+        self.table_sources = np.empty(2 * n, dtype=np.intp)
+        self.table_sources[0::2] = self.flat_sources
+        self.table_sources[1::2] = flat_address + self.stops * self.itemsize
+        # Whether the kernels can read the gradients where they are (not with 16-bit params:
+        # those are widened block by block from the flat buffer).
+        self.reads_in_place = numpy_opt._reads_grad_table and not numpy_opt._half
         self.param_views = [self.flat_param[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # Updates each parameter has received that used its state: torch's state["step"].
         # One tensor; each parameter's state["step"] is a 0-d view of it, and ``counts``
@@ -249,6 +266,32 @@ def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch
     if not all(map(torch.Tensor.is_contiguous, grads)):  # a user's strided gradient: one copy
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     return taking_part, grads
+
+
+def grad_table(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor]) -> Any:
+    """A ``kernels.GradTable`` through which the kernels read the ``grads`` (contiguous,
+    validated by :func:`gather`) of the parameters ``taking_part`` where they are; the
+    others' entries point at the flat buffer (their elements are never in a run)."""
+    addresses = np.fromiter(map(torch.Tensor.data_ptr, grads), np.intp, len(grads))
+    sources = bucket.table_sources
+    if taking_part is bucket.all_taking_part:
+        sources[0::2] = addresses
+    else:
+        own = bucket.flat_sources.copy()
+        own[taking_part] = addresses
+        sources[0::2] = own
+    # The table keeps `grads` (and so every source) alive while a kernel reads it.
+    return kernels.GradTable(bucket.table_bounds, sources, bucket.itemsize, grads)
+
+
+def step_grads(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor],
+               n_threads: int, flat: bool) -> Any:
+    """The gradient argument of this bucket's step: a :func:`grad_table` when its kernels
+    read gradients in place, else (or if ``flat``) its flat buffer after :func:`copy_in`."""
+    if bucket.reads_in_place and not flat:
+        return grad_table(bucket, taking_part, grads)
+    copy_in(bucket, taking_part, grads, n_threads)
+    return bucket.opt.flat_grads
 
 
 def copy_in(bucket: Bucket, taking_part: npt.NDArray[np.bool_], grads: list[torch.Tensor],
