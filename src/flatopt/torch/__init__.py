@@ -26,18 +26,18 @@ How it works
 At construction the parameters (CPU, float32 or float64) are copied into one flat,
 64-byte-aligned buffer per dtype, owned by a NumPy optimizer, and each parameter is
 rebound to a view of it (``p.data = view``). Gradients stay where autograd puts them,
-as with torch.optim: ``step()`` copies them into a flat gradient buffer of the same
-layout in one kernel call (a ``memcpy`` from each gradient's data pointer), then runs the NumPy optimizer's fused
-kernel over zero-copy NumPy views of those buffers: one kernel call per parameter group
-and dtype, whatever the number of tensors. Parameters of other dtypes, on other
+as with torch.optim: ``step()`` runs the NumPy optimizer's fused kernel over zero-copy
+NumPy views of the parameter and state buffers, one kernel call per parameter group and
+dtype, whatever the number of tensors, and the kernel reads each gradient in place
+through a table of addresses (``kernels.GradTable``). Parameters of other dtypes, on other
 devices, or with sparse gradients are rejected with a clear error.
 
-Why copy rather than attach flat-buffer views as ``p.grad``: with a view attached,
-autograd must *add* each fresh gradient into it (a read-modify-write pass over every
-gradient in the backward pass) where, with ``grad`` None, it hands the fresh tensor over
-without a copy; views also need a gradient hook per parameter to come back after
-``zero_grad()``. The copy is one read and one write of the gradients, mostly in cache:
-measured, the backward pass it saves costs more.
+Why not attach flat-buffer views as ``p.grad``: with a view attached, autograd must
+*add* each fresh gradient into it (a read-modify-write pass over every gradient in the
+backward pass) where, with ``grad`` None, it hands the fresh tensor over without a copy;
+views also need a gradient hook per parameter to come back after ``zero_grad()``. The
+gradients are copied into a flat buffer only where something reads one:
+``step(skip_if_nonfinite=True)``'s check, ``grad_norm()``, and 16-bit models.
 
 Gradients that are None
 -----------------------
