@@ -367,3 +367,57 @@ def test_torch_clip_factor_does_not_survive_zero_grad():
         ((m(x[1]) - y[1]) ** 2).mean().backward()
         opt.step()
     assert torch.equal(flat_params(models[0]), flat_params(models[1]))
+
+
+# -- torch's step wrapper: hooks and profiler label ----------------------------------------
+from torch.optim.optimizer import (register_optimizer_step_post_hook,  # noqa: E402
+                                   register_optimizer_step_pre_hook)
+
+
+def _stepped_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(2, 4)).sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_step_hooks_run_as_in_torch(name):
+    """Instance and global pre/post hooks run in torch's order, a pre-hook may replace the
+    arguments, and the step without hooks (which skips torch's wrapper) updates alike."""
+    results = []
+    for make in (getattr(flatopt.torch, name), getattr(torch.optim, name)):
+        model = _stepped_model()
+        opt = make(model.parameters(), lr=0.1)
+        calls = []
+        handles = [
+            opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre")),
+            opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post")),
+            register_optimizer_step_pre_hook(
+                lambda o, args, kwargs: calls.append("global pre")),
+            register_optimizer_step_post_hook(
+                lambda o, args, kwargs: calls.append("global post")),
+            # replaces the arguments: step(closure) returns the closure's value
+            opt.register_step_pre_hook(lambda o, args, kwargs: ((o, lambda: 7.0), kwargs)),
+        ]
+        try:
+            loss = opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        assert calls == ["global pre", "pre", "post", "global post"]
+        assert loss == 7.0
+        opt.step()  # no hooks left
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_profiler_label_as_in_torch():
+    model = _stepped_model()
+    opt = flatopt.torch.Adam(model.parameters(), lr=0.1)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
+    assert type(opt).step.hooked  # torch did not wrap it again

@@ -134,6 +134,7 @@ from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
 from ._packing import check_still_bound
+from ._base import hooked_step
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
@@ -899,6 +900,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def step(self, closure: Callable[[], float], *, grad_scale: float = 1.0,
              skip_if_nonfinite: bool = False) -> float: ...
 
+    @hooked_step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *, grad_scale: float = 1.0,
              skip_if_nonfinite: bool = False) -> float | None:
