@@ -485,6 +485,24 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
         lo = end
 
 
+cdef inline void _adam_unswitched(floating[::1] param, const _Grads* grads,
+                                  floating[::1] exp_avg, floating[::1] exp_avg_sq,
+                                  floating[::1] max_exp_avg_sq, Py_ssize_t lo, Py_ssize_t hi,
+                                  floating neg_step_size, floating inv_bc2_sqrt, floating eps_,
+                                  floating b2, floating c2, floating w1, floating one_minus_w1,
+                                  bint small1, floating decay, floating wd, floating scale,
+                                  bint amsgrad) noexcept nogil:
+    """``_adam`` with ``amsgrad`` a literal constant. gcc 12 does not unswitch the element
+    loop inside the piece loop by itself, and the conditional store to ``max_exp_avg_sq``
+    then keeps it from vectorising ("control flow in loop"; as ``_sgd_unswitched``)."""
+    if amsgrad:
+        _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
+              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, True)
+    else:
+        _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
+              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, False)
+
+
 def adam(floating[::1] param, grad, floating[::1] exp_avg,
          floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t step,
          double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -516,13 +534,14 @@ def adam(floating[::1] param, grad, floating[::1] exp_avg,
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
     if _inline_call(n, parts):
-        _adam(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
-              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, amsgrad)
+        _adam_unswitched(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
+                         inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd,
+                         scale, amsgrad)
         return
     for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
-        _adam(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
-              _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1,
-              small1, decay, wd, scale, amsgrad)
+        _adam_unswitched(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
+                         _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1,
+                         one_minus_w1, small1, decay, wd, scale, amsgrad)
 
 
 def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
