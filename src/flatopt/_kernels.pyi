@@ -3,12 +3,16 @@ and ``_kernels_avx512``).
 
 Every kernel takes 1-D, C-contiguous buffers of one dtype, float32 or float64 (the
 ``floating`` fused type): ``_F`` below. Buffers named ``grad``/``x``/``b`` are only read
-(read-only and memory-mapped arrays work); the others are updated in place. Scalars are
+(read-only and memory-mapped arrays work); the others are updated in place. The step
+kernels of the torch.optim family (sgd, momentum, adam, rmsprop, adadelta, adagrad, nadam,
+radam, adamax, lion) also take a :class:`GradTable` as ``grad``. Scalars are
 Python floats, ints and bools. Nothing here validates beyond what the memoryviews enforce:
 call them through ``flatopt.functional`` or the optimizer classes.
 """
 
 from typing import TypeVar
+
+from typing_extensions import disjoint_base
 
 import numpy as np
 import numpy.typing as npt
@@ -19,16 +23,38 @@ MIN_ELEMENTS_PER_THREAD: int
 PARALLEL_THRESHOLD: int
 NORM_BLOCK: int
 
+@disjoint_base
+class GradTable:
+    """Gradients read where they are: source ``k`` (at address ``sources[k]``, ``itemsize``
+    bytes an element) holds elements ``[bounds[k], bounds[k+1])``; ``keep`` is held."""
+
+    def __init__(
+        self, bounds: npt.NDArray[np.intp], sources: npt.NDArray[np.intp], itemsize: int,
+        keep: object = None,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, key: slice, /) -> GradTable: ...
+    @property
+    def itemsize(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def keep(self) -> object: ...
+
 def parallel_used() -> bool: ...
 def parallel_threshold(n_threads: int) -> int: ...
 def sgd(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F],
-    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-    maximize: bool, init_buffer: bool, grad_scale: float, n_threads: int,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable,
+    momentum_buffer: npt.NDArray[_F], lr: float, momentum: float, dampening: float,
+    weight_decay: float, nesterov: bool, maximize: bool, init_buffer: bool,
+    grad_scale: float, n_threads: int,
 ) -> None: ...
 def momentum(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], velocity: npt.NDArray[_F], lr: float,
-    beta: float, weight_decay: float, maximize: bool, grad_scale: float, n_threads: int,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, velocity: npt.NDArray[_F],
+    lr: float, beta: float, weight_decay: float, maximize: bool, grad_scale: float,
+    n_threads: int,
 ) -> None: ...
 def norm_partials(
     x: npt.NDArray[_F], norm_type: float, partials_out: npt.NDArray[np.float64], n_threads: int,
@@ -36,49 +62,49 @@ def norm_partials(
 def count_nonfinite(x: npt.NDArray[_F], n_threads: int) -> int: ...
 def stream_add(a_out: npt.NDArray[_F], b: npt.NDArray[_F], n_threads: int) -> None: ...
 def adam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], max_exp_avg_sq: npt.NDArray[_F], step: int, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
     decoupled: bool, maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def rmsprop(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], square_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, square_avg: npt.NDArray[_F],
     grad_avg: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F], lr: float, alpha: float,
     eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def adadelta(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], square_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, square_avg: npt.NDArray[_F],
     acc_delta: npt.NDArray[_F], lr: float, rho: float, eps: float, weight_decay: float,
     maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def adagrad(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], state_sum: npt.NDArray[_F], step: int,
-    lr: float, lr_decay: float, eps: float, weight_decay: float, maximize: bool,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, state_sum: npt.NDArray[_F],
+    step: int, lr: float, lr_decay: float, eps: float, weight_decay: float, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def nadam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], step: int, mu_product: float, mu_product_float32: bool,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
     momentum_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
     n_threads: int,
-) -> None: ...
+) -> float: ...
 def radam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
     n_threads: int,
-) -> None: ...
+) -> bool: ...
 def adamax(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
     exp_inf: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def lion(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], exp_avg: npt.NDArray[_F], lr: float,
-    beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: float,
-    n_threads: int,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    grad_scale: float, n_threads: int,
 ) -> None: ...
 def keras_weight_decay(
     param: npt.NDArray[_F], lr: float, weight_decay: float, n_threads: int,

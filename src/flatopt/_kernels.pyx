@@ -18,6 +18,7 @@ extension is compiled with ``-ffp-contract=off``: each element's result depends 
 its inputs, never on the thread count or the vector width.
 """
 
+cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 
@@ -72,8 +73,10 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
 # once per static chunk inside ``prange`` when parallel. Elementwise, so the chunking
 # cannot change a bit. A serial call keeps the GIL below _KEEP_GIL_BELOW elements (tens of
 # microseconds at most; releasing and re-taking it costs ~0.1 us) and releases it above.
-# So far sgd, momentum and adam are built this way; the other kernels still open a
-# (one-thread) region on every call.
+# Every step kernel of the torch.optim family (sgd, momentum, the adaptive family, Adam's
+# variants and Lion) is built this way; the keras_* kernels and the read-only passes
+# (norms, finiteness, widen16/narrow16, gather) still open a (one-thread) region on every
+# call.
 cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 
 
@@ -139,6 +142,7 @@ cdef inline Py_ssize_t _piece(const _Grads* g, Py_ssize_t lo, Py_ssize_t hi,
     return min(hi, g.bounds[k + 1] - g.offset)
 
 
+@cython.auto_pickle(False)  # its addresses mean nothing in another process
 cdef class GradTable:
     """Gradients read where they are: a step kernel's ``grad`` argument for flatopt.torch.
 
@@ -455,6 +459,23 @@ cdef inline floating _square_avg(floating s, floating d, floating a, floating c)
     return s * a + (c * d) * d
 
 
+cdef inline floating _adam_moments(floating grad, floating p, floating[::1] exp_avg,
+                                   floating[::1] exp_avg_sq, Py_ssize_t i, floating w1,
+                                   floating one_minus_w1, bint small1, floating b2,
+                                   floating c2, floating wd, floating scale, floating* m,
+                                   floating* v) noexcept nogil:
+    """Adam's moments for element ``i`` (Adam, NAdam, RAdam): returns the direction ``d``
+    of gradient ``grad`` at parameter value ``p``; ``m = lerp(exp_avg[i], d, 1 - beta1)``
+    and ``v = beta2*exp_avg_sq[i] + (1-beta2)*d*d`` are stored back and set in ``m[0]``,
+    ``v[0]``."""
+    cdef floating d = _direction(grad, p, scale, wd)
+    m[0] = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+    v[0] = _square_avg(exp_avg_sq[i], d, b2, c2)
+    exp_avg[i] = m[0]
+    exp_avg_sq[i] = v[0]
+    return d
+
+
 cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
                        floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, Py_ssize_t lo,
                        Py_ssize_t hi, floating neg_step_size, floating inv_bc2_sqrt,
@@ -464,18 +485,15 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
     cdef Py_ssize_t i, end
     cdef const char* src
     cdef const floating* g
-    cdef floating p, d, m, v, v_max
+    cdef floating p, m, v, v_max
     while lo < hi:
         end = _piece(grads, lo, hi, sizeof(floating), &src)
         g = <const floating*>src
         for i in range(lo, end):
             p = param[i]
-            d = _direction(g[i - lo], p, scale, wd)
+            _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
+                          c2, wd, scale, &m, &v)
             p = p * decay
-            m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-            v = _square_avg(exp_avg_sq[i], d, b2, c2)
-            exp_avg[i] = m
-            exp_avg_sq[i] = v
             if amsgrad:
                 v_max = max_exp_avg_sq[i]
                 if v_max > v or v_max != v_max:  # a NaN propagates, as in torch.maximum
@@ -485,28 +503,22 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
         lo = end
 
 
-cdef inline void _adam_unswitched(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
-                                  floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq,
-                                  Py_ssize_t lo, Py_ssize_t hi, floating neg_step_size,
-                                  floating inv_bc2_sqrt, floating eps_, floating b2, floating c2,
-                                  floating w1, floating one_minus_w1, bint small1, floating decay,
-                                  floating wd, floating scale, bint amsgrad) noexcept nogil:
-    """``_adam`` with ``amsgrad`` and ``small1`` as literal constants: inside the piece loop,
-    gcc 12 no longer unswitches them by itself ("control flow in loop", not vectorised,
-    3.7x slower at 2**20 float32)."""
+cdef inline void _adam_unswitched(floating[::1] param, const _Grads* grads,
+                                  floating[::1] exp_avg, floating[::1] exp_avg_sq,
+                                  floating[::1] max_exp_avg_sq, Py_ssize_t lo, Py_ssize_t hi,
+                                  floating neg_step_size, floating inv_bc2_sqrt, floating eps_,
+                                  floating b2, floating c2, floating w1, floating one_minus_w1,
+                                  bint small1, floating decay, floating wd, floating scale,
+                                  bint amsgrad) noexcept nogil:
+    """``_adam`` with ``amsgrad`` a literal constant. gcc 12 does not unswitch the element
+    loop inside the piece loop by itself, and the conditional store to ``max_exp_avg_sq``
+    then keeps it from vectorising ("control flow in loop"; as ``_sgd_unswitched``)."""
     if amsgrad:
-        if small1:
-            _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
-                  inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, True, decay, wd, scale, True)
-        else:
-            _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
-                  inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, False, decay, wd, scale, True)
-    elif small1:
         _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
-              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, True, decay, wd, scale, False)
+              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, True)
     else:
         _adam(param, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, lo, hi, neg_step_size,
-              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, False, decay, wd, scale, False)
+              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, False)
 
 
 def adam(floating[::1] param, grad, floating[::1] exp_avg,
@@ -541,104 +553,171 @@ def adam(floating[::1] param, grad, floating[::1] exp_avg,
     cdef floating scale = -grad_scale if maximize else grad_scale
     if _inline_call(n, parts):
         _adam_unswitched(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, n, neg_step_size,
-              inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd, scale, amsgrad)
+                         inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd,
+                         scale, amsgrad)
         return
     for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
         _adam_unswitched(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
-              _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1,
-              small1, decay, wd, scale, amsgrad)
+                         _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1,
+                         one_minus_w1, small1, decay, wd, scale, amsgrad)
 
 
-def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
+cdef inline void _rmsprop(floating[::1] param, const _Grads* grads, floating[::1] square_avg,
+                          floating[::1] grad_avg, floating[::1] momentum_buffer, Py_ssize_t lo,
+                          Py_ssize_t hi, floating neg_lr, floating a, floating c,
+                          floating one_minus_c, bint small, floating eps_, floating mom,
+                          floating wd, floating scale, bint centered,
+                          bint use_momentum) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating d, s, ga, b, denom
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = _direction(g[i - lo], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, a, c)
+            square_avg[i] = s
+            if centered:
+                ga = _lerp(grad_avg[i], d, c, one_minus_c, small)
+                grad_avg[i] = ga
+                denom = _sqrt(s - ga * ga) + eps_
+            else:
+                denom = _sqrt(s) + eps_
+            if use_momentum:
+                b = momentum_buffer[i] * mom + d / denom
+                momentum_buffer[i] = b
+                param[i] = param[i] + neg_lr * b
+            else:
+                param[i] = param[i] + (neg_lr * d) / denom
+        lo = end
+
+
+cdef inline void _rmsprop_unswitched(floating[::1] param, const _Grads* grads,
+                                     floating[::1] square_avg, floating[::1] grad_avg,
+                                     floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi,
+                                     floating neg_lr, floating a, floating c,
+                                     floating one_minus_c, bint small, floating eps_,
+                                     floating mom, floating wd, floating scale, bint centered,
+                                     bint use_momentum) noexcept nogil:
+    """``_rmsprop`` with its (centered, momentum) flags as literal constants, one loop per
+    variant: gcc does not unswitch a loop with two conditional stores, and a loop with a
+    conditional store does not vectorise (as ``_sgd_unswitched``)."""
+    if centered and use_momentum:
+        _rmsprop(param, grads, square_avg, grad_avg, momentum_buffer, lo, hi, neg_lr, a, c,
+                 one_minus_c, small, eps_, mom, wd, scale, True, True)
+    elif centered:
+        _rmsprop(param, grads, square_avg, grad_avg, momentum_buffer, lo, hi, neg_lr, a, c,
+                 one_minus_c, small, eps_, mom, wd, scale, True, False)
+    elif use_momentum:
+        _rmsprop(param, grads, square_avg, grad_avg, momentum_buffer, lo, hi, neg_lr, a, c,
+                 one_minus_c, small, eps_, mom, wd, scale, False, True)
+    else:
+        _rmsprop(param, grads, square_avg, grad_avg, momentum_buffer, lo, hi, neg_lr, a, c,
+                 one_minus_c, small, eps_, mom, wd, scale, False, False)
+
+
+def rmsprop(floating[::1] param, grad, floating[::1] square_avg,
             floating[::1] grad_avg, floating[::1] momentum_buffer, double lr, double alpha,
             double eps, double weight_decay, double momentum, bint centered, bint maximize,
             double grad_scale, int n_threads):
     """torch.optim.RMSprop, in place. ``grad_avg`` is unused (may be empty) unless
-    ``centered``; ``momentum_buffer`` unless ``momentum > 0``.
-
-    One loop per (centered, momentum) variant: gcc does not unswitch a loop with two
-    conditional stores, and a loop with a conditional store does not vectorise.
-    """
-    cdef Py_ssize_t i, n = param.shape[0]
+    ``centered``; ``momentum_buffer`` unless ``momentum > 0``. ``grad`` is a flat buffer or
+    a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating neg_lr = -lr, a = alpha, c = 1.0 - alpha, eps_ = eps, mom = momentum
     cdef floating one_minus_c = 1 - c
     cdef bint small = c < 0.5
     cdef floating wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating d, s, ga, b
-    cdef bint threads = _use_threads(n, n_threads)
-    if centered and momentum > 0:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=threads):
-            d = _direction(grad[i], param[i], scale, wd)
-            s = _square_avg(square_avg[i], d, a, c)
-            square_avg[i] = s
-            ga = _lerp(grad_avg[i], d, c, one_minus_c, small)
-            grad_avg[i] = ga
-            b = momentum_buffer[i] * mom + d / (_sqrt(s - ga * ga) + eps_)
-            momentum_buffer[i] = b
-            param[i] = param[i] + neg_lr * b
-    elif centered:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=threads):
-            d = _direction(grad[i], param[i], scale, wd)
-            s = _square_avg(square_avg[i], d, a, c)
-            square_avg[i] = s
-            ga = _lerp(grad_avg[i], d, c, one_minus_c, small)
-            grad_avg[i] = ga
-            param[i] = param[i] + (neg_lr * d) / (_sqrt(s - ga * ga) + eps_)
-    elif momentum > 0:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=threads):
-            d = _direction(grad[i], param[i], scale, wd)
-            s = _square_avg(square_avg[i], d, a, c)
-            square_avg[i] = s
-            b = momentum_buffer[i] * mom + d / (_sqrt(s) + eps_)
-            momentum_buffer[i] = b
-            param[i] = param[i] + neg_lr * b
-    else:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=threads):
-            d = _direction(grad[i], param[i], scale, wd)
-            s = _square_avg(square_avg[i], d, a, c)
-            square_avg[i] = s
-            param[i] = param[i] + (neg_lr * d) / (_sqrt(s) + eps_)
+    cdef bint use_momentum = momentum > 0
+    if _inline_call(n, parts):
+        _rmsprop_unswitched(param, &g, square_avg, grad_avg, momentum_buffer, 0, n, neg_lr, a,
+                            c, one_minus_c, small, eps_, mom, wd, scale, centered, use_momentum)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _rmsprop_unswitched(param, &g, square_avg, grad_avg, momentum_buffer, _lo(t, n, parts),
+                            _lo(t + 1, n, parts), neg_lr, a, c, one_minus_c, small, eps_, mom,
+                            wd, scale, centered, use_momentum)
 
 
-def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
+cdef inline void _adadelta(floating[::1] param, const _Grads* grads, floating[::1] square_avg,
+                           floating[::1] acc_delta, Py_ssize_t lo, Py_ssize_t hi,
+                           floating neg_lr, floating r, floating c, floating eps_, floating wd,
+                           floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating d, s, delta, acc
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = _direction(g[i - lo], param[i], scale, wd)
+            s = _square_avg(square_avg[i], d, r, c)
+            square_avg[i] = s
+            acc = acc_delta[i]
+            delta = _sqrt(acc + eps_) / _sqrt(s + eps_) * d
+            acc_delta[i] = _square_avg(acc, delta, r, c)
+            param[i] = param[i] + neg_lr * delta
+        lo = end
+
+
+def adadelta(floating[::1] param, grad, floating[::1] square_avg,
              floating[::1] acc_delta, double lr, double rho, double eps, double weight_decay,
              bint maximize, double grad_scale, int n_threads):
-    """torch.optim.Adadelta, in place."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    """torch.optim.Adadelta, in place. ``grad`` is a flat buffer or a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating neg_lr = -lr, r = rho, c = 1.0 - rho, eps_ = eps, wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating d, s, delta, acc
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        d = _direction(grad[i], param[i], scale, wd)
-        s = _square_avg(square_avg[i], d, r, c)
-        square_avg[i] = s
-        acc = acc_delta[i]
-        delta = _sqrt(acc + eps_) / _sqrt(s + eps_) * d
-        acc_delta[i] = _square_avg(acc, delta, r, c)
-        param[i] = param[i] + neg_lr * delta
+    if _inline_call(n, parts):
+        _adadelta(param, &g, square_avg, acc_delta, 0, n, neg_lr, r, c, eps_, wd, scale)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _adadelta(param, &g, square_avg, acc_delta, _lo(t, n, parts), _lo(t + 1, n, parts),
+                  neg_lr, r, c, eps_, wd, scale)
 
 
-def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] state_sum,
+cdef inline void _adagrad(floating[::1] param, const _Grads* grads, floating[::1] state_sum,
+                          Py_ssize_t lo, Py_ssize_t hi, floating neg_clr, floating eps_,
+                          floating wd, floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating d, s
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = _direction(g[i - lo], param[i], scale, wd)
+            s = state_sum[i] + d * d
+            state_sum[i] = s
+            param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)
+        lo = end
+
+
+def adagrad(floating[::1] param, grad, floating[::1] state_sum,
             Py_ssize_t step, double lr, double lr_decay, double eps, double weight_decay,
             bint maximize, double grad_scale, int n_threads):
-    """torch.optim.Adagrad, in place, for the 1-based ``step`` (decays the lr)."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    """torch.optim.Adagrad, in place, for the 1-based ``step`` (decays the lr). ``grad`` is
+    a flat buffer or a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double clr = lr / (1.0 + (step - 1) * lr_decay)
     cdef floating neg_clr = -clr, eps_ = eps, wd = weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating d, s
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        d = _direction(grad[i], param[i], scale, wd)
-        s = state_sum[i] + d * d
-        state_sum[i] = s
-        param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)
+    if _inline_call(n, parts):
+        _adagrad(param, &g, state_sum, 0, n, neg_clr, eps_, wd, scale)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _adagrad(param, &g, state_sum, _lo(t, n, parts), _lo(t + 1, n, parts), neg_clr, eps_,
+                 wd, scale)
 
 
 # -- Adam's variants: NAdam, RAdam, Adamax (torch.optim) and Lion ----------------------------
@@ -647,19 +726,46 @@ def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] state_s
 # writes ``**``, so that they are torch's doubles bit for bit), then cast to ``floating``.
 
 
-def nadam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+cdef inline void _nadam(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
+                        floating[::1] exp_avg_sq, Py_ssize_t lo, Py_ssize_t hi,
+                        floating grad_coef, floating avg_coef, floating bc2, floating eps_,
+                        floating b2, floating c2, floating w1, floating one_minus_w1,
+                        bint small1, floating decay, floating wd,
+                        floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating p, d, m, v, denom
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            p = param[i]
+            d = _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1,
+                              b2, c2, wd, scale, &m, &v)
+            p = p * decay
+            denom = _sqrt(v / bc2) + eps_
+            p = p + (grad_coef * d) / denom
+            param[i] = p + (avg_coef * m) / denom
+        lo = end
+
+
+def nadam(floating[::1] param, grad, floating[::1] exp_avg,
           floating[::1] exp_avg_sq, Py_ssize_t step, double mu_product, bint mu_product_float32,
           double lr, double beta1, double beta2, double eps, double weight_decay,
           double momentum_decay, bint decoupled, bint maximize, double grad_scale,
           int n_threads):
     """torch.optim.NAdam, in place, for the 1-based ``step``; returns the new mu_product.
+    ``grad`` is a flat buffer or a :class:`GradTable`.
 
     ``mu_product`` is the product of the momentum schedule ``mu_t`` over the steps
     before this one (1.0 before the first). torch keeps it in a scalar tensor of its
     default dtype: with ``mu_product_float32`` the running product is rounded to float32
     as torch does then (``mu_product *= mu`` in float32), otherwise it is a double.
     """
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
     cdef double mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
     cdef double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1) * momentum_decay))
@@ -678,33 +784,56 @@ def nadam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating p, d, m, v, denom
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        d = _direction(grad[i], p, scale, wd)
-        p = p * decay
-        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-        v = _square_avg(exp_avg_sq[i], d, b2, c2)
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        denom = _sqrt(v / bc2) + eps_
-        p = p + (grad_coef * d) / denom
-        param[i] = p + (avg_coef * m) / denom
+    if _inline_call(n, parts):
+        _nadam(param, &g, exp_avg, exp_avg_sq, 0, n, grad_coef, avg_coef, bc2, eps_, b2, c2,
+               w1, one_minus_w1, small1, decay, wd, scale)
+        return mu_product
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _nadam(param, &g, exp_avg, exp_avg_sq, _lo(t, n, parts), _lo(t + 1, n, parts),
+               grad_coef, avg_coef, bc2, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd,
+               scale)
     return mu_product
 
 
-def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+cdef inline void _radam(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
+                        floating[::1] exp_avg_sq, Py_ssize_t lo, Py_ssize_t hi,
+                        bint rectified, floating rect, floating sqrt_bc2, floating bc1,
+                        floating lr_, floating eps_, floating b2, floating c2, floating w1,
+                        floating one_minus_w1, bint small1, floating decay, floating wd,
+                        floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating p, m, v, u, one = 1.0
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            p = param[i]
+            _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
+                          c2, wd, scale, &m, &v)
+            p = p * decay
+            u = m / bc1 * lr_
+            if rectified:
+                u = u * (one / (_sqrt(v) + eps_) * sqrt_bc2) * rect
+            param[i] = p - u
+        lo = end
+
+
+def radam(floating[::1] param, grad, floating[::1] exp_avg,
           floating[::1] exp_avg_sq, Py_ssize_t step, double lr, double beta1, double beta2,
           double eps, double weight_decay, bint decoupled, bint maximize, double grad_scale,
           int n_threads):
     """torch.optim.RAdam, in place, for the 1-based ``step``; returns whether the step was
     rectified (torch's ``rho_t > 5``: the adaptive step), else it was plain momentum SGD.
+    ``grad`` is a flat buffer or a :class:`GradTable`.
 
     torch's element order: ``m/bc1 * lr * (sqrt(bc2) * (1/(sqrt(v) + eps))) * rect``
     (``scalar / tensor`` is ``tensor.reciprocal() * scalar`` in torch).
     """
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double bias_correction1 = 1.0 - pow(beta1, <double>step)
     cdef double bias_correction2 = 1.0 - pow(beta2, <double>step)
     cdef double rho_inf = 2.0 / (1.0 - beta2) - 1.0
@@ -716,7 +845,7 @@ def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
                      / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
     cdef floating rect = rect_d
     cdef floating sqrt_bc2 = pow(bias_correction2, 0.5)
-    cdef floating bc1 = bias_correction1, lr_ = lr, eps_ = eps, one = 1.0
+    cdef floating bc1 = bias_correction1, lr_ = lr, eps_ = eps
     cdef floating b2 = beta2, c2 = 1.0 - beta2
     cdef floating w1 = 1.0 - beta1
     cdef floating one_minus_w1 = 1 - w1
@@ -724,48 +853,63 @@ def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
     cdef floating decay = 1.0 - lr * weight_decay if decoupled else 1.0
     cdef floating wd = 0.0 if decoupled else weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating p, d, m, v, u
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        d = _direction(grad[i], p, scale, wd)
-        p = p * decay
-        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-        v = _square_avg(exp_avg_sq[i], d, b2, c2)
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        u = m / bc1 * lr_
-        if rectified:
-            u = u * (one / (_sqrt(v) + eps_) * sqrt_bc2) * rect
-        param[i] = p - u
+    if _inline_call(n, parts):
+        _radam(param, &g, exp_avg, exp_avg_sq, 0, n, rectified, rect, sqrt_bc2, bc1, lr_, eps_,
+               b2, c2, w1, one_minus_w1, small1, decay, wd, scale)
+        return rectified
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _radam(param, &g, exp_avg, exp_avg_sq, _lo(t, n, parts), _lo(t + 1, n, parts),
+               rectified, rect, sqrt_bc2, bc1, lr_, eps_, b2, c2, w1, one_minus_w1, small1,
+               decay, wd, scale)
     return rectified
 
 
-def adamax(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+cdef inline void _adamax(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
+                         floating[::1] exp_inf, Py_ssize_t lo, Py_ssize_t hi, floating neg_clr,
+                         floating eps_, floating b2, floating w1, floating one_minus_w1,
+                         bint small1, floating wd, floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating d, m, u, a
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = _direction(g[i - lo], param[i], scale, wd)
+            m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
+            exp_avg[i] = m
+            u = exp_inf[i] * b2
+            a = fabs(d) + eps_
+            if not (u > a or u != u):
+                u = a
+            exp_inf[i] = u
+            param[i] = param[i] + (neg_clr * m) / u
+        lo = end
+
+
+def adamax(floating[::1] param, grad, floating[::1] exp_avg,
            floating[::1] exp_inf, Py_ssize_t step, double lr, double beta1, double beta2,
            double eps, double weight_decay, bint maximize, double grad_scale, int n_threads):
     """torch.optim.Adamax, in place, for the 1-based ``step``:
     ``u = max(beta2*u, |g| + eps)``, ``p -= lr/bc1 * m / u`` (NaN propagates, as
-    torch.maximum)."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    torch.maximum). ``grad`` is a flat buffer or a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef double clr = lr / (1.0 - pow(beta1, <double>step))
     cdef floating neg_clr = -clr, eps_ = eps, b2 = beta2, wd = weight_decay
     cdef floating w1 = 1.0 - beta1
     cdef floating one_minus_w1 = 1 - w1
     cdef bint small1 = w1 < 0.5
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating d, m, u, a
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        d = _direction(grad[i], param[i], scale, wd)
-        m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
-        exp_avg[i] = m
-        u = exp_inf[i] * b2
-        a = fabs(d) + eps_
-        if not (u > a or u != u):
-            u = a
-        exp_inf[i] = u
-        param[i] = param[i] + (neg_clr * m) / u
+    if _inline_call(n, parts):
+        _adamax(param, &g, exp_avg, exp_inf, 0, n, neg_clr, eps_, b2, w1, one_minus_w1, small1,
+                wd, scale)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _adamax(param, &g, exp_avg, exp_inf, _lo(t, n, parts), _lo(t + 1, n, parts), neg_clr,
+                eps_, b2, w1, one_minus_w1, small1, wd, scale)
 
 
 cdef inline floating _sign(floating x) noexcept nogil:
@@ -783,23 +927,43 @@ cdef inline floating _sign(floating x) noexcept nogil:
         return copysign(one, x) if fabs(x) > 0 else x
 
 
-def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, double lr,
+cdef inline void _lion(floating[::1] param, const _Grads* grads, floating[::1] exp_avg,
+                       Py_ssize_t lo, Py_ssize_t hi, floating neg_lr, floating b1, floating c1,
+                       floating b2, floating c2, floating decay, floating scale) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const char* src
+    cdef const floating* g
+    cdef floating d, m
+    while lo < hi:
+        end = _piece(grads, lo, hi, sizeof(floating), &src)
+        g = <const floating*>src
+        for i in range(lo, end):
+            d = g[i - lo] * scale
+            m = exp_avg[i]
+            param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
+            exp_avg[i] = m * b2 + c2 * d
+        lo = end
+
+
+def lion(floating[::1] param, grad, floating[::1] exp_avg, double lr,
          double beta1, double beta2, double weight_decay, bint maximize, double grad_scale,
          int n_threads):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), in place:
     ``c = beta1*m + (1-beta1)*g``; ``p = p*(1 - lr*wd) - lr*sign(c)``;
-    ``m = beta2*m + (1-beta2)*g`` (decoupled decay, as the paper, optax and DeepSpeed)."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    ``m = beta2*m + (1-beta2)*g`` (decoupled decay, as the paper, optax and DeepSpeed).
+    ``grad`` is a flat buffer or a :class:`GradTable`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating neg_lr = -lr, b1 = beta1, c1 = 1.0 - beta1, b2 = beta2, c2 = 1.0 - beta2
     cdef floating decay = 1.0 - lr * weight_decay
     cdef floating scale = -grad_scale if maximize else grad_scale
-    cdef floating d, m
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        d = grad[i] * scale
-        m = exp_avg[i]
-        param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
-        exp_avg[i] = m * b2 + c2 * d
+    if _inline_call(n, parts):
+        _lion(param, &g, exp_avg, 0, n, neg_lr, b1, c1, b2, c2, decay, scale)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _lion(param, &g, exp_avg, _lo(t, n, parts), _lo(t + 1, n, parts), neg_lr, b1, c1, b2,
+              c2, decay, scale)
 
 
 # -- Keras 3's formulas (flatopt.keras) -------------------------------------------------------
