@@ -52,9 +52,12 @@ OPENMP_TEST = textwrap.dedent(
 # 512-bit vectors (-mprefer-vector-width=512) took 8-9% longer for Adam in cache (2**16),
 # 3-5% longer for Adam at 2**23-2**25, and 4-6% less for momentum there: no size where
 # Adam gains, and the in-cache loss (downclocking, split-load costs) is the larger effect.
+#
+# Both also use F16C (float16 conversions; part of x86-64-v3 with AVX2 and FMA, and on
+# every CPU with AVX-512F), which flatopt._cpu_features requires for either level.
 ISA_VARIANTS = {
-    "flatopt._kernels_avx2": ["-mavx2", "-mfma"],
-    "flatopt._kernels_avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw",
+    "flatopt._kernels_avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "flatopt._kernels_avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mf16c",
                                 "-mprefer-vector-width=256"],
 }
 

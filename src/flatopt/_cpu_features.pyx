@@ -22,7 +22,7 @@ cdef extern from *:
         __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(eax), "=d"(edx) : "c"(0));
         return ((unsigned long long)edx << 32) | eax;
     }
-    /* 0: baseline only, 1: avx2 (+fma), 2: avx512 (f, dq, vl, bw) */
+    /* 0: baseline only, 1: avx2 (+fma, f16c), 2: avx512 (f, dq, vl, bw; + f16c) */
     static int flatopt_x86_level(void) {
         unsigned int a, b, c, d, max_leaf;
         unsigned long long xcr0;
@@ -30,8 +30,8 @@ cdef extern from *:
         max_leaf = __get_cpuid_max(0, 0);
         if (max_leaf < 7 || !__get_cpuid(1, &a, &b, &c, &d))
             return 0;
-        /* OSXSAVE (ecx 27): the OS enabled XSAVE and XGETBV; AVX (28) and FMA (12) */
-        if (!(c & (1u << 27)) || !(c & (1u << 28)) || !(c & (1u << 12)))
+        /* OSXSAVE (ecx 27): the OS enabled XSAVE and XGETBV; AVX (28), FMA (12), F16C (29) */
+        if (!(c & (1u << 27)) || !(c & (1u << 28)) || !(c & (1u << 12)) || !(c & (1u << 29)))
             return 0;
         xcr0 = flatopt_xgetbv0();
         if ((xcr0 & 0x6) != 0x6)          /* XMM and YMM state */

@@ -1257,36 +1257,91 @@ cdef inline uint16_t _f32_to_fp16(uint32_t u) noexcept nogil:
     bias_f.u = (bias >> 1) + 0x07800000
     base.f = bias_f.f + base.f
     cdef uint32_t nonsign = ((base.u >> 13) & 0x00007C00) + (base.u & 0x00000FFF)
-    return <uint16_t>(((u >> 16) & 0x8000) | _sel(shl1 > 0xFF000000U, 0x7E00, nonsign))
+    # NaN: made quiet, keeping the payload's top 10 bits, as F16C's vcvtps2ph (and torch's
+    # vectorised cast) does; the FP16 library returns 0x7E00 for every NaN.
+    cdef uint32_t nan = 0x7E00 | ((u >> 13) & 0x3FF)
+    return <uint16_t>(((u >> 16) & 0x8000) | _sel(shl1 > 0xFF000000U, nan, nonsign))
+
+
+# With F16C (x86-64-v3: the avx2 and avx512 builds, see setup.py) float16 conversions are
+# one instruction per 8 elements: vcvtph2ps is exact and vcvtps2ph rounds to nearest even
+# (its immediate, whatever MXCSR says), NaN made quiet with its payload's top bits, the
+# very results of _fp16_to_f32 / _f32_to_fp16, which convert the rest (and everything in
+# the baseline build). At 2**16 elements, 1 thread (AMD EPYC): widening 0.53 -> 0.16 ns
+# an element, narrowing 0.64 -> 0.22, as fast as bfloat16's shifts.
+cdef extern from *:
+    """
+    #if defined(__F16C__)
+    #include <immintrin.h>
+    static inline Py_ssize_t flatopt_widen_fp16(const uint16_t *src, uint32_t *out, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps((float *)(out + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+        return i;
+    }
+    static inline Py_ssize_t flatopt_narrow_fp16(const uint32_t *src, uint16_t *out, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(
+                _mm256_loadu_ps((const float *)(src + i)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return i;
+    }
+    #else
+    static inline Py_ssize_t flatopt_widen_fp16(const uint16_t *src, uint32_t *out, Py_ssize_t n) { return 0; }
+    static inline Py_ssize_t flatopt_narrow_fp16(const uint32_t *src, uint16_t *out, Py_ssize_t n) { return 0; }
+    #endif
+    """
+    Py_ssize_t flatopt_widen_fp16(const uint16_t* src, uint32_t* out, Py_ssize_t n) noexcept nogil
+    Py_ssize_t flatopt_narrow_fp16(const uint32_t* src, uint16_t* out, Py_ssize_t n) noexcept nogil
+
+
+cdef inline void _widen_range(const uint16_t[::1] src, uint32_t[::1] out, int kind,
+                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    if kind == 0:
+        for i in range(lo, hi):
+            out[i] = _bf16_to_f32(src[i])
+    else:
+        if hi > lo:
+            lo = lo + flatopt_widen_fp16(&src[lo], &out[lo], hi - lo)
+        for i in range(lo, hi):
+            out[i] = _fp16_to_f32(src[i])
+
+
+cdef inline void _narrow_range(const uint32_t[::1] src, uint16_t[::1] out, int kind,
+                               Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    if kind == 0:
+        for i in range(lo, hi):
+            out[i] = _f32_to_bf16(src[i])
+    else:
+        if hi > lo:
+            lo = lo + flatopt_narrow_fp16(&src[lo], &out[lo], hi - lo)
+        for i in range(lo, hi):
+            out[i] = _f32_to_fp16(src[i])
 
 
 def widen16(const uint16_t[::1] src, uint32_t[::1] out, int kind, int n_threads):
     """``out[i] = float32(src[i])``, exactly: ``src`` holds bfloat16 (``kind`` =
     ``KIND_BF16``) or float16 (``KIND_FP16``) bit patterns, ``out`` float32 ones (pass
     ``array.view(np.uint16)`` and ``array.view(np.uint32)``); ``out`` may be longer."""
-    cdef Py_ssize_t i, n = src.shape[0]
-    if kind == 0:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=_use_threads(n, n_threads)):
-            out[i] = _bf16_to_f32(src[i])
-    else:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=_use_threads(n, n_threads)):
-            out[i] = _fp16_to_f32(src[i])
+    cdef Py_ssize_t t, n = src.shape[0], parts = _parts(n, n_threads)
+    if _inline_call(n, parts):
+        _widen_range(src, out, kind, 0, n)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _widen_range(src, out, kind, _lo(t, n, parts), _lo(t + 1, n, parts))
 
 
 def narrow16(const uint32_t[::1] src, uint16_t[::1] out, int kind, int n_threads):
     """``out[i] = src[i]`` rounded to nearest even, as bit patterns: float32 in, bfloat16
     (``KIND_BF16``) or float16 (``KIND_FP16``) out; bit-exact with torch's casts."""
-    cdef Py_ssize_t i, n = src.shape[0]
-    if kind == 0:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=_use_threads(n, n_threads)):
-            out[i] = _f32_to_bf16(src[i])
-    else:
-        for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                        use_threads_if=_use_threads(n, n_threads)):
-            out[i] = _f32_to_fp16(src[i])
+    cdef Py_ssize_t t, n = src.shape[0], parts = _parts(n, n_threads)
+    if _inline_call(n, parts):
+        _narrow_range(src, out, kind, 0, n)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _narrow_range(src, out, kind, _lo(t, n, parts), _lo(t + 1, n, parts))
 
 
 def count_nonfinite16(const uint16_t[::1] x, int kind, int n_threads):
