@@ -24,7 +24,7 @@ from ._mixed import HalfLayout as _HalfLayout, split as _split
 from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import FloatArray, check_bool, check_fits, check_flat, check_real, describe
+from ._validation import FloatArray, KernelGrad, check_bool, check_fits, check_flat, check_real, describe
 
 #: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
 #: ``"params"`` sequence of arrays and hyperparameter overrides); not a mix of both (that
@@ -311,7 +311,7 @@ class Optimizer(ClipGradNormMixin):
     def _init_state(self, name: str, buffer: FloatArray) -> None:
         """Fill a newly allocated state buffer (zeros by default)."""
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: FloatArray,
+    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         """Run the kernel on group ``gi``: ``seg`` holds its param and state views."""
         raise NotImplementedError
@@ -454,7 +454,7 @@ class Optimizer(ClipGradNormMixin):
         self._prepare()
         return grad_scale
 
-    def _finish_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
+    def _finish_step(self, flat_grad: KernelGrad, runs: Iterable[_Run] | None,
                      grad_scale: float, skip_if_nonfinite: bool, n_threads: int,
                      before_run: Callable[[int, dict[str, Any], int], object] | None = None,
                      ) -> bool:
@@ -480,11 +480,13 @@ class Optimizer(ClipGradNormMixin):
         if pending != 1.0:
             grad_scale *= pending
             self._pending_grad_scale = 1.0
-        if skip_if_nonfinite and self._count_nonfinite(flat_grad, n_threads):
-            self.skipped_steps += 1
-            return False
-        if self._half:
-            return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
+        if skip_if_nonfinite or self._half:  # both read a flat buffer (never a GradTable)
+            assert isinstance(flat_grad, np.ndarray)
+            if skip_if_nonfinite and self._count_nonfinite(flat_grad, n_threads):
+                self.skipped_steps += 1
+                return False
+            if self._half:
+                return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
         if runs is None:
             state = self._state
             step: int = state["step"] + 1
@@ -513,7 +515,7 @@ class Optimizer(ClipGradNormMixin):
                     buffers = {"param": self._flat_params,
                                **{k: v for k, v in self._state.items() if isinstance(v, np.ndarray)}}
                 seg = {k: v[lo:hi] for k, v in buffers.items()}
-                seg["grad"] = grad = flat_grad[lo:hi]
+                grad = flat_grad[lo:hi]
             self._start_run(gi, group, fresh)
             if before_run is not None:
                 before_run(gi, group, step - 1)

@@ -7,13 +7,18 @@ TypeError or ValueError that names the argument, what was expected and what was 
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
 
 #: A float32 or float64 array (the dtypes flatopt computes in).
 FloatArray = npt.NDArray[np.floating[Any]]
+if TYPE_CHECKING:
+    from ._kernels import GradTable
+#: A step kernel's gradient: a flat buffer, or a table of sources read in place (the
+#: kernels of optimizers with ``_reads_grad_table``; flatopt.torch passes one).
+KernelGrad = Union[FloatArray, "GradTable"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 _LARGEST: dict[np.dtype[Any], float] = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}
