@@ -74,9 +74,9 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
 # cannot change a bit. A serial call keeps the GIL below _KEEP_GIL_BELOW elements (tens of
 # microseconds at most; releasing and re-taking it costs ~0.1 us) and releases it above.
 # Every step kernel of the torch.optim family (sgd, momentum, the adaptive family, Adam's
-# variants and Lion) is built this way; the keras_* kernels and the read-only passes
-# (norms, finiteness, widen16/narrow16, gather) still open a (one-thread) region on every
-# call.
+# variants and Lion) is built this way, and so are widen16/narrow16 and gather_bytes; the
+# keras_* kernels and the read-only passes (norms, finiteness) still open a (one-thread)
+# region on every call.
 cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 
 
