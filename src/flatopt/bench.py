@@ -685,7 +685,9 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
     for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools, first step)
         if progress is not None and r > 0:
             progress.next(f"end to end, round {r} of {rounds}")
-        for label, (m, opt) in runs.items():
+        # Alternate the order: the second of two runs in a round was measured slower in
+        # forward and backward (allocator and cache state left by the first).
+        for label, (m, opt) in (list(runs.items()) if r % 2 else list(runs.items())[::-1]):
             for i in range(steps):
                 xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
                 t0 = time.perf_counter()
