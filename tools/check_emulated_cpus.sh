@@ -4,7 +4,7 @@
 # interpreter and installed package on
 #
 #   Nehalem-v2  x86-64-v2 (SSE4.2, no AVX): NumPy's own minimum; flatopt must pick "baseline"
-#   Haswell-v4  AVX2 + FMA, no AVX-512 (QEMU emulates none)  ; flatopt must pick "avx2"
+#   Haswell-v4  AVX2 + FMA + F16C, no AVX-512 (QEMU emulates none); flatopt must pick "avx2"
 #
 # Under each: `import flatopt` works and picks that level; forcing a wider level is the
 # documented ValueError, not SIGILL; a fixed trajectory (every optimizer, both dtypes, odd
