@@ -130,19 +130,18 @@ cdef inline Py_ssize_t _segment_of(const Py_ssize_t* starts, Py_ssize_t n,
 
 
 cdef inline Py_ssize_t _piece(const _Grads* g, Py_ssize_t lo, Py_ssize_t hi,
-                              Py_ssize_t itemsize, const char** src) noexcept nogil:
+                              const floating** src) noexcept nogil:
     """The end (at most ``hi``) of the piece of elements from ``lo`` whose gradients lie
     in one source; ``src[0]`` is set to the address of element ``lo``'s gradient."""
     if g.flat != NULL:
-        src[0] = g.flat + lo * itemsize
+        src[0] = <const floating*>g.flat + lo
         return hi
     cdef Py_ssize_t j = lo + g.offset
     cdef Py_ssize_t k = _segment_of(g.bounds, g.n_sources, j)
-    src[0] = <const char*>g.sources[k] + (j - g.bounds[k]) * itemsize
+    src[0] = <const floating*>g.sources[k] + (j - g.bounds[k])
     return min(hi, g.bounds[k + 1] - g.offset)
 
 
-@cython.auto_pickle(False)  # its addresses mean nothing in another process
 cdef class GradTable:
     """Gradients read where they are: a step kernel's ``grad`` argument for flatopt.torch.
 
@@ -232,12 +231,10 @@ cdef inline void _sgd(floating[::1] param, const _Grads* grads,
                       floating m, floating c, floating wd, floating scale, bint use_momentum,
                       bint init_buffer, bint nesterov) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, b
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             if use_momentum:
@@ -299,12 +296,10 @@ cdef inline void _momentum(floating[::1] param, const _Grads* grads,
                            floating[::1] velocity, Py_ssize_t lo, Py_ssize_t hi, floating lr_,
                            floating b, floating c, floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating v
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             v = b * velocity[i] + c * _direction(g[i - lo], param[i], scale, wd)
             velocity[i] = v
@@ -483,12 +478,10 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
                        floating one_minus_w1, bint small1, floating decay, floating wd,
                        floating scale, bint amsgrad) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating p, m, v, v_max
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             p = param[i]
             _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
@@ -569,12 +562,10 @@ cdef inline void _rmsprop(floating[::1] param, const _Grads* grads, floating[::1
                           floating wd, floating scale, bint centered,
                           bint use_momentum) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, s, ga, b, denom
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = _square_avg(square_avg[i], d, a, c)
@@ -649,12 +640,10 @@ cdef inline void _adadelta(floating[::1] param, const _Grads* grads, floating[::
                            floating neg_lr, floating r, floating c, floating eps_, floating wd,
                            floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, s, delta, acc
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = _square_avg(square_avg[i], d, r, c)
@@ -687,12 +676,10 @@ cdef inline void _adagrad(floating[::1] param, const _Grads* grads, floating[::1
                           Py_ssize_t lo, Py_ssize_t hi, floating neg_clr, floating eps_,
                           floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, s
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = state_sum[i] + d * d
@@ -733,12 +720,10 @@ cdef inline void _nadam(floating[::1] param, const _Grads* grads, floating[::1] 
                         bint small1, floating decay, floating wd,
                         floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating p, d, m, v, denom
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             p = param[i]
             d = _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1,
@@ -802,12 +787,10 @@ cdef inline void _radam(floating[::1] param, const _Grads* grads, floating[::1] 
                         floating one_minus_w1, bint small1, floating decay, floating wd,
                         floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating p, m, v, u, one = 1.0
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             p = param[i]
             _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
@@ -869,12 +852,10 @@ cdef inline void _adamax(floating[::1] param, const _Grads* grads, floating[::1]
                          floating eps_, floating b2, floating w1, floating one_minus_w1,
                          bint small1, floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, m, u, a
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
@@ -931,12 +912,10 @@ cdef inline void _lion(floating[::1] param, const _Grads* grads, floating[::1] e
                        Py_ssize_t lo, Py_ssize_t hi, floating neg_lr, floating b1, floating c1,
                        floating b2, floating c2, floating decay, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
-    cdef const char* src
     cdef const floating* g
     cdef floating d, m
     while lo < hi:
-        end = _piece(grads, lo, hi, sizeof(floating), &src)
-        g = <const floating*>src
+        end = _piece(grads, lo, hi, &g)
         for i in range(lo, end):
             d = g[i - lo] * scale
             m = exp_avg[i]
