@@ -142,6 +142,7 @@ cdef inline Py_ssize_t _piece(const _Grads* g, Py_ssize_t lo, Py_ssize_t hi,
     return min(hi, g.bounds[k + 1] - g.offset)
 
 
+@cython.auto_pickle(False)  # its addresses mean nothing in another process
 cdef class GradTable:
     """Gradients read where they are: a step kernel's ``grad`` argument for flatopt.torch.
 
