@@ -20,8 +20,10 @@ def grad_table(arrays, dtype):
 
 def scattered(g, rng):
     """``g`` cut into sources of odd lengths, empty ones between, each copied to its own
-    misaligned place in a backing buffer whose gaps hold NaN (a stray read would show)."""
-    arrays, backing, i = [], np.full(4 * g.size + 64, np.nan, g.dtype), 0
+    misaligned place in a backing buffer whose gaps hold NaN (a stray read would show;
+    for 16-bit bit patterns, 0xFFFF)."""
+    gap = np.nan if g.dtype.kind == "f" else 0xFFFF  # a NaN as bfloat16 and float16 bits
+    arrays, backing, i = [], np.full(4 * g.size + 64, gap, g.dtype), 0
     at = 1
     while i < g.size:
         n = min(int(rng.choice([1, 3, 5, 7, 31, 127, 1023, 4095])), g.size - i)
@@ -157,7 +159,7 @@ def test_kernels_refuse_a_mismatched_table(case):
     ([0, 5, 3], [0, 0], 4, "not decrease"),
     ([0, 5], [0, 0], 4, "len\\(sources\\) \\+ 1"),
     ([0], [0], 8, "len\\(sources\\) \\+ 1"),
-    ([0, 5], [0], 2, "itemsize"),
+    ([0, 5], [0], 3, "itemsize"),
 ])
 def test_invalid_tables(bounds, sources, itemsize, error):
     with pytest.raises(ValueError, match=error):
@@ -169,3 +171,87 @@ def test_table_takes_slices_only(key):
     table = grad_table([np.zeros(6)], np.float64)
     with pytest.raises(TypeError, match="slice"):
         table[key]
+
+
+# -- HalfGrads: 16-bit gradients in, 16-bit parameters out, in the kernel's own pass -------------
+HALF_SIZES = [0, 1, 7, 1023, 1025, 4097, PARALLEL_THRESHOLD + 1, 2**16 + 3]  # pieces of 1024
+
+
+def random_half_bits(rng, size, kind):
+    """16-bit patterns of ordinary values (and a few inf/NaN) of ``kind``."""
+    x = (rng.standard_normal(size) * 0.1).astype(np.float32)
+    if size > 3:
+        x[rng.integers(0, size, 2)] = [np.inf, np.nan]
+    out = np.empty(size, np.uint16)
+    kernels.narrow16(x.view(np.uint32), out, kind, 1)
+    return out
+
+
+def widened(x16, kind):
+    """float32 values of 16-bit patterns (exact), to compare as assert_bits_equal does."""
+    out = np.empty(x16.size, np.float32)
+    kernels.widen16(x16, out.view(np.uint32), kind, 1)
+    return out
+
+
+@pytest.mark.parametrize("form", ["flat", "table", "sliced-table"])
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+@pytest.mark.parametrize("size", HALF_SIZES, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_half_grads_match_widen_kernel_narrow(case, size, kind, form, n_threads):
+    """One pass over HalfGrads is bit for bit widen16, the float32 kernel, narrow16."""
+    n_states, call = case
+    kind = kernels.KIND_BF16 if kind == "bf16" else kernels.KIND_FP16
+    rng = np.random.default_rng(size + kind)
+    master = rng.standard_normal(size).astype(np.float32)
+    states = [np.abs(rng.standard_normal(size)).astype(np.float32) for _ in range(n_states)]
+    runs = {"fused": (master.copy(), [s.copy() for s in states]),
+            "three passes": (master.copy(), [s.copy() for s in states])}
+    lo, hi = (size // 7, size - size // 11) if form == "sliced-table" else (0, size)
+    half_params = {name: np.full(size, 0xFFFF, np.uint16) for name in runs}
+    for step in STEPS:
+        g16 = random_half_bits(rng, size, kind)
+        if form == "flat":
+            grad = kernels.HalfGrads(g16, half_params["fused"], kind)
+        else:
+            grad = kernels.HalfGrads(grad_table(scattered(g16, rng), np.uint16),
+                                     half_params["fused"], kind)[lo:hi]
+        assert len(grad) == hi - lo
+        q, s = runs["fused"]
+        fused = call(kernels, q[lo:hi], grad, [b[lo:hi] for b in s], step, n_threads)
+        q, s = runs["three passes"]
+        g32 = np.empty(hi - lo, np.float32)
+        kernels.widen16(g16[lo:hi], g32.view(np.uint32), kind, n_threads)
+        three = call(kernels, q[lo:hi], g32, [b[lo:hi] for b in s], step, n_threads)
+        kernels.narrow16(q[lo:hi].view(np.uint32), half_params["three passes"][lo:hi], kind,
+                         n_threads)
+        assert fused == three
+        for a, b in zip([runs["fused"][0], *runs["fused"][1]],
+                        [runs["three passes"][0], *runs["three passes"][1]]):
+            assert_bits_equal(a, b)
+        assert_bits_equal(*[widened(half_params[name], kind) for name in runs])
+    untouched = np.ones(size, bool)
+    untouched[lo:hi] = False
+    assert (half_params["fused"][untouched] == 0xFFFF).all()  # nothing outside the slice
+    if hi - lo > 50:
+        assert not np.array_equal(runs["fused"][0], master, equal_nan=True)
+
+
+def test_half_grads_refuse_bad_input():
+    g16, p16 = np.zeros(9, np.uint16), np.zeros(9, np.uint16)
+    with pytest.raises(ValueError, match="kind"):
+        kernels.HalfGrads(g16, p16, 7)
+    with pytest.raises(ValueError, match="half_params has 8"):
+        kernels.HalfGrads(g16, p16[:8], kernels.KIND_BF16)
+    with pytest.raises(ValueError, match="itemsize 2"):
+        kernels.HalfGrads(grad_table([np.zeros(9, np.float32)], np.float32), p16, kernels.KIND_BF16)
+    half = kernels.HalfGrads(g16, p16, kernels.KIND_FP16)
+    assert (len(half), len(half[2:5]), half.kind) == (9, 3, kernels.KIND_FP16)
+    assert "float16" in repr(half)
+    with pytest.raises(TypeError, match="slice"):
+        half[1]
+    for param in (np.zeros(9), np.zeros(8, np.float32)):  # float64 master, wrong length
+        with pytest.raises(ValueError, match="HalfGrads"):
+            kernels.sgd(param, half, param[:0], 1.0, 0.0, 0.0, 0.0, False, False, False, 1.0, 1)
+        assert not param.any()
+    assert not p16.any()

@@ -547,27 +547,36 @@ IN_PLACE_CASES = CASES + [("NAdam", dict(lr=1e-2, decoupled_weight_decay=True, w
                           ("RAdam", dict(lr=1e-2)), ("Adamax", dict(lr=1e-2)), ("Lion", dict(lr=1e-3))]
 
 
+@pytest.mark.parametrize("half", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name,kwargs", IN_PLACE_CASES, ids=[c[0] + str(i) for i, c in enumerate(IN_PLACE_CASES)])
-def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, monkeypatch):
+def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, half):
     """The kernels read each gradient where autograd left it (a GradTable of sources) and
     get exactly what they get from the gradients copied into the flat buffer: a model that
     straddles the parallel threshold, 1 and 2 threads, two groups, gradients that are None
-    on some steps (runs of parameters with different step counts) or strided."""
+    on some steps (runs of parameters with different step counts) or strided. A 16-bit
+    model (float32 master) reads its 16-bit gradients in place through a HalfGrads, in one
+    pass; the reference copies them and steps block by block (widen, the float32 kernel,
+    narrow: three passes)."""
     def run(n_threads, in_place):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(130, 127), torch.nn.Tanh(), torch.nn.Linear(127, 9),
                                     torch.nn.Tanh(), torch.nn.Linear(9, 3))
+        if half is not None:
+            model.to(half)
         first, second = list(model.parameters())[:3], list(model.parameters())[3:]
         opt = getattr(ft, name)([{"params": first}, {"params": second, "lr": kwargs.get("lr", 1.0) / 2}],
-                                **kwargs, n_threads=n_threads)
+                                **kwargs, n_threads=n_threads,
+                                master_dtype=None if half is None else torch.float32)
         (bucket,) = opt._buckets
         assert bucket.reads_in_place == bucket.opt._reads_grad_table
         assert bucket.flat_param.numel() > flatopt._kernels.PARALLEL_THRESHOLD
         bucket.reads_in_place &= in_place
-        x = torch.randn(16, 130, generator=torch.Generator().manual_seed(1))
+        if half is not None and not in_place:
+            bucket.opt._reads_grad_table = False  # the block-by-block mixed step
+        x = torch.randn(16, 130, generator=torch.Generator().manual_seed(1)).to(half or torch.float32)
         for step in range(6):
             opt.zero_grad()
-            model(x).square().mean().backward()
+            model(x).float().square().mean().backward()
             if step % 3 == 1:
                 model[2].weight.grad = None
                 model[0].bias.grad = None
@@ -584,6 +593,8 @@ def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, m
         for pid, entry in ref_state["state"].items():
             for key, value in entry.items():
                 assert torch.equal(state["state"][pid][key], value), key
+        if half is not None:
+            assert all("master_param" in entry for entry in state["state"].values())
 
 
 def test_tensor_lr_and_named_parameters():

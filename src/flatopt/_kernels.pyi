@@ -5,7 +5,8 @@ Every kernel takes 1-D, C-contiguous buffers of one dtype, float32 or float64 (t
 ``floating`` fused type): ``_F`` below. Buffers named ``grad``/``x``/``b`` are only read
 (read-only and memory-mapped arrays work); the others are updated in place. The step
 kernels of the torch.optim family (sgd, momentum, adam, rmsprop, adadelta, adagrad, nadam,
-radam, adamax, lion) also take a :class:`GradTable` as ``grad``. Scalars are
+radam, adamax, lion) also take a :class:`GradTable` as ``grad``, and (float32 ``param``)
+a :class:`HalfGrads`: 16-bit gradients in, 16-bit parameters out, in the same pass. Scalars are
 Python floats, ints and bools. Nothing here validates beyond what the memoryviews enforce:
 call them through ``flatopt.functional`` or the optimizer classes.
 """
@@ -43,16 +44,33 @@ class GradTable:
     @property
     def keep(self) -> object: ...
 
+@disjoint_base
+class HalfGrads:
+    """16-bit gradients (``uint16`` bit patterns, or a 16-bit :class:`GradTable`) for a
+    float32 master, whose updated values the kernel writes to ``half_params`` rounded to
+    ``kind`` (``KIND_BF16`` or ``KIND_FP16``)."""
+
+    def __init__(
+        self, grad: npt.NDArray[np.uint16] | GradTable, half_params: npt.NDArray[np.uint16],
+        kind: int,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, key: slice, /) -> HalfGrads: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
 def parallel_used() -> bool: ...
 def parallel_threshold(n_threads: int) -> int: ...
 def sgd(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads,
     momentum_buffer: npt.NDArray[_F], lr: float, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool, maximize: bool, init_buffer: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def momentum(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, velocity: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, velocity: npt.NDArray[_F],
     lr: float, beta: float, weight_decay: float, maximize: bool, grad_scale: float,
     n_threads: int,
 ) -> None: ...
@@ -62,47 +80,47 @@ def norm_partials(
 def count_nonfinite(x: npt.NDArray[_F], n_threads: int) -> int: ...
 def stream_add(a_out: npt.NDArray[_F], b: npt.NDArray[_F], n_threads: int) -> None: ...
 def adam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], max_exp_avg_sq: npt.NDArray[_F], step: int, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
     decoupled: bool, maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def rmsprop(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, square_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, square_avg: npt.NDArray[_F],
     grad_avg: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F], lr: float, alpha: float,
     eps: float, weight_decay: float, momentum: float, centered: bool, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def adadelta(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, square_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, square_avg: npt.NDArray[_F],
     acc_delta: npt.NDArray[_F], lr: float, rho: float, eps: float, weight_decay: float,
     maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def adagrad(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, state_sum: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, state_sum: npt.NDArray[_F],
     step: int, lr: float, lr_decay: float, eps: float, weight_decay: float, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def nadam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], step: int, mu_product: float, mu_product_float32: bool,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
     momentum_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
     n_threads: int,
 ) -> float: ...
 def radam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, exp_avg: npt.NDArray[_F],
     exp_avg_sq: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, decoupled: bool, maximize: bool, grad_scale: float,
     n_threads: int,
 ) -> bool: ...
 def adamax(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, exp_avg: npt.NDArray[_F],
     exp_inf: npt.NDArray[_F], step: int, lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, maximize: bool, grad_scale: float, n_threads: int,
 ) -> None: ...
 def lion(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable, exp_avg: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, exp_avg: npt.NDArray[_F],
     lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
     grad_scale: float, n_threads: int,
 ) -> None: ...

@@ -104,7 +104,7 @@ cdef inline Py_ssize_t _lo(Py_ssize_t t, Py_ssize_t n, Py_ssize_t parts) noexcep
 # their elements in *pieces* that read one source each (``_piece``); the element formulas do
 # not change, so both forms give bit-identical results.
 
-from libc.stdint cimport intptr_t
+from libc.stdint cimport intptr_t, uint16_t, uint32_t
 
 
 cdef struct _Grads:
@@ -113,6 +113,17 @@ cdef struct _Grads:
     const intptr_t* sources     # at address sources[k],
     Py_ssize_t n_sources
     Py_ssize_t offset           # and the kernel's element 0 is the table's element ``offset``
+    int kind                    # -1: gradients of the parameters' dtype; KIND_BF16/KIND_FP16:
+    uint16_t* half_params       # 16-bit ones for a float32 master, and the 16-bit parameters
+
+
+# Mixed precision in one pass (``HalfGrads``): a piece of at most _HALF_PIECE 16-bit
+# gradients is widened into a buffer on the range function's stack (4 KiB, in L1), the
+# element loop reads it there as it reads any source, and the piece's new master values
+# are narrowed into the 16-bit parameters while they are still in L1. Each element of the
+# master, the state and the 16-bit gradient and parameter crosses memory once.
+cdef enum:
+    _HALF_PIECE = 1024
 
 
 cdef inline Py_ssize_t _segment_of(const Py_ssize_t* starts, Py_ssize_t n,
@@ -130,16 +141,33 @@ cdef inline Py_ssize_t _segment_of(const Py_ssize_t* starts, Py_ssize_t n,
 
 
 cdef inline Py_ssize_t _piece(const _Grads* g, Py_ssize_t lo, Py_ssize_t hi,
-                              const floating** src) noexcept nogil:
+                              const floating** src, float* buf) noexcept nogil:
     """The end (at most ``hi``) of the piece of elements from ``lo`` whose gradients lie
-    in one source; ``src[0]`` is set to the address of element ``lo``'s gradient."""
-    if g.flat != NULL:
-        src[0] = <const floating*>g.flat + lo
-        return hi
-    cdef Py_ssize_t j = lo + g.offset
-    cdef Py_ssize_t k = _segment_of(g.bounds, g.n_sources, j)
-    src[0] = <const floating*>g.sources[k] + (j - g.bounds[k])
-    return min(hi, g.bounds[k + 1] - g.offset)
+    in one source; ``src[0]`` is set to the address of element ``lo``'s gradient. 16-bit
+    gradients are widened into ``buf`` (``_HALF_PIECE`` floats), which ``src[0]`` then is."""
+    cdef Py_ssize_t j = lo, k, end = hi
+    cdef const char* at = g.flat
+    if at == NULL:
+        j = lo + g.offset
+        k = _segment_of(g.bounds, g.n_sources, j)
+        at = <const char*>g.sources[k]
+        end = min(hi, g.bounds[k + 1] - g.offset)
+        j = j - g.bounds[k]
+    if g.kind < 0:
+        src[0] = <const floating*>at + j
+        return end
+    end = min(end, lo + _HALF_PIECE)
+    _widen16(<const uint16_t*>at + j, <uint32_t*>buf, g.kind, end - lo)
+    src[0] = <const floating*>buf
+    return end
+
+
+cdef inline void _piece_done(const _Grads* g, floating[::1] param, Py_ssize_t lo,
+                             Py_ssize_t end) noexcept nogil:
+    """After the piece ``[lo, end)``: with 16-bit parameters, narrow its master values."""
+    if floating is float:
+        if g.half_params != NULL and end > lo:
+            _narrow16(<const uint32_t*>&param[lo], g.half_params + lo, g.kind, end - lo)
 
 
 @cython.auto_pickle(False)  # its addresses mean nothing in another process
@@ -149,11 +177,12 @@ cdef class GradTable:
     ``GradTable(bounds, sources, itemsize, keep)``: source ``k`` is the gradient of the
     elements ``[bounds[k], bounds[k+1])`` of the parameter buffer, stored contiguously at
     address ``sources[k]`` with ``itemsize`` bytes an element (the parameter buffer's own
-    dtype). ``bounds`` (intp, one entry more than ``sources``) starts at 0 and never
-    decreases. ``keep`` is held for the table's life: the objects owning the memory.
-    ``table[lo:hi]`` is the table of elements ``[lo, hi)`` (no copy), as a flat buffer
-    slices. A kernel checks only the itemsize and the length; the caller guarantees that
-    every address is valid for ``bounds`` while the table is in use.
+    dtype, or 2 for the 16-bit gradients of a :class:`HalfGrads`). ``bounds`` (intp, one
+    entry more than ``sources``) starts at 0 and never decreases. ``keep`` is held for the
+    table's life: the objects owning the memory. ``table[lo:hi]`` is the table of elements
+    ``[lo, hi)`` (no copy), as a flat buffer slices. A kernel checks only the itemsize and
+    the length; the caller guarantees that every address is valid for ``bounds`` while the
+    table is in use.
     """
     cdef const Py_ssize_t[::1] bounds
     cdef const intptr_t[::1] sources
@@ -170,8 +199,8 @@ cdef class GradTable:
         for k in range(n):
             if bounds[k + 1] < bounds[k]:
                 raise ValueError(f"bounds must not decrease; bounds[{k + 1}] < bounds[{k}]")
-        if itemsize not in (4, 8):
-            raise ValueError(f"itemsize must be 4 or 8, got {itemsize}")
+        if itemsize not in (2, 4, 8):
+            raise ValueError(f"itemsize must be 2, 4 or 8, got {itemsize}")
         self.bounds, self.sources, self.itemsize, self.keep = bounds, sources, itemsize, keep
         self.offset, self.size = 0, bounds[n]
 
@@ -179,12 +208,10 @@ cdef class GradTable:
         return self.size
 
     def __getitem__(self, key):
-        if not isinstance(key, slice) or (key.step is not None and key.step != 1):
-            raise TypeError(f"a GradTable takes a slice with step 1, got {key!r}")
-        lo, hi, _ = key.indices(self.size)
+        lo, hi = _slice_bounds(key, self.size, "GradTable")
         cdef GradTable part = GradTable.__new__(GradTable)
         part.bounds, part.sources, part.itemsize, part.keep = self.bounds, self.sources, self.itemsize, self.keep
-        part.offset, part.size = self.offset + lo, max(hi - lo, 0)
+        part.offset, part.size = self.offset + lo, hi - lo
         return part
 
     def __repr__(self):
@@ -192,14 +219,91 @@ cdef class GradTable:
                 f"[{self.offset}, {self.offset + self.size}), itemsize {self.itemsize}>")
 
 
+cdef tuple _slice_bounds(key, Py_ssize_t size, str what):
+    """``(lo, hi)`` of a step-1 slice ``key`` of ``size`` elements, ``hi >= lo``."""
+    if not isinstance(key, slice) or (key.step is not None and key.step != 1):
+        raise TypeError(f"a {what} takes a slice with step 1, got {key!r}")
+    lo, hi, _ = key.indices(size)
+    return lo, max(hi, lo)
+
+
+@cython.auto_pickle(False)  # as GradTable
+cdef class HalfGrads:
+    """Mixed precision in one pass: a step kernel's ``grad`` argument over a float32 master.
+
+    ``HalfGrads(grad, half_params, kind)``: ``grad`` holds the 16-bit gradients, as bit
+    patterns (a flat ``uint16`` buffer, or a :class:`GradTable` of itemsize 2); ``kind`` is
+    ``KIND_BF16`` or ``KIND_FP16``. The kernel widens them exactly, updates the float32
+    master (its ``param``) and state as from float32 gradients, and writes each updated
+    master value, rounded to nearest even, to ``half_params`` (``uint16``, the same
+    length): bit for bit ``widen16``, the kernel, then ``narrow16``, in one pass over
+    memory. ``h[lo:hi]`` slices both, as a flat buffer slices.
+    """
+    cdef const uint16_t[::1] flat
+    cdef GradTable table
+    cdef uint16_t[::1] half_params
+    cdef readonly int kind
+    cdef readonly Py_ssize_t size
+
+    def __init__(self, grad, uint16_t[::1] half_params not None, int kind):
+        if kind != KIND_BF16 and kind != KIND_FP16:
+            raise ValueError(f"kind must be KIND_BF16 ({KIND_BF16}) or KIND_FP16 ({KIND_FP16}), got {kind}")
+        if type(grad) is GradTable:
+            self.table = grad
+            if self.table.itemsize != 2:
+                raise ValueError(f"grad: a GradTable of 16-bit gradients (itemsize 2), got itemsize {self.table.itemsize}")
+            self.size = self.table.size
+        else:
+            self.flat = grad
+            self.size = self.flat.shape[0]
+        if half_params.shape[0] != self.size:
+            raise ValueError(f"half_params has {half_params.shape[0]} elements, grad {self.size}")
+        self.half_params, self.kind = half_params, kind
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, key):
+        lo, hi = _slice_bounds(key, self.size, "HalfGrads")
+        cdef HalfGrads part = HalfGrads.__new__(HalfGrads)
+        if self.table is not None:
+            part.table = self.table[lo:hi]
+        else:
+            part.flat = self.flat[lo:hi]
+        part.half_params, part.kind, part.size = self.half_params[lo:hi], self.kind, hi - lo
+        return part
+
+    def __repr__(self):
+        kind = "bfloat16" if self.kind == KIND_BF16 else "float16"
+        return f"<HalfGrads of {self.size} {kind} elements>"
+
+
 cdef int _grads(object grad, floating[::1] param, _Grads* out) except -1:
     """Fill ``out`` for a kernel over ``param``: from a flat buffer (which the caller's
-    reference keeps alive) or a :class:`GradTable` of this dtype and length."""
+    reference keeps alive), a :class:`GradTable` of this dtype and length, or (a float32
+    ``param``) a :class:`HalfGrads` of this length."""
     cdef const floating[::1] flat
     cdef GradTable table
+    cdef HalfGrads half = None
+    cdef Py_ssize_t itemsize
+    out.kind = -1
+    out.half_params = NULL
+    if type(grad) is HalfGrads:
+        half = grad
+        if floating is not float or half.size != param.shape[0]:
+            raise ValueError(f"grad: a HalfGrads of {half.size} elements for a buffer of "
+                             f"{param.shape[0]} elements of {sizeof(floating)} bytes (needs float32)")
+        out.kind = half.kind
+        out.half_params = &half.half_params[0] if half.size else NULL
+        if half.table is None:
+            out.flat = <const char*>&half.flat[0] if half.size else NULL
+            out.n_sources = out.offset = 0
+            return 0
+        grad = half.table
     if type(grad) is GradTable:
         table = grad
-        if table.itemsize != sizeof(floating) or table.size != param.shape[0]:
+        itemsize = 2 if half is not None else sizeof(floating)
+        if table.itemsize != itemsize or table.size != param.shape[0]:
             raise ValueError(f"grad: a GradTable of {table.size} elements of {table.itemsize} bytes "
                              f"for a buffer of {param.shape[0]} elements of {sizeof(floating)}")
         out.flat = NULL
@@ -233,9 +337,10 @@ cdef inline void _sgd(floating[::1] param, const _Grads* grads,
                       bint init_buffer, bint nesterov) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, b
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             if use_momentum:
@@ -249,6 +354,7 @@ cdef inline void _sgd(floating[::1] param, const _Grads* grads,
                 else:
                     d = b
             param[i] = param[i] - lr_ * d
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -298,13 +404,15 @@ cdef inline void _momentum(floating[::1] param, const _Grads* grads,
                            floating b, floating c, floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating v
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             v = b * velocity[i] + c * _direction(g[i - lo], param[i], scale, wd)
             velocity[i] = v
             param[i] = param[i] - lr_ * v
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -480,9 +588,10 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
                        floating scale, bint amsgrad) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating p, m, v, v_max
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             p = param[i]
             _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
@@ -494,6 +603,7 @@ cdef inline void _adam(floating[::1] param, const _Grads* grads, floating[::1] e
                     v = v_max
                 max_exp_avg_sq[i] = v
             param[i] = p + (neg_step_size * m) / (_sqrt(v) * inv_bc2_sqrt + eps_)
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -564,9 +674,10 @@ cdef inline void _rmsprop(floating[::1] param, const _Grads* grads, floating[::1
                           bint use_momentum) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, s, ga, b, denom
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = _square_avg(square_avg[i], d, a, c)
@@ -583,6 +694,7 @@ cdef inline void _rmsprop(floating[::1] param, const _Grads* grads, floating[::1
                 param[i] = param[i] + neg_lr * b
             else:
                 param[i] = param[i] + (neg_lr * d) / denom
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -642,9 +754,10 @@ cdef inline void _adadelta(floating[::1] param, const _Grads* grads, floating[::
                            floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, s, delta, acc
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = _square_avg(square_avg[i], d, r, c)
@@ -653,6 +766,7 @@ cdef inline void _adadelta(floating[::1] param, const _Grads* grads, floating[::
             delta = _sqrt(acc + eps_) / _sqrt(s + eps_) * d
             acc_delta[i] = _square_avg(acc, delta, r, c)
             param[i] = param[i] + neg_lr * delta
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -678,14 +792,16 @@ cdef inline void _adagrad(floating[::1] param, const _Grads* grads, floating[::1
                           floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, s
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             s = state_sum[i] + d * d
             state_sum[i] = s
             param[i] = param[i] + (neg_clr * d) / (_sqrt(s) + eps_)
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -722,9 +838,10 @@ cdef inline void _nadam(floating[::1] param, const _Grads* grads, floating[::1] 
                         floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating p, d, m, v, denom
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             p = param[i]
             d = _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1,
@@ -733,6 +850,7 @@ cdef inline void _nadam(floating[::1] param, const _Grads* grads, floating[::1] 
             denom = _sqrt(v / bc2) + eps_
             p = p + (grad_coef * d) / denom
             param[i] = p + (avg_coef * m) / denom
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -789,9 +907,10 @@ cdef inline void _radam(floating[::1] param, const _Grads* grads, floating[::1] 
                         floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating p, m, v, u, one = 1.0
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             p = param[i]
             _adam_moments(g[i - lo], p, exp_avg, exp_avg_sq, i, w1, one_minus_w1, small1, b2,
@@ -801,6 +920,7 @@ cdef inline void _radam(floating[::1] param, const _Grads* grads, floating[::1] 
             if rectified:
                 u = u * (one / (_sqrt(v) + eps_) * sqrt_bc2) * rect
             param[i] = p - u
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -854,9 +974,10 @@ cdef inline void _adamax(floating[::1] param, const _Grads* grads, floating[::1]
                          bint small1, floating wd, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, m, u, a
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = _direction(g[i - lo], param[i], scale, wd)
             m = _lerp(exp_avg[i], d, w1, one_minus_w1, small1)
@@ -867,6 +988,7 @@ cdef inline void _adamax(floating[::1] param, const _Grads* grads, floating[::1]
                 u = a
             exp_inf[i] = u
             param[i] = param[i] + (neg_clr * m) / u
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -914,14 +1036,16 @@ cdef inline void _lion(floating[::1] param, const _Grads* grads, floating[::1] e
                        floating b2, floating c2, floating decay, floating scale) noexcept nogil:
     cdef Py_ssize_t i, end
     cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
     cdef floating d, m
     while lo < hi:
-        end = _piece(grads, lo, hi, &g)
+        end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             d = g[i - lo] * scale
             m = exp_avg[i]
             param[i] = param[i] * decay + neg_lr * _sign(m * b1 + c1 * d)
             exp_avg[i] = m * b2 + c2 * d
+        _piece_done(grads, param, lo, end)
         lo = end
 
 
@@ -1183,7 +1307,6 @@ def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_b
 # Widening is exact (float16 subnormals included; a float16 NaN becomes a quiet NaN
 # with the same payload, as the hardware converters do).
 
-from libc.stdint cimport uint16_t, uint32_t
 
 KIND_BF16 = 0
 KIND_FP16 = 1
@@ -1275,30 +1398,44 @@ cdef extern from *:
     Py_ssize_t flatopt_narrow_fp16(const uint32_t* src, uint16_t* out, Py_ssize_t n) noexcept nogil
 
 
-cdef inline void _widen_range(const uint16_t[::1] src, uint32_t[::1] out, int kind,
-                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t i
+cdef inline void _widen16(const uint16_t* src, uint32_t* out, int kind,
+                          Py_ssize_t n) noexcept nogil:
+    """``out[i] = float32(src[i])`` bits for ``i < n`` (``kind`` as in ``widen16``)."""
+    cdef Py_ssize_t i, start = 0
     if kind == 0:
-        for i in range(lo, hi):
+        for i in range(n):
             out[i] = _bf16_to_f32(src[i])
     else:
-        if hi > lo:
-            lo = lo + flatopt_widen_fp16(&src[lo], &out[lo], hi - lo)
-        for i in range(lo, hi):
+        if n > 0:
+            start = flatopt_widen_fp16(src, out, n)  # F16C: all but the last n % 8
+        for i in range(start, n):
             out[i] = _fp16_to_f32(src[i])
+
+
+cdef inline void _narrow16(const uint32_t* src, uint16_t* out, int kind,
+                           Py_ssize_t n) noexcept nogil:
+    """``out[i] = src[i]`` rounded to 16 bits for ``i < n`` (``kind`` as in ``narrow16``)."""
+    cdef Py_ssize_t i, start = 0
+    if kind == 0:
+        for i in range(n):
+            out[i] = _f32_to_bf16(src[i])
+    else:
+        if n > 0:
+            start = flatopt_narrow_fp16(src, out, n)  # F16C: all but the last n % 8
+        for i in range(start, n):
+            out[i] = _f32_to_fp16(src[i])
+
+
+cdef inline void _widen_range(const uint16_t[::1] src, uint32_t[::1] out, int kind,
+                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if hi > lo:
+        _widen16(&src[lo], &out[lo], kind, hi - lo)
 
 
 cdef inline void _narrow_range(const uint32_t[::1] src, uint16_t[::1] out, int kind,
                                Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t i
-    if kind == 0:
-        for i in range(lo, hi):
-            out[i] = _f32_to_bf16(src[i])
-    else:
-        if hi > lo:
-            lo = lo + flatopt_narrow_fp16(&src[lo], &out[lo], hi - lo)
-        for i in range(lo, hi):
-            out[i] = _f32_to_fp16(src[i])
+    if hi > lo:
+        _narrow16(&src[lo], &out[lo], kind, hi - lo)
 
 
 def widen16(const uint16_t[::1] src, uint32_t[::1] out, int kind, int n_threads):

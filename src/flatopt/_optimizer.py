@@ -461,8 +461,11 @@ class Optimizer(ClipGradNormMixin):
         """Second half of the step routine: the writes. Returns False if skipped.
 
         ``flat_grad`` is the validated flat gradient, or (with ``runs``, if
-        :attr:`_reads_grad_table`, and neither ``skip_if_nonfinite`` nor 16-bit params)
-        a ``kernels.GradTable`` of the same length. The factor left by
+        :attr:`_reads_grad_table`, and not ``skip_if_nonfinite``) a ``kernels.GradTable``
+        of the same length (of 16-bit gradients with 16-bit params). With 16-bit params,
+        the kernels of :attr:`_reads_grad_table` optimizers read it through a
+        ``kernels.HalfGrads`` (one pass); the others step block by block
+        (:meth:`_finish_mixed_step`). The factor left by
         :meth:`clip_grad_norm_` multiplies ``grad_scale`` and is consumed (it belongs to
         one step). With ``skip_if_nonfinite`` an inf/NaN gradient skips the step (counted
         in :attr:`skipped_steps`, nothing else written). Then the kernel runs:
@@ -480,13 +483,19 @@ class Optimizer(ClipGradNormMixin):
         if pending != 1.0:
             grad_scale *= pending
             self._pending_grad_scale = 1.0
-        if skip_if_nonfinite or self._half:  # both read a flat buffer (never a GradTable)
+        if skip_if_nonfinite:  # reads a flat buffer (never a GradTable)
             assert isinstance(flat_grad, np.ndarray)
-            if skip_if_nonfinite and self._count_nonfinite(flat_grad, n_threads):
+            if self._count_nonfinite(flat_grad, n_threads):
                 self.skipped_steps += 1
                 return False
-            if self._half:
+        if self._half:
+            if not self._reads_grad_table:
+                assert isinstance(flat_grad, np.ndarray)
                 return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
+            # One pass (see kernels.HalfGrads): widen, step, narrow in the kernel's loop.
+            assert self._flat_half is not None and not isinstance(flat_grad, kernels.HalfGrads)
+            grad16 = flat_grad.view(np.uint16) if isinstance(flat_grad, np.ndarray) else flat_grad
+            flat_grad = kernels.HalfGrads(grad16, self._flat_half.view(np.uint16), self._half[1])
         if runs is None:
             state = self._state
             step: int = state["step"] + 1

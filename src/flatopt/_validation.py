@@ -15,10 +15,11 @@ import numpy.typing as npt
 #: A float32 or float64 array (the dtypes flatopt computes in).
 FloatArray = npt.NDArray[np.floating[Any]]
 if TYPE_CHECKING:
-    from ._kernels import GradTable
-#: A step kernel's gradient: a flat buffer, or a table of sources read in place (the
-#: kernels of optimizers with ``_reads_grad_table``; flatopt.torch passes one).
-KernelGrad = Union[FloatArray, "GradTable"]
+    from ._kernels import GradTable, HalfGrads
+#: A step kernel's gradient: a flat buffer, or (the kernels of optimizers with
+#: ``_reads_grad_table``) a table of sources read in place (flatopt.torch passes one) or
+#: 16-bit gradients for a float32 master (mixed precision).
+KernelGrad = Union[FloatArray, "GradTable", "HalfGrads"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 _LARGEST: dict[np.dtype[Any], float] = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}

@@ -10,11 +10,12 @@ a fresh gradient into a ``grad`` that is None: no copy, no accumulation). At ste
 * as a ``kernels.GradTable`` (:func:`grad_table`): the address of each parameter's
   gradient, which the kernel reads in place, piece by piece, in the same one call per
   run. Bit-identical to reading a flat copy; an Adam step moves 28 bytes a float32
-  element instead of 36.
+  element instead of 36. 16-bit gradients (16-bit parameters, float32 master) too: the
+  kernel widens each piece as it reads it (``kernels.HalfGrads``).
 * copied into the flat gradient buffer (:func:`copy_in`, one ``kernels.gather_bytes``
   memcpy call) where something reads that buffer: ``skip_if_nonfinite``'s check,
-  :meth:`grad_norm`, 16-bit parameters (widened block by block from it), and NumPy
-  optimizers whose kernels take no table (``_reads_grad_table``).
+  :meth:`grad_norm`, and NumPy optimizers whose kernels take no table
+  (``_reads_grad_table``).
 
 Why not attach flat-buffer views as ``p.grad`` (as flatopt.torch once did): autograd then
 has to *add* every fresh gradient into its view, a read-modify-write pass over the
@@ -139,9 +140,9 @@ class Bucket:
         self.table_sources = np.empty(2 * n, dtype=np.intp)
         self.table_sources[0::2] = self.flat_sources
         self.table_sources[1::2] = flat_address + self.stops * self.itemsize
-        # Whether the kernels can read the gradients where they are (not with 16-bit params:
-        # those are widened block by block from the flat buffer).
-        self.reads_in_place = numpy_opt._reads_grad_table and not numpy_opt._half
+        # Whether the kernels can read the gradients where they are (16-bit ones too,
+        # through a kernels.HalfGrads).
+        self.reads_in_place = numpy_opt._reads_grad_table
         self.param_views = [self.flat_param[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # Updates each parameter has received that used its state: torch's state["step"].
         # One tensor; each parameter's state["step"] is a 0-d view of it, and ``counts``
