@@ -10,10 +10,11 @@ steps its own data:
 * ``deepspeed``: the same with DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's host
   optimizer) as the float32 step, when ``deepspeed`` is importable: 0.19 steps float32
   only, so the upcast and the 16-bit copy are separate passes there too;
-* ``flatopt``: ``flatopt.Adam(params16, master_dtype=np.float32)``: one pass per
-  cache-sized block (widen the gradient block, the float32 Adam kernel, narrow the block);
+* ``flatopt``: ``flatopt.Adam(params16, master_dtype=np.float32)``: one pass (the Adam
+  kernel widens 1024 gradients at a time on its stack and narrows the updated master
+  values into the 16-bit params in the same loop: ``kernels.HalfGrads``);
 * ``flatopt.torch``: ``flatopt.torch.Adam(params16, master_dtype=torch.float32)`` with
-  ``p.grad`` the 16-bit gradients (its step copies them into the flat buffer first);
+  ``p.grad`` the 16-bit gradients (read where they are);
 * ``flatopt fp32``: ``flatopt.Adam`` on float32 params (no 16-bit copy), for reference;
 * ``a += b``: the streaming reference (28 bytes an element moved, as a fused mixed step).
 

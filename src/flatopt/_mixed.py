@@ -1,11 +1,15 @@
 """Mixed precision: 16-bit parameters (float16, or ``ml_dtypes.bfloat16``) with float32
 master weights and state.
 
-No optimizer has a 16-bit kernel: a step converts the 16-bit gradient block by block into
-a float32 scratch buffer that stays in cache, runs the optimizer's float32 kernel on the
-master and state of that block, and writes the block's 16-bit parameters
-(``widen16`` / ``narrow16`` in ``_kernels.pyx``; the step loop is
-``Optimizer._finish_mixed_step``). ``ml_dtypes`` is imported only when needed.
+The optimizers of the torch.optim family (``_reads_grad_table``) step in one pass: their
+float32 kernels take a ``kernels.HalfGrads``, widen each piece of 1024 16-bit gradients
+into a buffer on the stack, and narrow the piece's new master values into the 16-bit
+parameters while they are in L1. The others (the Keras formulas) convert the 16-bit
+gradient block by block into a float32 scratch buffer that stays in cache, run their
+float32 kernel on the master and state of that block, and write the block's 16-bit
+parameters (``widen16`` / ``narrow16`` in ``_kernels.pyx``; the step loop is
+``Optimizer._finish_mixed_step``). Both are bit for bit the float32 kernel followed by
+the cast. ``ml_dtypes`` is imported only when needed.
 """
 
 import math
@@ -19,7 +23,7 @@ from ._dispatch import kernels
 
 if TYPE_CHECKING:
     from ._layout import FlatLayout
-# Elements per thread and block of a mixed-precision step. The block's float32 scratch
+# Elements per thread and block of a blocked mixed-precision step. The block's float32 scratch
 # gradient and master (2 x 256 KiB at 64K elements) stay in a core's L2 between the three
 # passes (widen, update, narrow), so DRAM sees only the one-pass traffic.
 MIXED_BLOCK = 65536

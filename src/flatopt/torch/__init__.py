@@ -54,13 +54,14 @@ its run). ``zero_grad()`` is torch.optim's own (``set_to_none=True`` by default)
 ``flatopt.torch.Adam(model.parameters(), ..., master_dtype=torch.float32)`` on a
 ``model.to(torch.bfloat16)`` (or ``torch.float16``) model: parameters and gradients stay
 16-bit (the parameters are views of a 16-bit flat buffer), while the optimizer keeps
-float32 master weights and float32 state. Each step widens the 16-bit gradients, runs
-the float32 kernel on the master and state, and writes the master, rounded to nearest
-even, back into the 16-bit parameters, block by block in cache. The result is bit for bit
-that of the float32 optimizer on the master followed by torch's cast. ``opt.state[p]``
-has a live ``"master_param"`` entry for every 16-bit parameter, which ``state_dict()``
-saves; a checkpoint without it (torch.optim's) loads with the 16-bit weights widened as
-the master. float32/float64 parameters in the same model are stepped as usual (no master).
+float32 master weights and float32 state. Each step widens the 16-bit gradients, runs the
+float32 kernel on the master and state, and writes the master, rounded to nearest even,
+back into the 16-bit parameters, in the same pass over memory (the kernels read the
+16-bit gradients where autograd left them). The result is bit for bit that of the float32
+optimizer on the master followed by torch's cast. ``opt.state[p]`` has a live
+``"master_param"`` entry for every 16-bit parameter, which ``state_dict()`` saves; a
+checkpoint without it (torch.optim's) loads with the 16-bit weights widened as the
+master. float32/float64 parameters in the same model are stepped as usual (no master).
 bfloat16 needs the ``ml_dtypes`` package; without ``master_dtype`` a 16-bit parameter is
 refused.
 
