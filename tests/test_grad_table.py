@@ -1,5 +1,7 @@
 """kernels.GradTable: the step kernels read gradients from many sources (where flatopt.torch
-finds them) bit for bit as from the one concatenated flat gradient."""
+finds them) bit for bit as from the one concatenated flat gradient; kernels.HalfGrads:
+16-bit gradients in and 16-bit parameters out in the kernel's own pass, bit for bit as
+widen16, the float32 kernel, then narrow16."""
 
 import numpy as np
 import pytest
@@ -83,6 +85,27 @@ CASES = {
         p, g, s[0], s[1], step, 2e-3, 0.9, 0.999, 1e-8, 0.01, False, 1.0, t)),
     "lion": (1, lambda k, p, g, s, step, t: k.lion(
         p, g, s[0], 1e-4, 0.9, 0.99, 0.1, True, 1.0, t)),
+    # flatopt.keras's kernels
+    "keras-sgd": (1, lambda k, p, g, s, step, t: k.keras_sgd(
+        p, g, s[0][:0], 0.1, 0.0, False, 0.0, 1.0, t)),
+    "keras-sgd-momentum": (1, lambda k, p, g, s, step, t: k.keras_sgd(
+        p, g, s[0], 0.1, 0.9, False, 0.01, 0.5, t)),
+    "keras-sgd-nesterov": (1, lambda k, p, g, s, step, t: k.keras_sgd(
+        p, g, s[0], 0.1, 0.9, True, 0.0, 1.0, t)),
+    "keras-adam": (3, lambda k, p, g, s, step, t: k.keras_adam(
+        p, g, s[0], s[1], s[2][:0], step, 1e-2, 0.9, 0.999, 1e-7, False, 0.0, 1.0, t)),
+    "keras-adam-amsgrad": (3, lambda k, p, g, s, step, t: k.keras_adam(
+        p, g, s[0], s[1], s[2], step, 1e-2, 0.9, 0.999, 1e-7, True, 0.004, 2.0, t)),
+    "keras-rmsprop": (3, lambda k, p, g, s, step, t: k.keras_rmsprop(
+        p, g, s[0], s[1][:0], s[2][:0], 1e-3, 0.9, 0.0, 1e-7, False, 0.0, 1.0, t)),
+    "keras-rmsprop-centered-momentum": (3, lambda k, p, g, s, step, t: k.keras_rmsprop(
+        p, g, s[0], s[1], s[2], 1e-3, 0.9, 0.5, 1e-7, True, 0.01, 1.0, t)),
+    "keras-adagrad": (1, lambda k, p, g, s, step, t: k.keras_adagrad(
+        p, g, s[0], 1e-2, 1e-7, 0.01, 1.0, t)),
+    "keras-adamax": (2, lambda k, p, g, s, step, t: k.keras_adamax(
+        p, g, s[0], s[1], step, 2e-3, 0.9, 0.999, 1e-7, 0.0, 1.0, t)),
+    "keras-nadam": (2, lambda k, p, g, s, step, t: k.keras_nadam(
+        p, g, s[0], s[1], step, 0.9 ** step, 2e-3, 0.9, 0.999, 1e-7, 0.004, 1.0, t)),
 }
 
 

@@ -4,10 +4,11 @@ and ``_kernels_avx512``).
 Every kernel takes 1-D, C-contiguous buffers of one dtype, float32 or float64 (the
 ``floating`` fused type): ``_F`` below. Buffers named ``grad``/``x``/``b`` are only read
 (read-only and memory-mapped arrays work); the others are updated in place. The step
-kernels of the torch.optim family (sgd, momentum, adam, rmsprop, adadelta, adagrad, nadam,
-radam, adamax, lion) also take a :class:`GradTable` as ``grad``, and (float32 ``param``)
-a :class:`HalfGrads`: 16-bit gradients in, 16-bit parameters out, in the same pass. Scalars are
-Python floats, ints and bools. Nothing here validates beyond what the memoryviews enforce:
+kernels (the torch.optim family: sgd, momentum, adam, rmsprop, adadelta, adagrad, nadam,
+radam, adamax, lion; and keras_sgd, keras_adam, keras_rmsprop, keras_adagrad,
+keras_adamax, keras_nadam) also take a :class:`GradTable` as ``grad``, and (float32
+``param``) a :class:`HalfGrads`: 16-bit gradients in, 16-bit parameters out, in the same
+pass. Scalars are Python floats, ints and bools. Nothing here validates beyond what the memoryviews enforce:
 call them through ``flatopt.functional`` or the optimizer classes.
 """
 
@@ -128,33 +129,33 @@ def keras_weight_decay(
     param: npt.NDArray[_F], lr: float, weight_decay: float, n_threads: int,
 ) -> None: ...
 def keras_sgd(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, momentum_buffer: npt.NDArray[_F],
     lr: float, momentum: float, nesterov: bool, weight_decay: float, grad_scale: float,
     n_threads: int,
 ) -> None: ...
 def keras_adam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, m_buf: npt.NDArray[_F],
     v_buf: npt.NDArray[_F], v_hat_buf: npt.NDArray[_F], step: int, lr: float,
     beta_1: float, beta_2: float, epsilon: float, amsgrad: bool, weight_decay: float,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def keras_rmsprop(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], velocity: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, velocity: npt.NDArray[_F],
     average_grad: npt.NDArray[_F], momentum_buffer: npt.NDArray[_F], lr: float, rho: float,
     momentum: float, epsilon: float, centered: bool, weight_decay: float,
     grad_scale: float, n_threads: int,
 ) -> None: ...
 def keras_adagrad(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], accumulator: npt.NDArray[_F], lr: float,
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, accumulator: npt.NDArray[_F], lr: float,
     epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
 ) -> None: ...
 def keras_adamax(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, m_buf: npt.NDArray[_F],
     u_buf: npt.NDArray[_F], step: int, lr: float, beta_1: float, beta_2: float,
     epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
 ) -> None: ...
 def keras_nadam(
-    param: npt.NDArray[_F], grad: npt.NDArray[_F], m_buf: npt.NDArray[_F],
+    param: npt.NDArray[_F], grad: npt.NDArray[_F] | GradTable | HalfGrads, m_buf: npt.NDArray[_F],
     v_buf: npt.NDArray[_F], step: int, u_product: float, lr: float, beta_1: float,
     beta_2: float, epsilon: float, weight_decay: float, grad_scale: float, n_threads: int,
 ) -> None: ...

@@ -73,10 +73,9 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
 # once per static chunk inside ``prange`` when parallel. Elementwise, so the chunking
 # cannot change a bit. A serial call keeps the GIL below _KEEP_GIL_BELOW elements (tens of
 # microseconds at most; releasing and re-taking it costs ~0.1 us) and releases it above.
-# Every step kernel of the torch.optim family (sgd, momentum, the adaptive family, Adam's
-# variants and Lion) is built this way, and so are widen16/narrow16 and gather_bytes; the
-# keras_* kernels and the read-only passes (norms, finiteness) still open a (one-thread)
-# region on every call.
+# Every step kernel (the torch.optim family and the keras_* ones) is built this way, and
+# so are widen16/narrow16 and gather_bytes; keras_weight_decay and the read-only passes
+# (norms, finiteness) still open a (one-thread) region on every call.
 cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 
 
@@ -1101,35 +1100,125 @@ def keras_weight_decay(floating[::1] param, double lr, double weight_decay, int 
         param[i] = param[i] * factor
 
 
-def keras_sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
+# The keras_* kernels loop in range functions over gradient pieces as the torch family's
+# do (so they take a GradTable or a HalfGrads too, and open no parallel region when
+# serial); ``_*_unswitched`` pass the flags behind a conditional store as literals, which
+# gcc needs to vectorise the element loop (see ``_adam_unswitched``).
+
+cdef inline void _keras_sgd(floating[::1] param, const _Grads* grads,
+                            floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi,
+                            floating lr_, floating mom, floating scale, floating factor,
+                            bint decay, bint use_momentum, bint nesterov) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, m
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            if use_momentum:
+                m = momentum_buffer[i] * mom - d * lr_
+                momentum_buffer[i] = m
+                if nesterov:
+                    p = p + (m * mom - d * lr_)
+                else:
+                    p = p + m
+            else:
+                p = p - d * lr_
+            param[i] = p
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+cdef inline void _keras_sgd_unswitched(floating[::1] param, const _Grads* grads,
+                                       floating[::1] momentum_buffer, Py_ssize_t lo,
+                                       Py_ssize_t hi, floating lr_, floating mom,
+                                       floating scale, floating factor, bint decay,
+                                       bint use_momentum, bint nesterov) noexcept nogil:
+    if not use_momentum:
+        _keras_sgd(param, grads, momentum_buffer, lo, hi, lr_, mom, scale, factor, decay,
+                   False, False)
+    elif nesterov:
+        _keras_sgd(param, grads, momentum_buffer, lo, hi, lr_, mom, scale, factor, decay,
+                   True, True)
+    else:
+        _keras_sgd(param, grads, momentum_buffer, lo, hi, lr_, mom, scale, factor, decay,
+                   True, False)
+
+
+def keras_sgd(floating[::1] param, grad, floating[::1] momentum_buffer,
               double lr, double momentum, bint nesterov, double weight_decay, double grad_scale,
               int n_threads):
     """keras.optimizers.SGD, in place: ``m = momentum*m - lr*g``; ``p += m`` (Nesterov:
     ``p += momentum*m - lr*g``); without momentum ``p -= lr*g``. ``momentum_buffer`` is
-    unused (may be empty) when ``momentum == 0``."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    unused (may be empty) when ``momentum == 0``. ``grad`` is a flat buffer, a
+    :class:`GradTable` or a :class:`HalfGrads`."""
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, mom = momentum, scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0, use_momentum = momentum != 0
-    cdef floating p, g, m
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        if use_momentum:
-            m = momentum_buffer[i] * mom - g * lr_
-            momentum_buffer[i] = m
-            if nesterov:
-                p = p + (m * mom - g * lr_)
-            else:
-                p = p + m
-        else:
-            p = p - g * lr_
-        param[i] = p
+    if _inline_call(n, parts):
+        _keras_sgd_unswitched(param, &g, momentum_buffer, 0, n, lr_, mom, scale, factor, decay,
+                              use_momentum, nesterov)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_sgd_unswitched(param, &g, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
+                              lr_, mom, scale, factor, decay, use_momentum, nesterov)
 
 
-def keras_adam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+cdef inline void _keras_adam(floating[::1] param, const _Grads* grads, floating[::1] m_buf,
+                             floating[::1] v_buf, floating[::1] v_hat_buf, Py_ssize_t lo,
+                             Py_ssize_t hi, floating alpha, floating c1, floating c2,
+                             floating eps, floating scale, floating factor, bint decay,
+                             bint amsgrad) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, m, v, vh
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            m = m_buf[i]
+            m = m + (d - m) * c1
+            m_buf[i] = m
+            v = v_buf[i]
+            v = v + (d * d - v) * c2
+            v_buf[i] = v
+            if amsgrad:
+                vh = v_hat_buf[i]
+                if not (vh > v or vh != vh):
+                    vh = v
+                v_hat_buf[i] = vh
+                v = vh
+            param[i] = p - (m * alpha) / (_sqrt(v) + eps)
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+cdef inline void _keras_adam_unswitched(floating[::1] param, const _Grads* grads,
+                                        floating[::1] m_buf, floating[::1] v_buf,
+                                        floating[::1] v_hat_buf, Py_ssize_t lo, Py_ssize_t hi,
+                                        floating alpha, floating c1, floating c2, floating eps,
+                                        floating scale, floating factor, bint decay,
+                                        bint amsgrad) noexcept nogil:
+    if amsgrad:
+        _keras_adam(param, grads, m_buf, v_buf, v_hat_buf, lo, hi, alpha, c1, c2, eps, scale,
+                    factor, decay, True)
+    else:
+        _keras_adam(param, grads, m_buf, v_buf, v_hat_buf, lo, hi, alpha, c1, c2, eps, scale,
+                    factor, decay, False)
+
+
+def keras_adam(floating[::1] param, grad, floating[::1] m_buf,
                floating[::1] v_buf, floating[::1] v_hat_buf, Py_ssize_t step, double lr,
                double beta_1, double beta_2, double epsilon, bint amsgrad, double weight_decay,
                double grad_scale, int n_threads):
@@ -1137,7 +1226,9 @@ def keras_adam(floating[::1] param, const floating[::1] grad, floating[::1] m_bu
     ``m += (g-m)*(1-beta_1)``; ``v += (g*g-v)*(1-beta_2)``;
     ``p -= m*alpha / (sqrt(v) + epsilon)`` with ``alpha = lr*sqrt(1-beta_2**t)/(1-beta_1**t)``
     (epsilon is not bias-corrected). ``v_hat_buf`` is unused (may be empty) unless amsgrad."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t_, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating t = step, lr_ = lr, one = 1
     cdef floating beta_1_power = _pow(<floating>beta_1, t)
     cdef floating beta_2_power = _pow(<floating>beta_2, t)
@@ -1145,29 +1236,73 @@ def keras_adam(floating[::1] param, const floating[::1] grad, floating[::1] m_bu
     cdef floating c1 = 1 - beta_1, c2 = 1 - beta_2, eps = epsilon
     cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0
-    cdef floating p, g, m, v, vh
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        m = m_buf[i]
-        m = m + (g - m) * c1
-        m_buf[i] = m
-        v = v_buf[i]
-        v = v + (g * g - v) * c2
-        v_buf[i] = v
-        if amsgrad:
-            vh = v_hat_buf[i]
-            if not (vh > v or vh != vh):
-                vh = v
-            v_hat_buf[i] = vh
-            v = vh
-        param[i] = p - (m * alpha) / (_sqrt(v) + eps)
+    if _inline_call(n, parts):
+        _keras_adam_unswitched(param, &g, m_buf, v_buf, v_hat_buf, 0, n, alpha, c1, c2, eps,
+                               scale, factor, decay, amsgrad)
+        return
+    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_adam_unswitched(param, &g, m_buf, v_buf, v_hat_buf, _lo(t_, n, parts),
+                               _lo(t_ + 1, n, parts), alpha, c1, c2, eps, scale, factor, decay,
+                               amsgrad)
 
 
-def keras_rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+cdef inline void _keras_rmsprop(floating[::1] param, const _Grads* grads,
+                                floating[::1] velocity, floating[::1] average_grad,
+                                floating[::1] momentum_buffer, Py_ssize_t lo, Py_ssize_t hi,
+                                floating lr_, floating r, floating c, floating mom,
+                                floating eps, floating scale, floating factor, bint decay,
+                                bint centered, bint use_momentum) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, v, a, den, inc
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            v = r * velocity[i] + c * (d * d)
+            velocity[i] = v
+            if centered:
+                a = r * average_grad[i] + c * d
+                average_grad[i] = a
+                den = v - a * a + eps
+            else:
+                den = v + eps
+            inc = (lr_ * d) / _sqrt(den)
+            if use_momentum:
+                inc = mom * momentum_buffer[i] + inc
+                momentum_buffer[i] = inc
+            param[i] = p - inc
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+cdef inline void _keras_rmsprop_unswitched(floating[::1] param, const _Grads* grads,
+                                           floating[::1] velocity, floating[::1] average_grad,
+                                           floating[::1] momentum_buffer, Py_ssize_t lo,
+                                           Py_ssize_t hi, floating lr_, floating r, floating c,
+                                           floating mom, floating eps, floating scale,
+                                           floating factor, bint decay, bint centered,
+                                           bint use_momentum) noexcept nogil:
+    if centered:
+        if use_momentum:
+            _keras_rmsprop(param, grads, velocity, average_grad, momentum_buffer, lo, hi, lr_,
+                           r, c, mom, eps, scale, factor, decay, True, True)
+        else:
+            _keras_rmsprop(param, grads, velocity, average_grad, momentum_buffer, lo, hi, lr_,
+                           r, c, mom, eps, scale, factor, decay, True, False)
+    elif use_momentum:
+        _keras_rmsprop(param, grads, velocity, average_grad, momentum_buffer, lo, hi, lr_, r,
+                       c, mom, eps, scale, factor, decay, False, True)
+    else:
+        _keras_rmsprop(param, grads, velocity, average_grad, momentum_buffer, lo, hi, lr_, r,
+                       c, mom, eps, scale, factor, decay, False, False)
+
+
+def keras_rmsprop(floating[::1] param, grad, floating[::1] velocity,
                   floating[::1] average_grad, floating[::1] momentum_buffer, double lr,
                   double rho, double momentum, double epsilon, bint centered,
                   double weight_decay, double grad_scale, int n_threads):
@@ -1175,83 +1310,143 @@ def keras_rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] v
     ``a = rho*a + (1-rho)*g``, ``den = v - a*a + eps``, else ``den = v + eps`` (epsilon
     inside the square root); ``inc = lr*g / sqrt(den)``; momentum:
     ``b = momentum*b + inc; p -= b``, else ``p -= inc``."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, r = rho, c = 1 - rho, mom = momentum, eps = epsilon
     cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0, use_momentum = momentum > 0
-    cdef floating p, g, v, a, den, inc
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        v = r * velocity[i] + c * (g * g)
-        velocity[i] = v
-        if centered:
-            a = r * average_grad[i] + c * g
-            average_grad[i] = a
-            den = v - a * a + eps
-        else:
-            den = v + eps
-        inc = (lr_ * g) / _sqrt(den)
-        if use_momentum:
-            inc = mom * momentum_buffer[i] + inc
-            momentum_buffer[i] = inc
-        param[i] = p - inc
+    if _inline_call(n, parts):
+        _keras_rmsprop_unswitched(param, &g, velocity, average_grad, momentum_buffer, 0, n, lr_,
+                                  r, c, mom, eps, scale, factor, decay, centered, use_momentum)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_rmsprop_unswitched(param, &g, velocity, average_grad, momentum_buffer,
+                                  _lo(t, n, parts), _lo(t + 1, n, parts), lr_, r, c, mom, eps,
+                                  scale, factor, decay, centered, use_momentum)
 
 
-def keras_adagrad(floating[::1] param, const floating[::1] grad, floating[::1] accumulator,
+cdef inline void _keras_adagrad(floating[::1] param, const _Grads* grads,
+                                floating[::1] accumulator, Py_ssize_t lo, Py_ssize_t hi,
+                                floating lr_, floating eps, floating scale, floating factor,
+                                bint decay) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, acc
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            acc = accumulator[i] + d * d
+            accumulator[i] = acc
+            param[i] = p - (lr_ * d) / _sqrt(acc + eps)
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+def keras_adagrad(floating[::1] param, grad, floating[::1] accumulator,
                   double lr, double epsilon, double weight_decay, double grad_scale,
                   int n_threads):
     """keras.optimizers.Adagrad, in place: ``acc += g*g``; ``p -= lr*g / sqrt(acc + eps)``
     (epsilon inside the square root; ``acc`` starts at initial_accumulator_value)."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0
-    cdef floating p, g, acc
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        acc = accumulator[i] + g * g
-        accumulator[i] = acc
-        param[i] = p - (lr_ * g) / _sqrt(acc + eps)
+    if _inline_call(n, parts):
+        _keras_adagrad(param, &g, accumulator, 0, n, lr_, eps, scale, factor, decay)
+        return
+    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_adagrad(param, &g, accumulator, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, eps,
+                       scale, factor, decay)
 
 
-def keras_adamax(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+cdef inline void _keras_adamax(floating[::1] param, const _Grads* grads, floating[::1] m_buf,
+                               floating[::1] u_buf, Py_ssize_t lo, Py_ssize_t hi,
+                               floating lr_, floating bc, floating c1, floating b2,
+                               floating eps, floating scale, floating factor,
+                               bint decay) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, m, u, a
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            m = m_buf[i]
+            m = m + (d - m) * c1
+            m_buf[i] = m
+            u = b2 * u_buf[i]
+            a = fabs(d)
+            if not (u > a or u != u):
+                u = a
+            u_buf[i] = u
+            param[i] = p - (lr_ * m) / (bc * (u + eps))
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+def keras_adamax(floating[::1] param, grad, floating[::1] m_buf,
                  floating[::1] u_buf, Py_ssize_t step, double lr, double beta_1, double beta_2,
                  double epsilon, double weight_decay, double grad_scale, int n_threads):
     """keras.optimizers.Adamax, in place, for the 1-based ``step``:
     ``m += (g-m)*(1-beta_1)``; ``u = max(beta_2*u, |g|)``;
     ``p -= lr*m / ((1-beta_1**t) * (u + eps))`` (epsilon outside the max)."""
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t_, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating t = step, lr_ = lr, one = 1
     cdef floating bc = one - _pow(<floating>beta_1, t)
     cdef floating c1 = 1 - beta_1, b2 = beta_2, eps = epsilon
     cdef floating scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0
-    cdef floating p, g, m, u, a
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        m = m_buf[i]
-        m = m + (g - m) * c1
-        m_buf[i] = m
-        u = b2 * u_buf[i]
-        a = fabs(g)
-        if not (u > a or u != u):
-            u = a
-        u_buf[i] = u
-        param[i] = p - (lr_ * m) / (bc * (u + eps))
+    if _inline_call(n, parts):
+        _keras_adamax(param, &g, m_buf, u_buf, 0, n, lr_, bc, c1, b2, eps, scale, factor, decay)
+        return
+    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_adamax(param, &g, m_buf, u_buf, _lo(t_, n, parts), _lo(t_ + 1, n, parts), lr_, bc,
+                      c1, b2, eps, scale, factor, decay)
 
 
-def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_buf,
+cdef inline void _keras_nadam(floating[::1] param, const _Grads* grads, floating[::1] m_buf,
+                              floating[::1] v_buf, Py_ssize_t lo, Py_ssize_t hi, floating u_t_1,
+                              floating den_m, floating one_minus_u_t, floating den_g,
+                              floating bc2, floating c1, floating c2, floating lr_,
+                              floating eps, floating scale, floating factor,
+                              bint decay) noexcept nogil:
+    cdef Py_ssize_t i, end
+    cdef const floating* g
+    cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
+    cdef floating p, d, m, v, m_hat
+    while lo < hi:
+        end = _piece(grads, lo, hi, &g, buf)
+        for i in range(lo, end):
+            p = param[i]
+            d = g[i - lo] * scale
+            if decay:
+                p = p * factor
+            m = m_buf[i]
+            m = m + (d - m) * c1
+            m_buf[i] = m
+            v = v_buf[i]
+            v = v + (d * d - v) * c2
+            v_buf[i] = v
+            m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * d) / den_g
+            param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
+        _piece_done(grads, param, lo, end)
+        lo = end
+
+
+def keras_nadam(floating[::1] param, grad, floating[::1] m_buf,
                 floating[::1] v_buf, Py_ssize_t step, double u_product, double lr,
                 double beta_1, double beta_2, double epsilon, double weight_decay,
                 double grad_scale, int n_threads):
@@ -1262,7 +1457,9 @@ def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_b
     ``m_hat = u_{t+1}*m/(1 - prod_{t+1}) + (1-u_t)*g/(1 - prod_t)``,
     ``p -= m_hat*lr / (sqrt(v/(1-beta_2**t)) + eps)``.
     """
-    cdef Py_ssize_t i, n = param.shape[0]
+    cdef _Grads g
+    _grads(grad, param, &g)
+    cdef Py_ssize_t t_, n = param.shape[0], parts = _parts(n, n_threads)
     cdef floating t = step, t_next = step + 1, decay_base = 0.96
     cdef floating b1 = beta_1, b2 = beta_2, one = 1, half = 0.5
     cdef floating prod = u_product
@@ -1276,21 +1473,13 @@ def keras_nadam(floating[::1] param, const floating[::1] grad, floating[::1] m_b
     cdef floating c1 = one - b1, c2 = one - b2
     cdef floating lr_ = lr, eps = epsilon, scale = grad_scale, factor = 1.0 - weight_decay * lr
     cdef bint decay = weight_decay != 0
-    cdef floating p, g, m, v, m_hat
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
-        p = param[i]
-        g = grad[i] * scale
-        if decay:
-            p = p * factor
-        m = m_buf[i]
-        m = m + (g - m) * c1
-        m_buf[i] = m
-        v = v_buf[i]
-        v = v + (g * g - v) * c2
-        v_buf[i] = v
-        m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * g) / den_g
-        param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
+    if _inline_call(n, parts):
+        _keras_nadam(param, &g, m_buf, v_buf, 0, n, u_t_1, den_m, one_minus_u_t, den_g, bc2, c1,
+                     c2, lr_, eps, scale, factor, decay)
+        return prod
+    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+        _keras_nadam(param, &g, m_buf, v_buf, _lo(t_, n, parts), _lo(t_ + 1, n, parts), u_t_1,
+                     den_m, one_minus_u_t, den_g, bc2, c1, c2, lr_, eps, scale, factor, decay)
     return prod
 
 

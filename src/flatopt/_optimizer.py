@@ -120,7 +120,8 @@ class Optimizer(ClipGradNormMixin):
     _hyperparameters: tuple[str, ...] = ()
     #: True when :meth:`_update`'s kernel also takes a ``kernels.GradTable`` as its
     #: gradient (gradients read where they are: flatopt.torch passes one to
-    #: :meth:`_finish_step` instead of copying them into :attr:`flat_grads`).
+    #: :meth:`_finish_step` instead of copying them into :attr:`flat_grads`) and a
+    #: ``kernels.HalfGrads`` (16-bit gradients and parameters: one-pass mixed precision).
     _reads_grad_table: bool = False
 
     defaults: dict[str, Any]
