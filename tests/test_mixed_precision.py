@@ -257,10 +257,9 @@ def test_sizes_and_block_boundaries(case, name, size, n_threads):
 
 @pytest.mark.parametrize("name", HALF)
 @pytest.mark.parametrize("case", [CASES[1], CASES[10], CASES[-2]], ids=["SGD", "NAdam", "keras.Nadam"])
-def test_small_blocks_and_groups(case, name, monkeypatch):
-    """Many blocks per group, blocks that end inside a group, per-group step state
+def test_pieces_and_groups(case, name):
+    """Groups of sizes around the kernels' pieces (1024 elements), per-group step state
     (SGD's first-step flags, NAdam's running products) advanced once per step."""
-    monkeypatch.setattr(flatopt._optimizer, "MIXED_BLOCK", 1000)
     rng = np.random.default_rng(5)
     shapes = [(2500,), (999,), (1,), (4001,)]
     lr_key = "learning_rate" if case[0].startswith("keras") else "lr"
@@ -464,10 +463,9 @@ def test_flat_16_bit_grads_are_read_directly():
 def test_runs_match_the_whole_group_step(case, name, n_threads):
     """The mixed step over runs (a group split in two at a parameter boundary, each run at
     the group's step, as flatopt.torch passes them) writes what the whole-group step
-    writes, bit for bit, across block boundaries (MIXED_BLOCK per thread)."""
-    from flatopt._mixed import MIXED_BLOCK
+    writes, bit for bit."""
     rng = np.random.default_rng(5)
-    shapes = [(3,), (MIXED_BLOCK * n_threads + 5,), (7, 9)]
+    shapes = [(3,), (65536 * n_threads + 5,), (7, 9)]
     params16 = make_params(rng, shapes, name)
     whole, _ = make_pair(case, [p.copy() for p in params16], name, n_threads)
     split, _ = make_pair(case, [p.copy() for p in params16], name, n_threads)

@@ -553,10 +553,9 @@ def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, h
     """The kernels read each gradient where autograd left it (a GradTable of sources) and
     get exactly what they get from the gradients copied into the flat buffer: a model that
     straddles the parallel threshold, 1 and 2 threads, two groups, gradients that are None
-    on some steps (runs of parameters with different step counts) or strided. A 16-bit
-    model (float32 master) reads its 16-bit gradients in place through a HalfGrads, in one
-    pass; the reference copies them and steps block by block (widen, the float32 kernel,
-    narrow: three passes)."""
+    on some steps (runs of parameters with different step counts) or strided; and a
+    16-bit model (float32 master), whose 16-bit gradients are read in place through a
+    HalfGrads."""
     def run(n_threads, in_place):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(130, 127), torch.nn.Tanh(), torch.nn.Linear(127, 9),
@@ -568,11 +567,9 @@ def test_gradients_read_in_place_match_the_flat_copy_bit_for_bit(name, kwargs, h
                                 **kwargs, n_threads=n_threads,
                                 master_dtype=None if half is None else torch.float32)
         (bucket,) = opt._buckets
-        assert bucket.reads_in_place == bucket.opt._reads_grad_table
+        assert bucket.reads_in_place
         assert bucket.flat_param.numel() > flatopt._kernels.PARALLEL_THRESHOLD
-        bucket.reads_in_place &= in_place
-        if half is not None and not in_place:
-            bucket.opt._reads_grad_table = False  # the block-by-block mixed step
+        bucket.reads_in_place = in_place
         x = torch.randn(16, 130, generator=torch.Generator().manual_seed(1)).to(half or torch.float32)
         for step in range(6):
             opt.zero_grad()

@@ -64,7 +64,6 @@ class NAdam(Optimizer):
                         "decoupled_weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
     _plain_state: tuple[str, ...] = ("mu_product",)
     # None: round the running product to float32 exactly when the buffers are float32.
     # flatopt.torch.NAdam sets it to follow torch's default dtype instead.
@@ -119,7 +118,6 @@ class RAdam(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -156,7 +154,6 @@ class Adamax(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_inf")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
@@ -196,7 +193,6 @@ class Lion(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "betas", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("exp_avg",)
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,

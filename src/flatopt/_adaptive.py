@@ -76,7 +76,6 @@ class Adam(Optimizer):
                         "decoupled_weight_decay")
     _all_state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -137,7 +136,6 @@ class RMSprop(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
     _all_state_names: tuple[str, ...] = ("square_avg", "grad_avg", "momentum_buffer")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
@@ -177,7 +175,6 @@ class Adadelta(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "rho", "eps", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("square_avg", "acc_delta")
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -213,7 +210,6 @@ class Adagrad(Optimizer):
                         "maximize")
     _all_state_names: tuple[str, ...] = ("sum",)
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,

@@ -1,15 +1,12 @@
 """Mixed precision: 16-bit parameters (float16, or ``ml_dtypes.bfloat16``) with float32
 master weights and state.
 
-The optimizers of the torch.optim family (``_reads_grad_table``) step in one pass: their
-float32 kernels take a ``kernels.HalfGrads``, widen each piece of 1024 16-bit gradients
-into a buffer on the stack, and narrow the piece's new master values into the 16-bit
-parameters while they are in L1. The others (the Keras formulas) convert the 16-bit
-gradient block by block into a float32 scratch buffer that stays in cache, run their
-float32 kernel on the master and state of that block, and write the block's 16-bit
-parameters (``widen16`` / ``narrow16`` in ``_kernels.pyx``; the step loop is
-``Optimizer._finish_mixed_step``). Both are bit for bit the float32 kernel followed by
-the cast. ``ml_dtypes`` is imported only when needed.
+Every optimizer steps in one pass: its float32 kernel takes a ``kernels.HalfGrads``,
+widens each piece of 1024 16-bit gradients into a buffer on its stack, updates the master
+and state from there, and narrows the piece's new master values into the 16-bit
+parameters while they are in L1: bit for bit the float32 kernel followed by the cast
+(``widen16`` / ``narrow16`` in ``_kernels.pyx``). ``ml_dtypes`` is imported only when
+needed.
 """
 
 import math
@@ -23,9 +20,8 @@ from ._dispatch import kernels
 
 if TYPE_CHECKING:
     from ._layout import FlatLayout
-# Elements per thread and block of a blocked mixed-precision step. The block's float32 scratch
-# gradient and master (2 x 256 KiB at 64K elements) stay in a core's L2 between the three
-# passes (widen, update, narrow), so DRAM sees only the one-pass traffic.
+# Elements per thread and block of ``grad_norm`` on 16-bit gradients: each block is widened
+# into a float32 scratch buffer (256 KiB a thread, in L2) and its partial norms taken there.
 MIXED_BLOCK = 65536
 
 

@@ -43,7 +43,6 @@ class SGD(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _all_state_names: tuple[str, ...] = ("momentum_buffer",)
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
     _plain_state: tuple[str, ...] = ("momentum_buffer_initialized",)
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
@@ -100,7 +99,6 @@ class Momentum(Optimizer):
     _hyperparameters: tuple[str, ...] = ("lr", "beta", "weight_decay", "maximize")
     _all_state_names: tuple[str, ...] = ("momentum_buffer",)
     _kernels = KernelsFor()  # this dtype's kernel specialisations (see _dispatch)
-    _reads_grad_table = True
 
     def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0,
                  maximize: bool = False, *, n_threads: int | None = None,

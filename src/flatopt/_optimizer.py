@@ -110,19 +110,16 @@ class Optimizer(ClipGradNormMixin):
     ``_start_run(gi, group, fresh)``. Its ``__init__`` takes torch's arguments plus
     keyword-only ``n_threads=None, dtype=None, adopt=False, master_dtype=None`` and
     passes them on: ``super().__init__(params, defaults, n_threads=n_threads, dtype=dtype,
-    adopt=adopt, master_dtype=master_dtype)``. With ``master_dtype`` (16-bit params) the
-    same ``_update`` runs on blocks of the float32 master and state (see
-    :meth:`_finish_mixed_step`): a subclass needs no code of its own for it.
+    adopt=adopt, master_dtype=master_dtype)``. ``_update``'s kernel takes the gradient
+    in any of the forms a ``KernelGrad`` has: a flat buffer, a ``kernels.GradTable``
+    (gradients read where they are: flatopt.torch) and a ``kernels.HalfGrads`` (with
+    ``master_dtype``, 16-bit gradients and parameters around the float32 master and
+    state, in the kernel's one pass), so a subclass needs no code of its own for either.
     A step is ``_begin_step`` then ``_finish_step`` (see there); nothing else calls
     ``_update``.
     """
 
     _hyperparameters: tuple[str, ...] = ()
-    #: True when :meth:`_update`'s kernel also takes a ``kernels.GradTable`` as its
-    #: gradient (gradients read where they are: flatopt.torch passes one to
-    #: :meth:`_finish_step` instead of copying them into :attr:`flat_grads`) and a
-    #: ``kernels.HalfGrads`` (16-bit gradients and parameters: one-pass mixed precision).
-    _reads_grad_table: bool = False
 
     defaults: dict[str, Any]
     #: The parameter groups: dicts of hyperparameters (which may be changed between
@@ -461,12 +458,10 @@ class Optimizer(ClipGradNormMixin):
                      ) -> bool:
         """Second half of the step routine: the writes. Returns False if skipped.
 
-        ``flat_grad`` is the validated flat gradient, or (with ``runs``, if
-        :attr:`_reads_grad_table`, and not ``skip_if_nonfinite``) a ``kernels.GradTable``
-        of the same length (of 16-bit gradients with 16-bit params). With 16-bit params,
-        the kernels of :attr:`_reads_grad_table` optimizers read it through a
-        ``kernels.HalfGrads`` (one pass); the others step block by block
-        (:meth:`_finish_mixed_step`). The factor left by
+        ``flat_grad`` is the validated flat gradient, or (with ``runs``, and not
+        ``skip_if_nonfinite``) a ``kernels.GradTable`` of the same length (of 16-bit
+        gradients with 16-bit params). With 16-bit params the kernels read it through a
+        ``kernels.HalfGrads``, which also writes the 16-bit params: one pass. The factor left by
         :meth:`clip_grad_norm_` multiplies ``grad_scale`` and is consumed (it belongs to
         one step). With ``skip_if_nonfinite`` an inf/NaN gradient skips the step (counted
         in :attr:`skipped_steps`, nothing else written). Then the kernel runs:
@@ -489,11 +484,7 @@ class Optimizer(ClipGradNormMixin):
             if self._count_nonfinite(flat_grad, n_threads):
                 self.skipped_steps += 1
                 return False
-        if self._half:
-            if not self._reads_grad_table:
-                assert isinstance(flat_grad, np.ndarray)
-                return self._finish_mixed_step(flat_grad, runs, grad_scale, n_threads, before_run)
-            # One pass (see kernels.HalfGrads): widen, step, narrow in the kernel's loop.
+        if self._half:  # one pass (see kernels.HalfGrads): widen, step, narrow per piece
             assert self._flat_half is not None and not isinstance(flat_grad, kernels.HalfGrads)
             grad16 = flat_grad.view(np.uint16) if isinstance(flat_grad, np.ndarray) else flat_grad
             flat_grad = kernels.HalfGrads(grad16, self._flat_half.view(np.uint16), self._half[1])
@@ -537,59 +528,6 @@ class Optimizer(ClipGradNormMixin):
         if self._half:
             return int(kernels.count_nonfinite16(flat_grad.view(np.uint16), self._half[1], n_threads))
         return int(kernels.count_nonfinite(flat_grad, n_threads))
-
-    def _finish_mixed_step(self, flat_grad: npt.NDArray[Any], runs: Iterable[_Run] | None,
-                           grad_scale: float, n_threads: int,
-                           before_run: Callable[[int, dict[str, Any], int], object] | None = None,
-                           ) -> bool:
-        """:meth:`_finish_step` for 16-bit parameters with a float32 master.
-
-        The buffer is processed in blocks of ``MIXED_BLOCK`` elements (per thread) that
-        stay in cache: the 16-bit gradient block is widened into a float32 scratch buffer,
-        the optimizer's own float32 kernel (``_update``) runs on the block's master and
-        state with it as the gradient, and the block's master is narrowed into the 16-bit
-        parameters. Each block of a group (or of a run: ``runs`` as in
-        :meth:`_finish_step`) sees the same step and per-group scalars: per-group plain
-        state that ``_update`` advances (NAdam's running product, SGD's first-step flag)
-        is reset to its value before the first block for every block, so the last block
-        leaves it advanced exactly once.
-        """
-        assert self._half is not None and self._flat_half is not None  # mixed precision
-        kind = self._half[1]
-        g16 = flat_grad.view(np.uint16)
-        state = self._state
-        step: int = state["step"] + 1
-        spans: Iterable[_Run] = runs if runs is not None else [
-            (gi, a, b, step, False) for gi, (a, b) in enumerate(self._segments)]
-        update, widen, narrow = self._update, kernels.widen16, kernels.narrow16
-        master32 = self._flat_params.view(np.uint32)
-        p16 = self._flat_half.view(np.uint16)
-        buffers = {"param": self._flat_params,
-                   **{k: v for k, v in state.items() if isinstance(v, np.ndarray)}}
-        block = MIXED_BLOCK * max(1, n_threads)
-        scratch = self._mixed_scratch(block)
-        scratch32 = scratch.view(np.uint32)
-        plain = [state[k] for k in self._plain_state]
-        for gi, a, b, run_step, fresh in spans:
-            group = self.param_groups[gi]
-            if runs is not None:
-                self._start_run(gi, group, fresh)
-                if before_run is not None:
-                    before_run(gi, group, run_step - 1)
-            saved = [values[gi] for values in plain]
-            for lo in range(a, max(b, a + 1), block):
-                hi = min(lo + block, b)
-                if lo != a:
-                    for values, v in zip(plain, saved):
-                        values[gi] = v
-                widen(g16[lo:hi], scratch32, kind, n_threads)
-                sub = {k: v[lo:hi] for k, v in buffers.items()}
-                sub["grad"] = scratch[:hi - lo]
-                update(gi, group, sub, sub["grad"], run_step, grad_scale, n_threads)
-                narrow(master32[lo:hi], p16[lo:hi], kind, n_threads)
-        if runs is None:
-            dict.__setitem__(state, "step", step)
-        return True
 
     def _mixed_scratch(self, block: int) -> FloatArray:
         """The float32 scratch buffer for blocks of ``block`` elements (grown once)."""

@@ -16,9 +16,8 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.floating[Any]]
 if TYPE_CHECKING:
     from ._kernels import GradTable, HalfGrads
-#: A step kernel's gradient: a flat buffer, or (the kernels of optimizers with
-#: ``_reads_grad_table``) a table of sources read in place (flatopt.torch passes one) or
-#: 16-bit gradients for a float32 master (mixed precision).
+#: A step kernel's gradient: a flat buffer, a table of sources read in place
+#: (flatopt.torch passes one), or 16-bit gradients for a float32 master (mixed precision).
 KernelGrad = Union[FloatArray, "GradTable", "HalfGrads"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))

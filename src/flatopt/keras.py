@@ -91,8 +91,6 @@ class _KerasOptimizer(Optimizer):
     """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
     and Keras's decoupled weight decay (None or 0: off)."""
 
-    _reads_grad_table = True  # every kernel takes a GradTable and a HalfGrads
-
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:

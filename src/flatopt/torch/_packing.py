@@ -14,8 +14,7 @@ a fresh gradient into a ``grad`` that is None: no copy, no accumulation). At ste
   kernel widens each piece as it reads it (``kernels.HalfGrads``).
 * copied into the flat gradient buffer (:func:`copy_in`, one ``kernels.gather_bytes``
   memcpy call) where something reads that buffer: ``skip_if_nonfinite``'s check,
-  :meth:`grad_norm`, and NumPy optimizers whose kernels take no table
-  (``_reads_grad_table``).
+  and :meth:`grad_norm`.
 
 Why not attach flat-buffer views as ``p.grad`` (as flatopt.torch once did): autograd then
 has to *add* every fresh gradient into its view, a read-modify-write pass over the
@@ -140,9 +139,9 @@ class Bucket:
         self.table_sources = np.empty(2 * n, dtype=np.intp)
         self.table_sources[0::2] = self.flat_sources
         self.table_sources[1::2] = flat_address + self.stops * self.itemsize
-        # Whether the kernels can read the gradients where they are (16-bit ones too,
-        # through a kernels.HalfGrads).
-        self.reads_in_place = numpy_opt._reads_grad_table
+        # Whether the kernels read the gradients where they are (16-bit ones too, through
+        # a kernels.HalfGrads); every kernel can, the tests compare with the copy.
+        self.reads_in_place = True
         self.param_views = [self.flat_param[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # Updates each parameter has received that used its state: torch's state["step"].
         # One tensor; each parameter's state["step"] is a 0-d view of it, and ``counts``
