@@ -4,7 +4,8 @@ Spawning processes is slow (each imports torch), so each job below starts its pr
 once (2 or 4, gloo over 127.0.0.1, a free port, a 30 s timeout on every collective and a
 deadline on the whole job) and runs many checks in a row; every rank records each
 check's outcome, and one pytest test per check reads them. A check that fails on one
-rank fails its test; a job that overruns its deadline is killed and fails every test.
+rank fails its test; a job that overruns its deadline is killed and fails every test. A
+rank killed by a signal gets its job one more run, with a warning (see ``run_job``).
 
 Each rank trains on its own shard of every batch; the reference is flatopt.torch's
 single-process optimizer on the whole batch. float64 parameters must agree to 1e-12
@@ -20,6 +21,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 
 import pytest
 
@@ -655,9 +657,9 @@ def _read_outcomes(world, tmp):
     return outcomes, running
 
 
-def run_job(world, tmp):
-    """Run every check of a ``world``-process job; ``{check: {rank: outcome}}``."""
+def _run_job_once(world, tmp):
     import torch.multiprocessing as mp
+    tmp.mkdir()
     ctx = mp.start_processes(_child, args=(world, _free_port(), str(tmp)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + JOB_DEADLINE
@@ -668,13 +670,39 @@ def run_job(world, tmp):
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
         _, running = _read_outcomes(world, tmp)
         where = ", ".join(f"rank {r} in {name!r}" for r, name in sorted(running.items()))
-        raise AssertionError(f"{exc} ({where or 'after its last check'})") from exc
+        raise JobDied(f"{exc} ({where or 'after its last check'})",
+                      getattr(exc, "signal_name", None)) from exc
     finally:
         for process in ctx.processes:
             if process.is_alive():
                 process.kill()
     outcomes, _ = _read_outcomes(world, tmp)
     return outcomes
+
+
+class JobDied(AssertionError):
+    """A rank's process ended before its checks did; ``signal`` names the signal, if any."""
+
+    def __init__(self, message, signal):
+        super().__init__(message)
+        self.signal = signal
+
+
+def run_job(world, tmp):
+    """Run every check of a ``world``-process job; ``{check: {rank: outcome}}``.
+
+    A rank killed by a signal (once in CI: SIGABRT, "terminate called without an active
+    exception", from torch's C++ side, never reproduced here in 10 runs) gets the job one
+    more run in fresh processes, with a warning naming the signal and the check; a second
+    death, a Python exception escaping a rank, or an overrun fails every test of the job.
+    """
+    try:
+        return _run_job_once(world, tmp / "first")
+    except JobDied as exc:
+        if exc.signal is None:
+            raise
+        warnings.warn(f"the {world}-process job died and runs again: {exc}", stacklevel=1)
+    return _run_job_once(world, tmp / "second")
 
 
 @pytest.fixture(scope="module")
@@ -705,6 +733,28 @@ def assert_passed(outcomes, name, world):
 
 NAMES_2 = [name for name, _ in job_checks(2, None)]
 NAMES_4 = [name for name, _ in job_checks(4, None)]
+
+
+def test_a_job_killed_by_a_signal_runs_once_more(monkeypatch, tmp_path):
+    runs = []
+
+    def fake(world, tmp, deaths):
+        runs.append(tmp.name)
+        if len(runs) <= deaths:
+            raise JobDied("process 0 terminated with signal SIGABRT", "SIGABRT")
+        return {"check": {0: {"ok": True}}}
+
+    monkeypatch.setattr(sys.modules[__name__], "_run_job_once", lambda w, t: fake(w, t, 1))
+    with pytest.warns(UserWarning, match="SIGABRT"):
+        assert run_job(2, tmp_path) == {"check": {0: {"ok": True}}}
+    assert runs == ["first", "second"]
+    monkeypatch.setattr(sys.modules[__name__], "_run_job_once", lambda w, t: fake(w, t, 9))
+    with pytest.warns(UserWarning), pytest.raises(JobDied):
+        run_job(2, tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "_run_job_once", lambda w, t: (
+        _ for _ in ()).throw(JobDied("process 1 exited with exit code 1", None)))
+    with pytest.raises(JobDied):
+        run_job(2, tmp_path)
 
 
 @pytest.mark.parametrize("name", NAMES_2)
