@@ -128,6 +128,14 @@ def test_unused_state_argument_is_not_sliced_per_step(cls, kwargs):
     opt.__dict__["_kernels"] = Recorder()
     opt.step()
     opt.step()
-    empties = [a for args in calls for a in args if isinstance(a, np.ndarray) and a.size == 0]
+    buffers = (np.ndarray, flatopt._dispatch.kernels.KernelView)
+    empties = [a for args in calls for a in args if isinstance(a, buffers) and len(a) == 0]
     assert len(calls) == 2 and empties
     assert all(a is real.empty for a in empties)
+    # Every buffer is the kernels' own memoryview (kernels.as_view), made once: the step
+    # makes no buffer request. They are views of the live buffers, not copies.
+    first, second = calls
+    assert [type(a) for a in first if isinstance(a, buffers)] == [
+        flatopt._dispatch.kernels.KernelView] * len([a for a in first if isinstance(a, buffers)])
+    assert all(a is b for a, b in zip(first, second) if isinstance(a, buffers))
+    assert np.shares_memory(np.asarray(first[0]), opt.flat_params)

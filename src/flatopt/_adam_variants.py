@@ -13,7 +13,7 @@ import numpy.typing as npt
 from ._adaptive import _check_common, check_betas
 from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
-from ._validation import FloatArray, KernelGrad, check_bool, check_real
+from ._validation import KernelGrad, Segment, check_bool, check_real
 
 
 def check_nadam(group: Mapping[str, Any], where: str = "NAdam") -> None:
@@ -93,7 +93,7 @@ class NAdam(Optimizer):
             raise ValueError(f"state_dict['state'][{key!r}] must be a list of {n_groups} floats "
                              f"in [0, 1], got {value!r}")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         single = self._mu_product_float32
@@ -135,7 +135,7 @@ class RAdam(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         self._kernels.radam(seg["param"], grad, seg["exp_avg"], seg["exp_avg_sq"], step,
@@ -169,7 +169,7 @@ class Adamax(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         self._kernels.adamax(seg["param"], grad, seg["exp_avg"], seg["exp_inf"], step,
@@ -208,7 +208,7 @@ class Lion(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg",)
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         self._kernels.lion(seg["param"], grad, seg["exp_avg"], group["lr"], beta1, beta2,

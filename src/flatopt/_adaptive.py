@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
-from ._validation import FloatArray, KernelGrad, check_bool, check_real
+from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_real
 
 
 def _check_common(group: Mapping[str, Any], where: str, eps_name: str = "eps") -> None:
@@ -94,7 +94,7 @@ class Adam(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
@@ -154,7 +154,7 @@ class RMSprop(Optimizer):
         return (("square_avg",) + (("grad_avg",) if group["centered"] else ())
                 + (("momentum_buffer",) if group["momentum"] > 0 else ()))
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         centered, momentum = group["centered"], group["momentum"]
         kernels = self._kernels
@@ -190,7 +190,7 @@ class Adadelta(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         self._kernels.adadelta(seg["param"], grad, seg["square_avg"], seg["acc_delta"],
                                group["lr"], group["rho"], group["eps"], group["weight_decay"],
@@ -233,7 +233,7 @@ class Adagrad(Optimizer):
         for (start, stop), group in zip(self._segments, self.param_groups):
             buffer[start:stop] = group["initial_accumulator_value"]
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         self._kernels.adagrad(seg["param"], grad, seg["sum"], step, group["lr"],
                               group["lr_decay"], group["eps"], group["weight_decay"],

@@ -120,7 +120,7 @@ class Specialized:
         self._index = _FUSED_NAMES[dtype]
         #: A zero-length buffer for a kernel's unused state argument (Adam's
         #: ``max_exp_avg_sq`` without amsgrad, say), so that a step slices nothing.
-        self.empty = np.empty(0, dtype)
+        self.empty = kernels.as_view[self._index](np.empty(0, dtype))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

@@ -21,6 +21,7 @@ its inputs, never on the thread count or the vector width.
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
+from cython.view cimport array as _cvarray
 
 # A kernel runs on the calling thread unless every thread would get at least
 # MIN_ELEMENTS_PER_THREAD elements: opening a parallel region costs microseconds (more
@@ -56,6 +57,19 @@ cdef bint _parallel_used = False
 def parallel_used():
     """True once any kernel of this module has run on more than one thread."""
     return _parallel_used
+
+
+def as_view(floating[::1] a):
+    """``a`` (a writable, C-contiguous float32 or float64 buffer) as this module's typed
+    memoryview, for the buffers an optimizer passes to every step. A kernel takes one of
+    these as it is, where from an ndarray it must request a buffer, check its format and
+    make a new memoryview: 0.1-0.2 us a buffer, about a third of a kernel call's entry
+    cost at small sizes (measured with three buffers: 0.96 -> 0.47 us)."""
+    return a
+
+
+#: The type :func:`as_view` returns (Cython's ``_memoryviewslice`` of this module).
+KernelView = type(as_view['float'](_cvarray(shape=(1,), itemsize=sizeof(float), format="f")))
 
 
 cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:

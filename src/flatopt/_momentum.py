@@ -7,7 +7,7 @@ import numpy.typing as npt
 
 from ._dispatch import KernelsFor
 from ._optimizer import Optimizer, Params
-from ._validation import FloatArray, KernelGrad, check_bool, check_real
+from ._validation import KernelGrad, Segment, check_bool, check_real
 
 
 def check_sgd(group: Mapping[str, Any], where: str = "SGD") -> None:
@@ -74,7 +74,7 @@ class SGD(Optimizer):
         if group["momentum"] != 0:
             self.state["momentum_buffer_initialized"][gi] = not fresh
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         momentum = group["momentum"]
         if momentum != 0:
@@ -114,7 +114,7 @@ class Momentum(Optimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",)
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         self._kernels.momentum(seg["param"], grad, seg["momentum_buffer"], group["lr"],
                                group["beta"], group["weight_decay"], group["maximize"],

@@ -17,14 +17,14 @@ from typing import Any, NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from ._dispatch import kernels
+from ._dispatch import kernels, specialized
 from ._layout import FlatLayout, adopt, aligned_zeros, copy_into, resolve_dtype
 from ._mixed import MIXED_BLOCK, check_half_grads, half_kind, resolve_master
 from ._mixed import HalfLayout as _HalfLayout, split as _split
 from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import FloatArray, KernelGrad, check_bool, check_fits, check_flat, check_real, describe
+from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_flat, check_real, describe
 
 #: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
 #: ``"params"`` sequence of arrays and hyperparameter overrides); not a mix of both (that
@@ -141,7 +141,7 @@ class Optimizer(ClipGradNormMixin):
     _grads: "_Views"
     _group_sizes: list[int]
     _segments: list[tuple[int, int]]        # each group's [start, stop) in the flat buffers
-    _segment_views: list[dict[str, FloatArray]]  # each group's "param", "grad", state views
+    _segment_views: list[Segment]  # each group's "param", "grad", state buffers (kernel views)
     _state: "_State"
     _norm_partials: npt.NDArray[np.float64] | None
     _getter: _Getter
@@ -309,7 +309,7 @@ class Optimizer(ClipGradNormMixin):
     def _init_state(self, name: str, buffer: FloatArray) -> None:
         """Fill a newly allocated state buffer (zeros by default)."""
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         """Run the kernel on group ``gi``: ``seg`` holds its param and state views."""
         raise NotImplementedError
@@ -386,9 +386,15 @@ class Optimizer(ClipGradNormMixin):
         for name in sorted(needed):
             if name not in self.state:
                 self._add_state(name)
+        # The kernels' own memoryviews (see kernels.as_view): a step passes them without
+        # a buffer request. 16-bit gradients stay arrays (the step wraps them, HalfGrads).
+        view = specialized(self.layout.dtype).as_view
+        grads = self._flat_grads
+        own_dtype = grads.dtype == self.layout.dtype
         self._segment_views = [
-            {"param": self._flat_params[a:b], "grad": self._flat_grads[a:b],
-             **{name: buf[a:b] for name, buf in self.state.items() if isinstance(buf, np.ndarray)}}
+            {"param": view(self._flat_params[a:b]),
+             "grad": view(grads[a:b]) if own_dtype else grads[a:b],
+             **{name: view(buf[a:b]) for name, buf in self.state.items() if isinstance(buf, np.ndarray)}}
             for a, b in self._segments
         ]
 

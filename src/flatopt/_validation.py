@@ -15,10 +15,16 @@ import numpy.typing as npt
 #: A float32 or float64 array (the dtypes flatopt computes in).
 FloatArray = npt.NDArray[np.floating[Any]]
 if TYPE_CHECKING:
-    from ._kernels import GradTable, HalfGrads
+    from ._kernels import GradTable, HalfGrads, KernelView
+#: A buffer a step kernel reads or updates: a flat array or (what optimizers keep for
+#: every step) the kernels' own typed memoryview of one, which they take without a
+#: buffer request (``kernels.as_view``).
+KernelBuffer = Union[FloatArray, "KernelView"]
+#: Each group's "param", "grad" and state buffers, as its step kernel takes them.
+Segment = dict[str, KernelBuffer]
 #: A step kernel's gradient: a flat buffer, a table of sources read in place
 #: (flatopt.torch passes one), or 16-bit gradients for a float32 master (mixed precision).
-KernelGrad = Union[FloatArray, "GradTable", "HalfGrads"]
+KernelGrad = Union[FloatArray, "KernelView", "GradTable", "HalfGrads"]
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 _LARGEST: dict[np.dtype[Any], float] = {d: float(np.finfo(d).max) for d in FLOAT_DTYPES}

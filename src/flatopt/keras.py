@@ -58,7 +58,7 @@ from . import _adam_variants
 from ._adaptive import check_betas
 from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
-from ._validation import FloatArray, KernelGrad, check_bool, check_real, describe
+from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_real, describe
 
 
 #: ``learning_rate``: a float, or a schedule called with the iteration count.
@@ -165,7 +165,7 @@ class SGD(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",) if group["momentum"] != 0 else ()
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
@@ -205,7 +205,7 @@ class Adam(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum", "velocity") + (("velocity_hat",) if group["amsgrad"] else ())
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
@@ -264,7 +264,7 @@ class RMSprop(_KerasOptimizer):
         return (("velocity",) + (("momentum",) if group["momentum"] > 0 else ())
                 + (("average_gradient",) if group["centered"] else ()))
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
@@ -299,7 +299,7 @@ class Adadelta(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("accumulated_grad", "accumulated_delta_var")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         param = seg["param"]
@@ -338,7 +338,7 @@ class Adagrad(_KerasOptimizer):
         for (start, stop), group in zip(self._segments, self.param_groups):
             buffer[start:stop] = group["initial_accumulator_value"]
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
@@ -368,7 +368,7 @@ class Adamax(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("m", "u")
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         kernels.keras_adamax(seg["param"], grad, seg["m"], seg["u"], step, lr, group["beta_1"],
@@ -405,7 +405,7 @@ class Nadam(_KerasOptimizer):
     # The momentum product is checked as torch-formula NAdam's mu_product is.
     _check_plain_state = _adam_variants.NAdam._check_plain_state
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         products = self.state["u_product"]
@@ -438,7 +438,7 @@ class Lion(_KerasOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",)
 
-    def _update(self, gi: int, group: dict[str, Any], seg: dict[str, FloatArray], grad: KernelGrad,
+    def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
         dt = self.layout.dtype.type
