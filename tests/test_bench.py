@@ -137,6 +137,18 @@ def test_deepspeed_row_for_float32_adam(monkeypatch):
     assert "deepspeed" not in {r["impl"] for r in rows}
 
 
+def test_main_runs_the_end_to_end_loop_at_each_width(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("flatopt.torch")
+    rows = bench.main(["--quick", "--no-crossover", "--optimizers", "momentum", "--dtypes", "float32",
+                       "--e2e-widths", "8", "12"])
+    e2e = [r for r in rows if r["case"] == "end to end"]
+    # 64*w + w + 2*w (LayerNorm) + w*10 + 10 parameters for depth 2: w*w + 3*w more
+    sizes = [64 * w + 3 * w + (w * w + 3 * w) + 10 * w + 10 for w in (8, 12)]
+    assert [r["size"] for r in e2e] == [n for n in sizes for _ in range(2)]
+    assert capsys.readouterr().out.count("end to end: MLP 64-") == 2
+
+
 def test_end_to_end_times_each_phase():
     torch = pytest.importorskip("torch")
     pytest.importorskip("flatopt.torch")

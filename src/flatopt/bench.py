@@ -684,7 +684,7 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
     times = {label: {p: [] for p in phases + ("total",)} for label in runs}
     for r in range(rounds + 1):  # round 0 warms up (allocator, thread pools, first step)
         if progress is not None and r > 0:
-            progress.next(f"end to end, round {r} of {rounds}")
+            progress.next(f"end to end (width {width}), round {r} of {rounds}")
         # Alternate the order: the second of two runs in a round was measured slower in
         # forward and backward (allocator and cache state left by the first).
         for label, (m, opt) in (list(runs.items()) if r % 2 else list(runs.items())[::-1]):
@@ -767,12 +767,17 @@ def main(argv=None):
                         help="skip DeepSpeed's CPU Adam even if installed (its first use compiles for ~2 min)")
     parser.add_argument("--no-crossover", action="store_true", help="skip the small-size table")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training loop")
+    parser.add_argument("--e2e-widths", nargs="+", type=int, default=None,
+                        help="hidden widths of the end-to-end MLP (default: 64 256 1024; "
+                             "256 is examples/torch_cpu_training.py's default)")
     parser.add_argument("--plot", metavar="PNG", help="draw GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
     crossover_sizes, e2e = CROSSOVER_SIZES, dict(steps=50, rounds=5)
     if args.quick:
         args.sizes, args.models, args.min_time = [2**10, 2**16], [], 0.02
-        crossover_sizes, e2e = (1, 64, 1024, 4096), dict(steps=5, rounds=1, width=32, depth=2)
+        crossover_sizes, e2e = (1, 64, 1024, 4096), dict(steps=5, rounds=1, depth=2)
+    if args.e2e_widths is None:
+        args.e2e_widths = [32] if args.quick else [64, 256, 1024]
     if args.large:
         args.sizes = sorted(set(args.sizes) | {2**25})
         args.models = sorted(set(args.models) | {768})
@@ -787,7 +792,8 @@ def main(argv=None):
     if not args.no_crossover:
         weights += [2 * len(crossover_sizes)] * len(optims)
     if torch is not None and not args.no_e2e:
-        weights += [max(1.0, 0.2 * e2e["steps"] * 0.005 / args.min_time)] * e2e["rounds"]
+        weights += [max(1.0, 0.2 * e2e["steps"] * 0.005 * max(1, w / 256) ** 2 / args.min_time)
+                    for w in args.e2e_widths for _ in range(e2e["rounds"])]
     progress = Progress(weights)
 
     print(header(threads, torch, use_deepspeed), flush=True)
@@ -797,7 +803,8 @@ def main(argv=None):
         rows += crossover(optims, crossover_sizes, args.dtypes[0], args.threads, args.min_time,
                           progress=progress)
     if torch is not None and not args.no_e2e:
-        rows += end_to_end(torch, args.threads, progress=progress, **e2e)
+        for width in args.e2e_widths:
+            rows += end_to_end(torch, args.threads, progress=progress, width=width, **e2e)
     progress.finish()
     if args.plot:
         plot([r for r in rows if str(r["case"]).startswith("flat")], args.plot)

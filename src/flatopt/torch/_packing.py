@@ -82,8 +82,7 @@ def as_tensor(a: npt.NDArray[Any]) -> torch.Tensor:
     return torch.from_numpy(a)
 _GRAD_OF = operator.attrgetter("grad")
 _LAYOUT_OF = operator.attrgetter("layout")
-_SHAPE_OF = operator.attrgetter("shape")
-_DTYPE_OF = operator.attrgetter("dtype")
+_SIGNATURE_OF = operator.attrgetter("layout", "dtype", "shape")
 
 
 def as_python(value: Any) -> Any:
@@ -117,6 +116,8 @@ class Bucket:
         self.mixed = numpy_opt.master_params is not None       # 16-bit params, float32 master
         self.flat_param = as_tensor(numpy_opt.flat_params)   # 16-bit with master_dtype
         self.flat_grad = as_tensor(numpy_opt.flat_grads)
+        # What each parameter's gradient must be (see gather): (layout, dtype, shape).
+        self.grad_signatures = [(torch.strided, self.flat_grad.dtype, torch.Size(s)) for s in self.shapes]
         self.grad_views = [self.flat_grad[a:b].view(s) for a, b, s in zip(self.starts, self.stops, self.shapes)]
         # For kernels.gather_bytes: where each parameter's gradient goes in the flat buffer
         # (bytes), and where it starts in the concatenation of all gradients.
@@ -247,14 +248,15 @@ def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch
         taking_part = np.fromiter(map(operator.is_not, grads, repeat(None)), bool, len(grads))
         shapes = [s for s, t in zip(bucket.shapes, taking_part) if t]
         grads = [g for g in grads if g is not None]
+        expected = [e for e, t in zip(bucket.grad_signatures, taking_part) if t]
     else:
-        taking_part, shapes = bucket.all_taking_part, bucket.shapes
-    if not all(map(operator.is_, map(_LAYOUT_OF, grads), repeat(torch.strided))):
-        raise RuntimeError(f"{name} does not support sparse gradients")
-    dtype = bucket.flat_grad.dtype
-    if (list(map(_SHAPE_OF, grads)) != shapes
-            or not all(map(operator.is_, map(_DTYPE_OF, grads), repeat(dtype)))):
-        # torch's grad setter checks both; `p.grad.data = ...` can still change them.
+        taking_part, shapes, expected = bucket.all_taking_part, bucket.shapes, bucket.grad_signatures
+    # Layout, dtype and shape of every gradient in one pass (one C-level loop, not three).
+    if list(map(_SIGNATURE_OF, grads)) != expected:
+        if not all(map(operator.is_, map(_LAYOUT_OF, grads), repeat(torch.strided))):
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        # torch's grad setter checks shape and dtype; `p.grad.data = ...` can still change them.
+        dtype = bucket.flat_grad.dtype
         for g, shape in zip(grads, shapes):
             if g.shape != shape or g.dtype != dtype:
                 raise RuntimeError(f"{name}: a gradient of shape {tuple(g.shape)} and dtype {g.dtype} "
