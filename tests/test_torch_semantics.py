@@ -421,3 +421,39 @@ def test_step_profiler_label_as_in_torch():
         opt.step()
     assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
     assert type(opt).step.hooked  # torch did not wrap it again
+
+
+@pytest.mark.parametrize("profiled", [False, True])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_as_in_torch(monkeypatch, set_to_none, profiled):
+    """zero_grad leaves the gradients as torch's does; torch's own zero_grad (and with it
+    the profiler label) runs exactly when it can be observed or must zero in place, and
+    the usual call skips its wrapper."""
+    calls = []
+    torch_zero_grad = torch.optim.Optimizer.zero_grad
+
+    def spy(self, set_to_none=True):
+        calls.append(set_to_none)
+        torch_zero_grad(self, set_to_none)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", spy)
+    grads = []
+    for make in (flatopt.torch.Adam, torch.optim.Adam):
+        model = _stepped_model()
+        opt = make(model.parameters(), lr=0.1)
+        opt.step()
+        model.weight.grad.add_(1.0)
+        if profiled:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                opt.zero_grad(set_to_none)
+            assert f"Optimizer.zero_grad#{make.__name__}.zero_grad" in {e.name for e in prof.events()}
+        else:
+            opt.zero_grad(set_to_none)
+        grads.append([p.grad for p in model.parameters()])
+    flat_grads, torch_grads = grads
+    for a, b in zip(flat_grads, torch_grads):
+        assert (a is None) == (b is None) == set_to_none
+        if not set_to_none:
+            assert torch.equal(a, b) and not a.any()
+    # flatopt.torch's call, then torch.optim's own
+    assert calls == ([set_to_none] if profiled or not set_to_none else []) + [set_to_none]

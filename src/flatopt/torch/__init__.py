@@ -47,7 +47,8 @@ exactly. The participating parameters are grouped into maximal runs of consecuti
 parameters that share a group and a per-parameter step count, and the kernel runs once
 per run. When every parameter has a gradient (the usual case) that is one call per
 group; each parameter that is skipped costs at most two extra kernel calls (a split of
-its run). ``zero_grad()`` is torch.optim's own (``set_to_none=True`` by default).
+its run). ``zero_grad()`` does what torch.optim's does (``set_to_none=True`` by
+default), skipping torch's profiler wrapper, as ``step()`` does, when no profiler runs.
 
 16-bit models: ``master_dtype``
 -------------------------------
