@@ -1185,6 +1185,20 @@ def keras_sgd(floating[::1] param, grad, floating[::1] momentum_buffer,
                               lr_, mom, scale, factor, decay, use_momentum, nesterov)
 
 
+cdef inline floating _keras_moments(floating grad, floating[::1] m_buf, floating[::1] v_buf,
+                                    Py_ssize_t i, floating c1, floating c2, floating scale,
+                                    floating* m, floating* v) noexcept nogil:
+    """Keras's Adam moments for element ``i`` (Adam, Nadam): returns the scaled gradient
+    ``d``; ``m += (d - m)*(1 - beta_1)`` and ``v += (d*d - v)*(1 - beta_2)`` are stored
+    back and set in ``m[0]``, ``v[0]``."""
+    cdef floating d = grad * scale
+    m[0] = m_buf[i] + (d - m_buf[i]) * c1
+    v[0] = v_buf[i] + (d * d - v_buf[i]) * c2
+    m_buf[i] = m[0]
+    v_buf[i] = v[0]
+    return d
+
+
 cdef inline void _keras_adam(floating[::1] param, const _Grads* grads, floating[::1] m_buf,
                              floating[::1] v_buf, floating[::1] v_hat_buf, Py_ssize_t lo,
                              Py_ssize_t hi, floating alpha, floating c1, floating c2,
@@ -1193,20 +1207,14 @@ cdef inline void _keras_adam(floating[::1] param, const _Grads* grads, floating[
     cdef Py_ssize_t i, end
     cdef const floating* g
     cdef float buf[_HALF_PIECE]  # 16-bit gradients, widened a piece at a time
-    cdef floating p, d, m, v, vh
+    cdef floating p, m, v, vh
     while lo < hi:
         end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             p = param[i]
-            d = g[i - lo] * scale
+            _keras_moments(g[i - lo], m_buf, v_buf, i, c1, c2, scale, &m, &v)
             if decay:
                 p = p * factor
-            m = m_buf[i]
-            m = m + (d - m) * c1
-            m_buf[i] = m
-            v = v_buf[i]
-            v = v + (d * d - v) * c2
-            v_buf[i] = v
             if amsgrad:
                 vh = v_hat_buf[i]
                 if not (vh > v or vh != vh):
@@ -1445,15 +1453,9 @@ cdef inline void _keras_nadam(floating[::1] param, const _Grads* grads, floating
         end = _piece(grads, lo, hi, &g, buf)
         for i in range(lo, end):
             p = param[i]
-            d = g[i - lo] * scale
+            d = _keras_moments(g[i - lo], m_buf, v_buf, i, c1, c2, scale, &m, &v)
             if decay:
                 p = p * factor
-            m = m_buf[i]
-            m = m + (d - m) * c1
-            m_buf[i] = m
-            v = v_buf[i]
-            v = v + (d * d - v) * c2
-            v_buf[i] = v
             m_hat = (u_t_1 * m) / den_m + (one_minus_u_t * d) / den_g
             param[i] = p - (m_hat * lr_) / (_sqrt(v / bc2) + eps)
         _piece_done(grads, param, lo, end)
