@@ -290,7 +290,7 @@ def extensions():
         "cdivision": True,
         "cpow": True,
     }
-    names = ["_openmp_helpers", "_cpu_features", "_kernels"]
+    names = ["_openmp_helpers", "_cpu_features", "_kernels", "_tensor_grads"]
     names += [name.split(".")[1] for name in ISA_VARIANTS]
     exts = [
         Extension(f"flatopt.{name}", [os.path.join(PKG, f"{name}.pyx")])

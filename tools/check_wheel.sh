@@ -166,7 +166,7 @@ EOF
     # The installed .dist-info carries the license text; the package, its type information.
     (cd "$run" && "$venv/bin/python" -c 'import importlib.metadata as m, importlib.resources as r
 assert "BSD 3-Clause" in (m.distribution("flatopt").read_text("licenses/LICENSE") or ""), "no LICENSE"
-typing = ["py.typed", "_kernels.pyi", "_openmp_helpers.pyi", "_cpu_features.pyi"]
+typing = ["py.typed", "_kernels.pyi", "_openmp_helpers.pyi", "_cpu_features.pyi", "_tensor_grads.pyi"]
 assert all(r.files("flatopt").joinpath(f).is_file() for f in typing), "no py.typed or stubs"
 print("ok: LICENSE in the installed .dist-info; py.typed and stubs installed")') \
         || die "$name: LICENSE or type information not installed"

@@ -272,6 +272,7 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
         bucket.n_state = len(bucket.opt.state)
         bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
         bucket.synced = None
+        bucket.usual = None
     for key, value in entries.items():
         if not isinstance(key, torch.Tensor):
             state[key] = value

@@ -38,6 +38,7 @@ import numpy.typing as npt
 import torch
 
 from .._dispatch import kernels
+from .._tensor_grads import usual_grads
 from .._optimizer import Optimizer as NumpyOptimizer
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ class Bucket:
         self.uniform = False
         # the torch groups' hyperparameter objects last copied
         self.synced: list[tuple[Any, ...]] | None = None
+        # the runs of the usual step while it can be taken (see _FlatOptimizer._arm)
+        self.usual: list[tuple[int, int, int, int, tuple[int, int] | None]] | None = None
         self.n_state: int | None = None  # how many state entries opt.state's entries were made for
 
     def state_view(self, name: str, i: int) -> torch.Tensor:
@@ -237,12 +240,25 @@ def check_still_bound(params: list[torch.Tensor], data_ptrs: list[int], name: st
                     "after such changes")
 
 
+def usual_table(bucket: Bucket) -> Any:
+    """The ``kernels.GradTable`` of the usual step, or None when it is not one: every
+    parameter still views its flat buffer and has a contiguous gradient of its own
+    layout, dtype and shape (checked in one C loop, ``_tensor_grads.usual_grads``)."""
+    grads = usual_grads(bucket.params, bucket.data_ptrs, bucket.grad_signatures, bucket.table_sources)
+    if grads is None:
+        return None
+    # The table keeps `grads` (and so every source) alive while a kernel reads it.
+    return kernels.GradTable(bucket.table_bounds, bucket.table_sources, bucket.itemsize, grads)
+
+
 def gather(bucket: Bucket, name: str) -> tuple[npt.NDArray[np.bool_], list[torch.Tensor]]:
     """Which parameters take part in this step (their ``grad`` is not None), and those
     gradients, validated; nothing is written."""
+    grads = usual_grads(bucket.params, bucket.data_ptrs, bucket.grad_signatures, bucket.table_sources)
+    if grads is not None:
+        return bucket.all_taking_part, grads
     params = bucket.params
     check_still_bound(params, bucket.data_ptrs, name)
-    # C-level loops over the parameters: the usual step is a few microseconds for any count.
     grads = list(map(_GRAD_OF, params))
     if any(map(operator.is_, grads, repeat(None))):  # not `None in grads`: that calls Tensor.__eq__
         taking_part = np.fromiter(map(operator.is_not, grads, repeat(None)), bool, len(grads))

@@ -25,19 +25,13 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     ``(gi, lo, hi, step, fresh)`` (see ``flatopt.Optimizer._finish_step``) and, beside
     it, for each run, the parameter range ``(a, b)`` whose step counts it advances (None
     when its group keeps no state)."""
-    runs: list[_Run] = []
-    advance: list[Advance] = []
-    counts = bucket.counts
     if taking_part is bucket.all_taking_part and bucket.uniform:
         # The usual case: every parameter takes part and each group's parameters share
         # one step count (kept true by the step that made it so): one run per group.
-        for gi, (first, stop) in enumerate(bucket.ranges):
-            if first == stop:
-                continue
-            count = int(counts[first])
-            runs.append((gi, bucket.group_bounds[gi][0], bucket.group_bounds[gi][1], count + 1, count == 0))
-            advance.append((first, stop) if uses_state(bucket.opt.param_groups[gi]) else None)
-        return runs, advance
+        return usual_runs(bucket, usual_plan(bucket, uses_state))
+    runs: list[_Run] = []
+    advance: list[Advance] = []
+    counts = bucket.counts
     for gi, (first, stop) in enumerate(bucket.ranges):
         counting = uses_state(bucket.opt.param_groups[gi])
         for a, b, count in param_runs(taking_part, counts, first, stop):
@@ -47,6 +41,38 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     bucket.uniform = taking_part is bucket.all_taking_part and all(
         len(r) <= 1 for r in _per_group(runs, len(bucket.ranges)))
     return runs, advance
+
+
+#: A run of the usual step (see :func:`usual_plan`): ``(gi, lo, hi, first, advance)``.
+UsualRun = tuple[int, int, int, int, Advance]
+
+
+def usual_plan(bucket: Bucket, uses_state: Callable[[dict[str, Any]], bool]) -> list[UsualRun]:
+    """The runs of a step in which every parameter takes part and each group's
+    parameters share one step count: one per non-empty group ``gi``, over its elements
+    ``[lo, hi)``, at the count of its parameter ``first``, advancing the counts of
+    ``advance`` (its parameter range, None when the group keeps no state)."""
+    return [(gi, *bucket.group_bounds[gi], first, (first, stop) if uses_state(bucket.opt.param_groups[gi]) else None)
+            for gi, (first, stop) in enumerate(bucket.ranges) if first != stop]
+
+
+def usual_runs(bucket: Bucket, plan: list[UsualRun]) -> tuple[list[_Run], list[Advance]]:
+    """:func:`plan_runs`'s result for ``plan`` at today's counts."""
+    counts = bucket.counts
+    runs: list[_Run] = []
+    for gi, lo, hi, first, _ in plan:
+        count = int(counts[first])
+        runs.append((gi, lo, hi, count + 1, count == 0))
+    return runs, [entry[4] for entry in plan]
+
+
+def advance_counts(bucket: Bucket, runs: Sequence[_Run], advance: Sequence[Advance]) -> None:
+    """Give the parameters each run advances that run's step (they share its count:
+    set, not add, 2x faster)."""
+    counts = bucket.counts
+    for run, span in zip(runs, advance):
+        if span is not None:
+            counts[span[0]:span[1]] = run[3]
 
 
 def _per_group(runs: Sequence[_Run], n_groups: int) -> list[list[_Run]]:
