@@ -51,6 +51,7 @@ def count_usual(monkeypatch, allow=True):
 
 
 def train(name, kwargs, dtype, n_threads, steps=13):
+    half = dtype in (torch.float16, torch.bfloat16)  # with a float32 master
     """A two-group model (straddling the parallel threshold) trained through what leaves
     the usual route for a step (a scheduler's new lr, an lr changed back to the object of
     earlier steps, a strided gradient, a checkpoint reload) or for good (a gradient that
@@ -61,13 +62,13 @@ def train(name, kwargs, dtype, n_threads, steps=13):
                                 torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(dtype)
     params = list(model.parameters())
     opt = getattr(ft, name)([{"params": params[:3]}, {"params": params[3:], "lr": kwargs["lr"] / 2}],
-                            **kwargs, n_threads=n_threads)
+                            **kwargs, n_threads=n_threads, master_dtype=torch.float32 if half else None)
     assert opt._buckets[0].flat_param.numel() > _kernels.PARALLEL_THRESHOLD
     x = torch.randn(16, 130, generator=torch.Generator().manual_seed(1), dtype=dtype)
     first_lr = opt.param_groups[0]["lr"]
     for step in range(steps):
         opt.zero_grad(set_to_none=step != 8)
-        model(x).square().mean().backward()
+        model(x).float().square().mean().backward()
         if step == 3:
             opt.param_groups[0]["lr"] = first_lr * 0.5  # a scheduler's new float
         if step == 5:
@@ -83,7 +84,8 @@ def train(name, kwargs, dtype, n_threads, steps=13):
     return [p.detach().clone() for p in params], opt.state_dict()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
 def test_usual_route_writes_what_the_general_route_writes(name, kwargs, dtype, monkeypatch):
     general = count_usual(monkeypatch, allow=False)
@@ -97,6 +99,8 @@ def test_usual_route_writes_what_the_general_route_writes(name, kwargs, dtype, m
         else:  # but on the first step and on every step that changes something
             assert taken == [False, True, True, False, True, False, True, True, True, False, True, False, False]
         assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+        if dtype in (torch.float16, torch.bfloat16):
+            assert all("master_param" in entry for entry in state["state"].values())
         assert state["param_groups"] == ref_state["param_groups"]
         for pid, entry in ref_state["state"].items():
             for key, value in entry.items():

@@ -444,10 +444,10 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """After a step of the general route: let the next steps of ``bucket`` take the
         usual route while they can (every parameter took part, each group's counts are
         uniform, every parameter that keeps state has it, gradients are read in place,
-        no 16-bit parameters, no per-run hook). ``_sync_groups`` disarms it when it
+        no per-run hook). ``_sync_groups`` disarms it when it
         copies hyperparameters, ``load_state_dict`` when it rewrites state."""
         plan = _runs.usual_plan(bucket, self._uses_state)
-        armed = (bucket.uniform and bucket.synced is not None and bucket.reads_in_place and not bucket.mixed
+        armed = (bucket.uniform and bucket.synced is not None and bucket.reads_in_place
                  and self._before_update is None and len(bucket.opt.state) == bucket.n_state
                  and all(span is None or bucket.counts[first] > 0 for _, _, _, first, span in plan))
         bucket.usual = plan if armed else None
