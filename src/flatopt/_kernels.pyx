@@ -93,6 +93,13 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
 cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 
 
+# The schedule: one contiguous static chunk per thread. DeepSpeed's CPU Adam instead
+# splits each tile of 1M elements across its threads, so that they stream neighbouring
+# memory. Measured on the 2-core Xeon (AVX-512; Adam float32, 2 threads, this kernel called
+# on the whole buffer or tile by tile; medians of 7 interleaved rounds, 2026-12-06): at
+# 2**23 3.97 ms whole against 4.23 (tiles of 1M), 4.86 (256k) and 3.98 (4M); at 2**25 18.2
+# against 19.3, 20.8 and 18.8. Tiles only cost here (more regions to open, shorter streams
+# for the prefetchers); DeepSpeed's 3.84 ms at 2**23 in the same session is not the schedule.
 cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
     """How many static chunks (threads) a kernel splits ``n`` elements into: 1 when it
     runs serially (see ``_use_threads``)."""
