@@ -418,8 +418,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         own shape and dtype. It makes the general route's kernel calls and writes (the
         tests compare the two) without its per-parameter planning and bookkeeping, which
         cost as much as the kernel at 2**16 elements: flatopt.torch's Adam over one
-        1-element tensor takes 11 us a step through the general route, 6 us through this
-        one, 1.7 us through the NumPy API (Intel Xeon, Python 3.11)."""
+        1-element tensor took 11 us a step through the general route, 6 us through this
+        one, 1.7 us through the NumPy API (Intel Xeon, Python 3.11, one session)."""
         work = []
         for bucket in self._buckets:
             plan = bucket.usual
@@ -444,8 +444,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """After a step of the general route: let the next steps of ``bucket`` take the
         usual route while they can (every parameter took part, each group's counts are
         uniform, every parameter that keeps state has it, gradients are read in place,
-        no per-run hook). ``_sync_groups`` disarms it when it
-        copies hyperparameters, ``load_state_dict`` when it rewrites state."""
+        no per-run hook). ``_sync_groups`` disarms it when it copies hyperparameters,
+        ``load_state_dict`` when it rewrites state."""
         plan = _runs.usual_plan(bucket, self._uses_state)
         armed = (bucket.uniform and bucket.synced is not None and bucket.reads_in_place
                  and self._before_update is None and len(bucket.opt.state) == bucket.n_state

@@ -38,8 +38,8 @@ import numpy.typing as npt
 import torch
 
 from .._dispatch import kernels
-from .._tensor_grads import usual_grads
 from .._optimizer import Optimizer as NumpyOptimizer
+from .._tensor_grads import usual_grads
 
 if TYPE_CHECKING:
     from ._base import _FlatOptimizer
