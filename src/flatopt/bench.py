@@ -461,7 +461,7 @@ def _deepspeed_impl(optim, torch, arrays, grads):
         return None
     tensors = [torch.tensor(a) for a in arrays]
     for t, g in zip(tensors, grads):
-        t.grad = torch.from_numpy(g)
+        t.grad = torch.tensor(g)  # torch's allocation, as autograd's (see _torch_impls)
     decoupled = optim.name == "adamw"
     try:
         opt = cls(tensors, lr=LR, weight_decay=1e-2 if decoupled else 0.0, adamw_mode=decoupled)
@@ -485,7 +485,9 @@ def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
     for variant in optim.torch_variants:
         tensors = [torch.tensor(a) for a in arrays]
         for t, g in zip(tensors, grads):
-            t.grad = torch.from_numpy(g)
+            # torch's allocation (64-byte aligned), as autograd's, not a NumPy array's
+            # (16 bytes into a page from 1 MiB up): what users' gradients are.
+            t.grad = torch.tensor(g)
         try:
             opt = optim.torch(torch, tensors, **kws[variant])
             opt.step()
