@@ -112,6 +112,12 @@ class FlatLayout:
     ``offsets[i]`` is where array ``i`` starts; ``size`` is the total element count.
     """
 
+    # No padding between arrays: a view starts where the previous one ends, so most are not
+    # 64-byte aligned (a 100-element bias moves the next by 400 bytes). Measured on the
+    # Xeon (PyTorch 2.13, 2 threads, 9 interleaved rounds): forward plus backward of an
+    # MLP whose parameters are such views (16-48 bytes off alignment, width 100 and 1000)
+    # took the same time as with separately allocated parameters, within 1%.
+
     shapes: tuple[Shape, ...]
     dtype: np.dtype[Any]
     offsets: tuple[int, ...] = field(init=False, repr=False)
