@@ -83,12 +83,16 @@ def _openmp_flags(compiler):
     return ["-fopenmp"], ["-fopenmp"]
 
 
-def _speed_flags(compiler):
+def _speed_flags(compiler, debug=False):
     if compiler.compiler_type == "msvc":
         return ["/O2", "/fp:precise"]
     # -fno-math-errno lets gcc vectorise sqrt; -ffp-contract=off keeps results identical
     # whatever the ISA (no FMA contraction), so every build and thread count agree bit for bit.
-    return ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    # -g0 overrides the -g in CPython's own CFLAGS (manylinux's interpreters have it too):
+    # DWARF sections made the extensions 4.8x larger (gcc 12, x86-64: 22.5 MB against 4.7 MB,
+    # 7.3 MB against 1.5 MB for the avx512 kernels), as scikit-learn found for its wheels.
+    # `build_ext --debug` keeps them.
+    return ["-O3", "-fno-math-errno", "-ffp-contract=off"] + ([] if debug else ["-g0"])
 
 
 def _normalize_arch(name):
@@ -231,7 +235,7 @@ class BuildExt(build_ext):
             )
             compile_flags, link_flags = [], []
 
-        speed = _speed_flags(self.compiler)
+        speed = _speed_flags(self.compiler, self.debug)
         variants = _isa_variants(self.compiler, target)
         skipped = [e.name for e in self.extensions if e.name in ISA_VARIANTS and e.name not in variants]
         if skipped:

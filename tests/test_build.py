@@ -6,10 +6,12 @@ installed wheel (``tools/check_wheel.sh``, cibuildwheel's ``test-command``). Set
 wheel that silently lost its OpenMP runtime still passes every numerical test.
 """
 
+import glob
 import importlib
 import importlib.util
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -70,6 +72,22 @@ def test_openmp_matches_the_build_config():
         assert flatopt.get_num_threads() == 1
         with flatopt.num_threads(4):
             assert flatopt.get_num_threads() == 1
+
+
+def test_extensions_carry_debug_sections_only_in_a_debug_build():
+    """A release build passes -g0 after the interpreter's own -g (setup.py's
+    ``_speed_flags``): the installed extensions have no DWARF sections. A ``build_ext
+    --debug`` build records no -g0 and keeps them."""
+    readelf = shutil.which("readelf")
+    if not sys.platform.startswith("linux") or readelf is None:
+        pytest.skip("needs Linux and binutils' readelf")
+    release = "-g0" in _build_config()["cflags"]
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(flatopt.__file__), "*.so")))
+    assert paths, "no extension modules beside flatopt/__init__.py"
+    for path in paths:
+        sections = subprocess.run([readelf, "-S", "-W", path], capture_output=True, text=True,
+                                  check=True).stdout
+        assert (".debug_info" in sections) is not release, (path, release)
 
 
 def test_openmp_as_expected():
