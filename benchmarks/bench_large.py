@@ -27,7 +27,8 @@ Page size matters here: flatopt's buffers get transparent huge pages (NumPy asks
 for allocations of 4 MiB and up), torch's CPU allocator asks only when
 ``THP_MEM_ALLOC_ENABLE=1`` is set. Measured on a 2-core Xeon (AVX-512, 2 threads), torch's
 fused Adam at 2**25 took 43.6 ms of CPU time a step on 4 KiB pages and 36.1 ms on huge
-pages; set the variable for a like-for-like comparison (the output says which it was).
+pages. This script sets the variable unless it is set already, for a like-for-like
+comparison (``THP_MEM_ALLOC_ENABLE=0`` measures torch's default; the header says which).
 
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE PYTHONPATH=src python
 benchmarks/bench_large.py`` (a few minutes; ``--sizes`` and ``--rounds`` to change).
@@ -38,8 +39,12 @@ import os
 import statistics
 import time
 
-import numpy as np
-import torch
+# Huge pages for torch's tensors too, unless set otherwise (see above); torch reads the
+# variable once, at its first allocation, so it is set before the import.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import flatopt
 import flatopt.torch as ft
@@ -128,10 +133,8 @@ def main(argv=None):
     torch.set_num_threads(threads)
     use_ds = not args.no_deepspeed
     print(bench.header(threads, torch, use_ds))
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1"
     load = f"; load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
-    print(f"Adam float32, one buffer; median of {args.rounds} interleaved rounds; torch "
-          f"{'with' if thp else 'without'} huge pages (THP_MEM_ALLOC_ENABLE){load}")
+    print(f"Adam float32, one buffer; median of {args.rounds} interleaved rounds{load}")
     results = []
     for n in args.sizes:
         impls, ref_bytes = make_impls(n, threads, use_ds)

@@ -2,7 +2,10 @@
 the model-shaped cases have the advertised size, and the main command runs."""
 
 import io
+import os
+import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -70,6 +73,30 @@ def test_header_names_isa_and_cpu():
     assert f"({ISA} kernels" in line
     assert f"CPU: {bench.cpu_model()}" in line
     assert bench.cpu_model().strip()
+
+
+def test_header_says_whether_torch_asks_for_huge_pages(monkeypatch):
+    fake_torch = types.SimpleNamespace(__version__="9.9")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "torch 9.9 (huge pages, THP_MEM_ALLOC_ENABLE)" in bench.header(1, fake_torch)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert "torch 9.9 (4 KiB pages, THP_MEM_ALLOC_ENABLE)" in bench.header(1, fake_torch)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert "(4 KiB pages" in bench.header(1, fake_torch)
+    assert "torch not used" in bench.header(1)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_torch_is_imported_asking_for_huge_pages_unless_told_otherwise(preset, expected):
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import os, sys; from flatopt import bench; assert 'torch' not in sys.modules; "
+            "bench._import_torch(True); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == expected
 
 
 def test_progress_reports_on_stderr_only_after_the_delay():

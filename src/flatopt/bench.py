@@ -28,6 +28,9 @@ report progress on stderr, so stdout stays the clean tables.
 Times are medians of repeated samples. ``GB/s`` counts the bytes a one-pass update must
 move (each of param, grad and state read once, param and state written once), so it is
 comparable across implementations and with the bandwidth line; ``%bw`` is that share.
+torch's tensors get transparent huge pages as flatopt's buffers do (NumPy asks for them
+from 4 MiB up): ``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported, unless it is
+set already; the header says which.
 
 On this project's machines, run benchmarks as
 ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m flatopt.bench``
@@ -555,6 +558,12 @@ def format_rows(rows):
 def _import_torch(use_torch):
     if not use_torch:
         return None
+    # Like for like at large sizes: NumPy, and so flatopt, asks for transparent huge pages
+    # for buffers of 4 MiB and up; torch's CPU allocator asks only with this variable set,
+    # and reads it once, at its first allocation (so: before the import). An explicit
+    # THP_MEM_ALLOC_ENABLE=0 is kept, and the header says which it was.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         import torch
     except ImportError:
@@ -562,12 +571,19 @@ def _import_torch(use_torch):
     return torch
 
 
+def _torch_label(torch):
+    if torch is None:
+        return "torch not used"
+    pages = "huge pages" if os.environ.get("THP_MEM_ALLOC_ENABLE", "").strip() == "1" else "4 KiB pages"
+    return f"torch {torch.__version__} ({pages}, THP_MEM_ALLOC_ENABLE)"
+
+
 def header(n_threads, torch=None, use_deepspeed=False):
     """One line naming what is measured: versions, kernels' ISA, threads, CPU model."""
     parts = [f"flatopt {flatopt.__version__} ({ISA} kernels, OpenMP "
              f"{'on' if flatopt.openmp_enabled() else 'off'})", f"{n_threads} thread(s)",
              f"CPU: {cpu_model()}", f"numpy {np.__version__}",
-             f"torch {torch.__version__}" if torch else "torch not used"]
+             _torch_label(torch)]
     if torch is not None and use_deepspeed:
         cls = deepspeed_cpu_adam()
         if cls is not None:
