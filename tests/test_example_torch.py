@@ -1,0 +1,55 @@
+"""examples/torch_cpu_training.py: the three runs it compares train the same model alike.
+
+A short run (width 32, 3 epochs, one thread, two repeats) in this process: in float64
+flatopt.torch's losses follow torch.optim's for-loop run to rounding (as the example's
+docstring says), every run learns, and every repeat is timed. Skips without torch or
+scikit-learn (the digits data ships with it) and when the examples are not beside the tests
+(the installed-wheel runs copy only tests/).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn", reason="the example's digits data ships with scikit-learn")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torch_cpu_training.py"
+pytestmark = pytest.mark.skipif(not EXAMPLE.is_file(), reason=f"{EXAMPLE} not found "
+                                "(the installed-wheel runs copy only tests/)")
+SHORT = ["--width", "32", "--depth", "2", "--epochs", "3", "--threads", "1", "--repeats", "2"]
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("torch_cpu_training", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_flatopt_follows_the_for_loop_run_in_float64(example, optimizer, capsys):
+    results = example.main(SHORT + ["--dtype", "float64", "--optimizer", optimizer])
+    loop, fused, flat = (f"torch.optim.{optimizer}", f"torch.optim.{optimizer}(fused=True)",
+                         f"flatopt.torch.{optimizer}")
+    assert list(results) == [loop, fused, flat]
+    steps = 3 * -(-1437 // 64)
+    for label, res in results.items():
+        assert res["losses"].shape == (steps,)
+        assert len(res["train_s"]) == 2 and min(res["train_s"]) > 0
+        assert res["step_ms"] > 0
+        assert res["losses"][-23:].mean() < 0.5 * res["losses"][:23].mean(), label
+        assert res["test_accuracy"] > 0.8, label
+    np.testing.assert_allclose(results[flat]["losses"], results[loop]["losses"], rtol=1e-12, atol=0)
+    out = capsys.readouterr().out
+    assert f"{steps} steps, step() medians save" in out
+    assert out.count(" (") >= 3  # each row prints its range of training times
+
+
+def test_repeats_must_be_positive(example, capsys):
+    with pytest.raises(SystemExit):
+        example.main(SHORT[:-1] + ["0"])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
