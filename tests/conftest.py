@@ -1,5 +1,8 @@
 """Shared test parameters: the awkward sizes, dtypes and thread counts every kernel meets."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,3 +43,22 @@ def snapshot(*arrays):
 def assert_unchanged(arrays, copies):
     for a, c in zip(arrays, copies):
         np.testing.assert_array_equal(np.asarray(a), c, strict=True)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example_module(name):
+    """``examples/<name>.py`` imported as a module, and a mark that skips the tests when it
+    is not beside the tests (the installed-wheel runs copy only tests/)."""
+    path = EXAMPLES / f"{name}.py"
+    skip = pytest.mark.skipif(not path.is_file(), reason=f"{path} not found "
+                              "(the installed-wheel runs copy only tests/)")
+
+    def load():
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return path, skip, load

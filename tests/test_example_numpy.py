@@ -11,27 +11,22 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import example_module
 
 import flatopt
 
 pytest.importorskip("sklearn", reason="the example's digits data ships with scikit-learn")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "numpy_mlp_digits.py"
+EXAMPLE, pytestmark, load_example = example_module("numpy_mlp_digits")
 SRC = os.path.abspath(os.path.join(os.path.dirname(flatopt.__file__), os.pardir))
-pytestmark = pytest.mark.skipif(not EXAMPLE.is_file(), reason=f"{EXAMPLE} not found "
-                                "(the installed-wheel runs copy only tests/)")
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("numpy_mlp_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example()
 
 
 @pytest.fixture(scope="module")

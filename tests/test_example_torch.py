@@ -7,27 +7,20 @@ scikit-learn (the digits data ships with it) and when the examples are not besid
 (the installed-wheel runs copy only tests/).
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import example_module
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn", reason="the example's digits data ships with scikit-learn")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torch_cpu_training.py"
-pytestmark = pytest.mark.skipif(not EXAMPLE.is_file(), reason=f"{EXAMPLE} not found "
-                                "(the installed-wheel runs copy only tests/)")
+EXAMPLE, pytestmark, load_example = example_module("torch_cpu_training")
 SHORT = ["--width", "32", "--depth", "2", "--epochs", "3", "--threads", "1", "--repeats", "2"]
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("torch_cpu_training", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example()
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
