@@ -75,6 +75,27 @@ def test_header_names_isa_and_cpu():
     assert bench.cpu_model().strip()
 
 
+ZEN1 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n\nHardware\t: Some SoC\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (ZEN1 + "\n" + ZEN4.replace(": 0", ": 1"), "AMD EPYC (family 23, model 1)"),
+    (ZEN4, "AMD EPYC (family 25, model 17)"),
+    ("model name\t: Intel(R) Xeon(R)\n", "Intel(R) Xeon(R)"),  # no numbers: the name alone
+    (ARM, "Some SoC"),
+])
+def test_cpu_model_tells_microarchitectures_apart(tmp_path, text, expected):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert bench.cpu_model(path) == expected
+
+
+def test_cpu_model_without_cpuinfo_falls_back(tmp_path):
+    assert bench.cpu_model(tmp_path / "missing").strip()
+
+
 def test_header_says_whether_torch_asks_for_huge_pages(monkeypatch):
     fake_torch = types.SimpleNamespace(__version__="9.9")
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")

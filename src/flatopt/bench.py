@@ -344,16 +344,29 @@ def model_case(width):
 
 # ---- where the numbers come from ------------------------------------------------------------
 
-def cpu_model():
-    """The CPU's model name, as the OS reports it (``platform.processor()`` as a fallback)."""
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, as the OS reports it (``platform.processor()`` as a fallback).
+
+    On x86 the CPU family and model numbers follow the name: a virtual machine may report
+    only "AMD EPYC", which names neither the microarchitecture nor its memory system (Zen 1
+    is family 23, model 1; Zen 4 family 25, model 17), and benchmark files must tell them
+    apart.
+    """
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
+        with open(cpuinfo) as f:
+            for line in f:  # the first processor's values (arm64 lists Hardware last)
                 key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
-                    return value.strip()
+                if value.strip():
+                    fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
+    for key in ("model name", "hardware", "cpu model"):
+        if fields.get(key):
+            family, model = fields.get("cpu family"), fields.get("model")
+            if key == "model name" and family and model:
+                return f"{fields[key]} (family {family}, model {model})"
+            return fields[key]
     if sys.platform == "darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
