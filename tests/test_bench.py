@@ -66,6 +66,25 @@ def test_plot_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_baselines_and_reference_get_flatopts_allocation():
+    """Large arrays of the NumPy baselines and of the a += b reference start 64-byte
+    aligned and at different offsets within their pages, as flatopt's own buffers do."""
+    p = bench._copy(np.arange(2**18, dtype=np.float32))
+    np.testing.assert_array_equal(p, np.arange(2**18, dtype=np.float32))
+    step = bench.numpy_adam(p, bench._zeros(p))
+    fn, nbytes = bench.bandwidth_step(2**19, np.float32, 1)
+    arrays = [c.cell_contents for f in (step, fn) for c in f.__closure__
+              if isinstance(c.cell_contents, np.ndarray) and c.cell_contents.nbytes >= 2**20]
+    assert len(arrays) >= 4 + 2  # p, g, m, v (+ tmp) and the reference's a, b
+    starts = [a.ctypes.data for a in arrays]
+    assert all(s % 64 == 0 for s in starts)
+    assert len({s % 4096 for s in starts}) == len(starts) or len(starts) > 8
+    fn()
+    a, b = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, np.ndarray)]
+    assert a.shape == b.shape == (2**18,) and nbytes == 3 * 2**18 * 4
+    np.testing.assert_array_equal(a, 1)
+
+
 def test_header_names_isa_and_cpu():
     from flatopt._dispatch import ISA
 
