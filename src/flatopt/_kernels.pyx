@@ -100,8 +100,8 @@ cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 # 2**23 3.97 ms whole against 4.23 (tiles of 1M), 4.86 (256k) and 3.98 (4M); at 2**25 18.2
 # against 19.3, 20.8 and 18.8. Tiles only cost here (more regions to open, shorter streams
 # for the prefetchers); DeepSpeed's 3.84 ms at 2**23 in the same session is not the schedule.
-# Out of cache the step runs at the memory's speed: on the 2-core AMD EPYC (AVX2, 8 MiB
-# L3; benchmarks/bench_large.py, 2026-12-06, two runs) Adam float32 at 2**25 ran at
+# Out of cache the step runs at the memory's speed: on a 2-core AMD EPYC (Zen 1, AVX2,
+# 8 MiB L3; benchmarks/bench_large.py, 2026-12-06, two runs) Adam float32 at 2**25 ran at
 # 101-103% of stream_add's bandwidth (about 28 GB/s; one thread streams 20), torch's fused
 # Adam at 98-101%, and flatopt took 0.97-0.99x torch's time; at 2**23 flatopt
 # took 0.89-0.95x torch's (docs/benchmarks.rst).
