@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -167,6 +168,36 @@ def test_crossover_table():
     text = out.getvalue()
     assert "crossover, adam, float32" in text
     assert ("at least as fast at every size" in text) or ("slower at" in text)
+
+
+def test_crossover_table_with_the_torch_adapter():
+    torch = pytest.importorskip("torch")
+    out = io.StringIO()
+    optims = [bench.OPTIMIZERS["adam"], bench.OPTIMIZERS["momentum"]]  # momentum: no torch twin
+    rows = bench.crossover(optims, [1, 100], np.float32, 1, 0.001, out=out, torch=torch)
+    assert [("flatopt_torch" in r) for r in rows] == [True, True, False, False]
+    assert all(r["flatopt_torch"] > 0 for r in rows[:2])
+    text = out.getvalue()
+    assert "crossover, adam, float32: us per step, flatopt.step() vs in-place NumPy, and flatopt.torch" in text
+    header, first = text.split("\n")[2:4]
+    assert header.split()[-2:] == ["fo.torch", "adapter"]
+    t_flat, t_torch, adapter = (float(first.split()[i]) for i in (1, 4, 5))
+    assert adapter == pytest.approx(t_torch - t_flat, abs=0.011)
+    assert "fo.torch" not in text.split("crossover, momentum")[1]
+
+
+def test_time_interleaved_times_each_function():
+    calls = [0, 0, 0]
+
+    def counter(i, seconds):
+        def fn():
+            calls[i] += 1
+            time.sleep(seconds)
+        return fn
+
+    times = bench.time_interleaved([counter(0, 0), counter(1, 2e-3), counter(2, 0)], 0.01)
+    assert len(times) == 3 and all(c >= 5 for c in calls)
+    assert times[1] >= 2e-3 > 10 * max(times[0], times[2])
 
 
 def test_main_quick_without_torch_keeps_stdout_clean(capsys):

@@ -19,7 +19,8 @@ For each optimizer, dtype and case, the same step runs several ways on the same 
   about two minutes; ``--no-deepspeed`` skips it).
 
 Two more tables follow: the small-size crossover (``flatopt.step()`` against in-place
-NumPy from 1 element up: a fast backend must not lose to its baseline at any size), and,
+NumPy from 1 element up: a fast backend must not lose to its baseline at any size; with
+PyTorch also flatopt.torch on one tensor, and its "adapter" cost over the NumPy API), and,
 with PyTorch, an end-to-end training loop (a small MLP; zero_grad, forward, backward and
 step timed separately) with torch.optim's fused Adam and with ``flatopt.torch.Adam``.
 The header names the kernels' instruction set and the CPU; runs longer than a few seconds
@@ -46,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -448,26 +450,26 @@ def time_call(fn, min_time=0.3, max_samples=200):
     return statistics.median(samples)
 
 
-def time_pair(fn_a, fn_b, min_time=0.3, max_samples=200):
-    """Median seconds per call of ``fn_a()`` and of ``fn_b()``, their samples interleaved
-    (a, b, a, b, ...) so that both see the same machine: on a shared machine, load that
-    comes and goes would otherwise favour whichever ran in the quieter moment. Each sample
-    is several calls, ~1 ms."""
+def time_interleaved(fns, min_time=0.3, max_samples=200):
+    """Median seconds per call of each of ``fns``, their samples interleaved (a, b, a, b,
+    ...) so that all see the same machine: on a shared machine, load that comes and goes
+    would otherwise favour whichever ran in the quieter moment. Each sample is several
+    calls, ~1 ms."""
     inners = []
-    for fn in (fn_a, fn_b):
+    for fn in fns:
         fn()
         t0 = time.perf_counter()
         fn()
         inners.append(max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7))))
-    samples = ([], [])
-    deadline = time.perf_counter() + 2 * min_time
-    while len(samples[1]) < 5 or (time.perf_counter() < deadline and len(samples[1]) < max_samples):
-        for fn, inner, out in zip((fn_a, fn_b), inners, samples):
+    samples = [[] for _ in fns]
+    deadline = time.perf_counter() + len(fns) * min_time
+    while len(samples[-1]) < 5 or (time.perf_counter() < deadline and len(samples[-1]) < max_samples):
+        for fn, inner, out in zip(fns, inners, samples):
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
             out.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples[0]), statistics.median(samples[1])
+    return [statistics.median(x) for x in samples]
 
 
 _DEEPSPEED = {}
@@ -531,7 +533,6 @@ def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
         except (RuntimeError, TypeError, ValueError):
             continue  # this torch has no such implementation for this optimizer/dtype
         out[f"torch-{variant}"] = opt.step
-    import types
 
     import flatopt.torch as flat_torch
     tensors = [torch.tensor(a) for a in arrays]
@@ -664,33 +665,51 @@ def run(optims, cases, dtypes, n_threads, min_time, use_torch=True, out=None,
 CROSSOVER_SIZES = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 
 
-def crossover(optims, sizes, dtype, n_threads, min_time, out=None, progress=None):
+def crossover(optims, sizes, dtype, n_threads, min_time, out=None, progress=None, torch=None):
     """``opt.step()`` (the NumPy API, per-call overhead included) against the in-place
-    NumPy step on small flat buffers, samples interleaved (see :func:`time_pair`); prints
-    one table per optimizer, returns rows."""
+    NumPy step on small flat buffers, samples interleaved (see :func:`time_interleaved`);
+    prints one table per optimizer, returns rows. With ``torch``, a column for
+    flatopt.torch on one tensor of the same size, and its overhead over the NumPy API:
+    the adapter's own cost per step."""
     out = sys.stdout if out is None else out
     threads = effective_n_threads(n_threads)
     rows = []
     for optim in optims:
         if progress is not None:
             progress.next(f"crossover, {optim.name}")
+        adapter = torch is not None and optim.torch is not None
         print(f"\ncrossover, {optim.name}, {np.dtype(dtype).name}: us per step, "
-              f"flatopt.step() vs in-place NumPy, {threads} thread(s)", file=out)
-        print(f"  {'elements':>9}{'flatopt':>11}{'numpy':>11}{'vs numpy':>10}", file=out)
+              f"flatopt.step() vs in-place NumPy{', and flatopt.torch' if adapter else ''}, "
+              f"{threads} thread(s)", file=out)
+        print(f"  {'elements':>9}{'flatopt':>11}{'numpy':>11}{'vs numpy':>10}"
+              + (f"{'fo.torch':>11}{'adapter':>10}" if adapter else ""), file=out)
         slower = []
         for n in sizes:
             rng = np.random.default_rng(0)
-            opt = optim.flatopt([rng.standard_normal(n).astype(dtype)], threads)
-            opt.flat_grads[...] = (rng.standard_normal(n) * 1e-3).astype(dtype)
-            numpy_step = optim.numpy(opt.flat_params.copy(), opt.flat_grads.copy())
-            t_flat, t_np = time_pair(opt.step, numpy_step, min_time)
-            rows.append(dict(optimizer=optim.name, case="crossover", size=n,
-                             dtype=np.dtype(dtype).name, threads=threads, flatopt=t_flat,
-                             numpy=t_np, speedup=t_np / t_flat))
+            p0, g0 = rng.standard_normal(n).astype(dtype), (rng.standard_normal(n) * 1e-3).astype(dtype)
+            opt = optim.flatopt([p0.copy()], threads)
+            opt.flat_grads[...] = g0
+            fns = [opt.step, optim.numpy(_copy(opt.flat_params), _copy(opt.flat_grads))]
+            if adapter:
+                import flatopt.torch as flat_torch
+
+                tensor = torch.tensor(p0)
+                tensor.grad = torch.tensor(g0)
+                fns.append(optim.torch(types.SimpleNamespace(optim=flat_torch), [tensor],
+                                       n_threads=threads).step)
+            times = time_interleaved(fns, min_time)
+            t_flat, t_np = times[:2]
+            row = dict(optimizer=optim.name, case="crossover", size=n,
+                       dtype=np.dtype(dtype).name, threads=threads, flatopt=t_flat,
+                       numpy=t_np, speedup=t_np / t_flat)
+            line = f"  {n:>9,}{t_flat * 1e6:>11.2f}{t_np * 1e6:>11.2f}{t_np / t_flat:>9.2f}x"
+            if adapter:
+                row["flatopt_torch"] = times[2]
+                line += f"{times[2] * 1e6:>11.2f}{(times[2] - t_flat) * 1e6:>10.2f}"
+            rows.append(row)
             if t_flat > t_np:
                 slower.append(n)
-            print(f"  {n:>9,}{t_flat * 1e6:>11.2f}{t_np * 1e6:>11.2f}{t_np / t_flat:>9.2f}x",
-                  file=out, flush=True)
+            print(line, file=out, flush=True)
         verdict = ("flatopt is at least as fast at every size measured" if not slower else
                    f"flatopt is slower at {', '.join(f'{n:,}' for n in slower)} elements")
         print(f"  {verdict}", file=out)
@@ -847,7 +866,7 @@ def main(argv=None):
     # Every task, in the order it runs, weighted by its expected cost in min-time units.
     weights = [case_weight(o, c, torch) for o in optims for _ in args.dtypes for c in cases]
     if not args.no_crossover:
-        weights += [2 * len(crossover_sizes)] * len(optims)
+        weights += [(2 if torch is None else 3) * len(crossover_sizes)] * len(optims)
     if torch is not None and not args.no_e2e:
         weights += [max(1.0, 0.2 * e2e["steps"] * 0.005 * max(1, w / 256) ** 2 / args.min_time)
                     for w in args.e2e_widths for _ in range(e2e["rounds"])]
@@ -858,7 +877,7 @@ def main(argv=None):
                use_deepspeed=use_deepspeed, progress=progress)
     if not args.no_crossover:
         rows += crossover(optims, crossover_sizes, args.dtypes[0], args.threads, args.min_time,
-                          progress=progress)
+                          progress=progress, torch=torch)
     if torch is not None and not args.no_e2e:
         for width in args.e2e_widths:
             rows += end_to_end(torch, args.threads, progress=progress, width=width, **e2e)
