@@ -49,7 +49,6 @@ import torch  # noqa: E402
 import flatopt
 import flatopt.torch as ft
 from flatopt import bench
-from flatopt._dispatch import kernels
 from flatopt._threads import effective_n_threads
 
 LR = 1e-3
@@ -89,11 +88,8 @@ def make_impls(n, threads, use_deepspeed):
     fo = flatopt.Adam([p0.copy()], lr=LR, n_threads=threads)
     fo.flat_grads[:] = g0
     impls["flatopt"] = fo.step
-    a = flatopt.FlatLayout([(2 * n,)], np.float32).zeros()
-    b = flatopt.FlatLayout([(2 * n,)], np.float32).zeros()
-    b[:] = 1e-7
-    impls["a += b"] = lambda: kernels.stream_add(a, b, threads)
-    return impls, {"a += b": 3 * 2 * n * 4}
+    impls["a += b"], ref_bytes = bench.bandwidth_step(4 * n, np.float32, threads)
+    return impls, {"a += b": ref_bytes}
 
 
 def measure(impls, rounds, per, cpu_time):

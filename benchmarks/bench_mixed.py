@@ -43,9 +43,8 @@ import torch
 
 import flatopt
 import flatopt.torch as ft
-from flatopt._dispatch import kernels
 from flatopt._threads import effective_n_threads
-from flatopt.bench import deepspeed_cpu_adam, transformer_shapes
+from flatopt.bench import bandwidth_step, deepspeed_cpu_adam, transformer_shapes
 
 try:
     import ml_dtypes
@@ -115,10 +114,7 @@ def make_impls(shapes, np16, t16, threads, use_deepspeed):
 
     # 28 bytes an element: two float32 arrays of 3.5 elements' worth each
     m = sum(int(np.prod(s)) for s in shapes) * BYTES_MIXED // 12
-    a = flatopt.FlatLayout([(m,)], np.float32).zeros()  # staggered like flatopt's buffers
-    b = flatopt.FlatLayout([(m,)], np.float32).zeros()
-    b[:] = 1
-    impls["a += b"] = lambda: kernels.stream_add(a, b, threads)
+    impls["a += b"] = bandwidth_step(2 * m, np.float32, threads)[0]
     return impls
 
 

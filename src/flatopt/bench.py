@@ -513,6 +513,18 @@ def _deepspeed_impl(optim, torch, arrays, grads):
     return opt.step
 
 
+def _flatopt_torch_step(optim, torch, arrays, grads, n_threads):
+    """``step`` of flatopt.torch's twin of ``optim`` over torch tensors holding ``arrays``,
+    their gradients ``grads`` set."""
+    import flatopt.torch as flat_torch
+
+    tensors = [torch.tensor(a) for a in arrays]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.tensor(g)
+    # The same constructor call as torch's, with flatopt.torch in place of torch.optim.
+    return optim.torch(types.SimpleNamespace(optim=flat_torch), tensors, n_threads=n_threads).step
+
+
 def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
     """torch.optim variants of ``optim`` on copies of ``arrays``: name -> step function
     (and DeepSpeed's CPU Adam when ``use_deepspeed`` and it is installed)."""
@@ -534,13 +546,7 @@ def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
             continue  # this torch has no such implementation for this optimizer/dtype
         out[f"torch-{variant}"] = opt.step
 
-    import flatopt.torch as flat_torch
-    tensors = [torch.tensor(a) for a in arrays]
-    for t, g in zip(tensors, grads):
-        t.grad = torch.tensor(g)  # copied into the flat gradient buffer at construction
-    # The same constructor call as torch's, with flatopt.torch in place of torch.optim.
-    opt = optim.torch(types.SimpleNamespace(optim=flat_torch), tensors, n_threads=n_threads)
-    out["flatopt-torch"] = opt.step
+    out["flatopt-torch"] = _flatopt_torch_step(optim, torch, arrays, grads, n_threads)
     if use_deepspeed:
         step = _deepspeed_impl(optim, torch, arrays, grads)
         if step is not None:
@@ -549,8 +555,8 @@ def _torch_impls(optim, torch, arrays, grads, n_threads, use_deepspeed=False):
 
 
 def bandwidth_step(working_set_elements, dtype, n_threads):
-    """An in-place streaming pass over ``working_set_elements`` (two arrays, a += b) and the
-    bytes it moves."""
+    """An in-place streaming pass over ``working_set_elements`` (two arrays, a += b, on
+    flatopt's allocation: see ``_zeros``) and the bytes it moves."""
     half = max(1, working_set_elements // 2)
     a, b = aligned_zeros(half, dtype), aligned_zeros(half, dtype)
     b[:] = 1
@@ -691,12 +697,7 @@ def crossover(optims, sizes, dtype, n_threads, min_time, out=None, progress=None
             opt.flat_grads[...] = g0
             fns = [opt.step, optim.numpy(_copy(opt.flat_params), _copy(opt.flat_grads))]
             if adapter:
-                import flatopt.torch as flat_torch
-
-                tensor = torch.tensor(p0)
-                tensor.grad = torch.tensor(g0)
-                fns.append(optim.torch(types.SimpleNamespace(optim=flat_torch), [tensor],
-                                       n_threads=threads).step)
+                fns.append(_flatopt_torch_step(optim, torch, [p0], [g0], threads))
             times = time_interleaved(fns, min_time)
             t_flat, t_np = times[:2]
             row = dict(optimizer=optim.name, case="crossover", size=n,
