@@ -11,11 +11,11 @@ Nesterov momentum (``--optimizer`` picks). Each run is repeated ``--repeats`` ti
 runs taking turns (the order rotates every repeat), because a whole training run varies by
 a few percent from one try to the next on a shared machine. For each run the script
 prints the median time of ``optimizer.step()`` over every step of every repeat, the median
-and range of the whole training time, the final training loss, the test accuracy, and how far its losses drift from the
-for-loop run's; then what flatopt.torch saved against torch's fused run, in step time and
-in all. In float64 flatopt.torch follows the for-loop run to ~1e-14; in float32 any two
-implementations (torch's own two included) round differently and their trajectories
-drift apart over training.
+and range of the whole training time, the final training loss, the test accuracy, and how
+far its losses drift from the for-loop run's; then what flatopt.torch saved against
+torch's fused run, in step time and in all. In float64 flatopt.torch follows the for-loop
+run to ~1e-14; in float32 any two implementations (torch's own two included) round
+differently and their trajectories drift apart over training.
 
 Run: ``python examples/torch_cpu_training.py`` (about 10 s). ``--threads N`` sets both
 torch's and flatopt's thread count; on a machine busy with other work, ``--threads 1``
