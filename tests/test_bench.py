@@ -2,6 +2,7 @@
 the model-shaped cases have the advertised size, and the main command runs."""
 
 import io
+import statistics
 import os
 import subprocess
 import sys
@@ -256,3 +257,24 @@ def test_end_to_end_times_each_phase():
     for r in rows:
         assert all(r[p] > 0 for p in ("zero_grad", "forward", "backward", "step", "seconds"))
     assert "end to end" in out.getvalue() and "backward" in out.getvalue()
+
+
+def test_paired_rounds_compares_medians_round_by_round():
+    # Two rounds of three steps; the second round is twice as slow for both runs (a machine
+    # that drifted), which the per-round ratio cancels and the pooled medians would not.
+    base = {"step": [3e-3, 3e-3, 9e-3, 6e-3, 6e-3, 6e-3], "total": [10e-3, 11e-3, 10e-3, 20e-3, 22e-3, 20e-3]}
+    ours = {"step": [1e-3, 2e-3, 1e-3, 2e-3, 4e-3, 2e-3], "total": [8e-3, 9e-3, 8e-3, 16e-3, 18e-3, 16e-3]}
+    got = bench.paired_rounds(base, ours, steps=3)
+    assert got["round_ratios"] == pytest.approx([0.8, 0.8])
+    assert got["ratio"] == pytest.approx(0.8)
+    assert got["step_saving"] == pytest.approx((2e-3 + 4e-3) / 2)   # 3-1 and 6-2 (ms)
+    assert got["total_saving"] == pytest.approx((2e-3 + 4e-3) / 2)  # 10-8 and 20-16
+
+
+def test_end_to_end_prints_the_paired_comparison():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flatopt.torch")
+    out = io.StringIO()
+    rows = bench.end_to_end(torch, 1, steps=3, rounds=2, width=8, depth=1, batch=4, out=out)
+    assert len(rows[1]["round_ratios"]) == 2 and "paired by round" in out.getvalue()
+    assert rows[1]["ratio"] == statistics.median(rows[1]["round_ratios"])

@@ -733,7 +733,8 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
                out=None, progress=None):
     """A small MLP training loop (Adam, float32, synthetic 8x8-image-sized data): the
     optimizers take turns, ``steps`` training steps each per round, and every phase of
-    every step is timed. Prints medians per step; returns one row per optimizer."""
+    every step is timed. Prints medians per step, and the two compared round by round
+    (``paired_rounds``); returns one row per optimizer, flatopt's with the paired figures."""
     out = sys.stdout if out is None else out
     import flatopt.torch as flat_torch
 
@@ -791,7 +792,35 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
     base, ours = rows[0]["seconds"], rows[1]["seconds"]
     print(f"  flatopt.torch takes {ours / base:.2f}x the time of torch's fused Adam per "
           f"training step", file=out, flush=True)
+    paired = paired_rounds(*times.values(), steps)
+    rows[1].update(paired)
+    lo, hi = min(paired["round_ratios"]), max(paired["round_ratios"])
+    print(f"  paired by round (medians of per-round differences, which a machine whose speed "
+          f"drifts from round to round distorts least): {paired['ratio']:.2f}x "
+          f"({lo:.2f}-{hi:.2f}x over {rounds} rounds); step() saves "
+          f"{paired['step_saving'] * 1e3:.3f} ms, the whole training step "
+          f"{paired['total_saving'] * 1e3:.3f} ms", file=out, flush=True)
     return rows
+
+
+def paired_rounds(base, ours, steps):
+    """Compare two runs of ``end_to_end`` round by round.
+
+    ``base`` and ``ours`` map ``"step"`` and ``"total"`` to per-step times, ``steps`` per
+    round, rounds in order. Per round, the medians of the two are compared: the ratio of
+    whole training steps, and the time saved in ``step()`` and in the whole training step.
+    Returns their medians over the rounds (``ratio``, ``step_saving``, ``total_saving``,
+    in seconds) and the per-round ratios (``round_ratios``).
+    """
+    def per_round(t):
+        return [statistics.median(t[i:i + steps]) for i in range(0, len(t), steps)]
+
+    b_total, o_total = per_round(base["total"]), per_round(ours["total"])
+    b_step, o_step = per_round(base["step"]), per_round(ours["step"])
+    ratios = [o / b for o, b in zip(o_total, b_total)]
+    return dict(ratio=statistics.median(ratios), round_ratios=ratios,
+                step_saving=statistics.median([b - o for b, o in zip(b_step, o_step)]),
+                total_saving=statistics.median([b - o for b, o in zip(b_total, o_total)]))
 
 
 def plot(rows, path):
