@@ -13,9 +13,11 @@ a few percent from one try to the next on a shared machine. For each run the scr
 prints the median time of ``optimizer.step()`` over every step of every repeat, the median
 and range of the whole training time, the final training loss, the test accuracy, and how
 far its losses drift from the for-loop run's; then what flatopt.torch saved against
-torch's fused run, in step time and in all. In float64 flatopt.torch follows the for-loop
-run to ~1e-14; in float32 any two implementations (torch's own two included) round
-differently and their trajectories drift apart over training.
+torch's fused run, in step time and in all, and its whole-run time over torch's fused run's
+repeat by repeat (the two run next to each other in every repeat). In float64
+flatopt.torch follows the for-loop run to ~1e-14; in float32 any two implementations
+(torch's own two included) round differently and their trajectories drift apart over
+training.
 
 Run: ``python examples/torch_cpu_training.py`` (about 10 s). ``--threads N`` sets both
 torch's and flatopt's thread count; on a machine busy with other work, ``--threads 1``
@@ -93,7 +95,8 @@ def main(argv=None):
     """Run the comparison; returns ``{label: {"losses", "step_s", "step_ms", "train_s",
     "test_accuracy"}}`` (``train_s``: one whole-run time per repeat; ``step_s``: every step()
     time of every repeat, ``step_ms`` their median; losses and accuracy from the first
-    repeat)."""
+    repeat); flatopt.torch's entry also has ``paired_ratio``, the median over repeats of
+    its whole-run time over torch's fused run's in the same repeat."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -156,6 +159,12 @@ def main(argv=None):
     saving = statistics.median(results[fused]["train_s"]) - statistics.median(results[flat]["train_s"])
     print(f"flatopt.torch against torch's fused run: {steps} steps, step() medians save "
           f"{step_saving:.3f} s; whole-run medians save {saving:.3f} s")
+    # The two ran next to each other in every repeat: their ratio repeat by repeat is
+    # what a machine whose speed drifts from minute to minute distorts least.
+    ratios = [a / b for a, b in zip(results[flat]["train_s"], results[fused]["train_s"])]
+    results[flat]["paired_ratio"] = statistics.median(ratios)
+    print(f"repeat by repeat, flatopt.torch took {min(ratios):.2f}-{max(ratios):.2f}x the time of "
+          f"torch's fused run (median {statistics.median(ratios):.2f}x)")
     return results
 
 

@@ -41,6 +41,9 @@ def test_flatopt_follows_the_for_loop_run_in_float64(example, optimizer, capsys)
     out = capsys.readouterr().out
     assert f"{steps} steps, step() medians save" in out
     assert out.count(" (") >= 3  # each row prints its range of training times
+    ratios = [a / b for a, b in zip(results[flat]["train_s"], results[fused]["train_s"])]
+    assert results[flat]["paired_ratio"] == pytest.approx(np.median(ratios))
+    assert f"(median {np.median(ratios):.2f}x)" in out
 
 
 def test_repeats_must_be_positive(example, capsys):
