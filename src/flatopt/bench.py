@@ -795,8 +795,8 @@ def end_to_end(torch, n_threads, steps=50, rounds=5, width=256, depth=4, batch=6
     paired = paired_rounds(*times.values(), steps)
     rows[1].update(paired)
     lo, hi = min(paired["round_ratios"]), max(paired["round_ratios"])
-    print(f"  paired by round (medians of per-round differences, which a machine whose speed "
-          f"drifts from round to round distorts least): {paired['ratio']:.2f}x "
+    print(f"  paired by round (medians over the rounds of each round's comparison, which a "
+          f"machine whose speed drifts from round to round distorts least): {paired['ratio']:.2f}x "
           f"({lo:.2f}-{hi:.2f}x over {rounds} rounds); step() saves "
           f"{paired['step_saving'] * 1e3:.3f} ms, the whole training step "
           f"{paired['total_saving'] * 1e3:.3f} ms", file=out, flush=True)
