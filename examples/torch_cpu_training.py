@@ -162,9 +162,9 @@ def main(argv=None):
     # The two ran next to each other in every repeat: their ratio repeat by repeat is
     # what a machine whose speed drifts from minute to minute distorts least.
     ratios = [a / b for a, b in zip(results[flat]["train_s"], results[fused]["train_s"])]
-    results[flat]["paired_ratio"] = statistics.median(ratios)
+    paired = results[flat]["paired_ratio"] = statistics.median(ratios)
     print(f"repeat by repeat, flatopt.torch took {min(ratios):.2f}-{max(ratios):.2f}x the time of "
-          f"torch's fused run (median {statistics.median(ratios):.2f}x)")
+          f"torch's fused run (median {paired:.2f}x)")
     return results
 
 

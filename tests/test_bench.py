@@ -2,8 +2,8 @@
 the model-shaped cases have the advertised size, and the main command runs."""
 
 import io
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import time
