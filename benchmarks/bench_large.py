@@ -10,14 +10,19 @@ chunks depend on the exact size), every implementation steps the same kind of da
 * ``flatopt.torch``:  ``flatopt.torch.Adam`` on one tensor;
 * ``flatopt``:        ``flatopt.Adam`` (the NumPy API) on one array;
 * ``a += b``:         the in-place streaming reference: two arrays holding as many bytes
-  as Adam's four, so it shows what the memory system delivers to a one-pass update.
+  as Adam's four, so it shows what the memory system delivers to a one-pass update;
+* ``adam traffic``:   Adam's own traffic with no arithmetic (``p += g; m += g; v += g`` in
+  one pass: four arrays read, three written, as Adam's param, grad and moments), the
+  ceiling of a one-pass Adam step: it writes a larger share of its bytes than ``a += b``.
 
 The implementations take turns: each round runs each one for about ``--per`` seconds
 (steps timed one by one) and keeps that round's median; the table shows the median over
 ``--rounds`` rounds, so a burst of load from other processes hits every column alike.
 ``vs best`` is flatopt's time over the best of torch fused and DeepSpeed; ``%ref`` is
 flatopt's effective bandwidth (28 bytes an element: param, grad and two moments read,
-three written) as a share of the ``a += b`` reference. ``--cpu-time`` adds the process's
+three written) as a share of the ``a += b`` reference. The ``%ceil`` row gives each
+column's speed as a share of ``adam traffic``'s: an implementation near 100% there has
+nothing left to gain but by moving fewer bytes. ``--cpu-time`` adds the process's
 CPU time per step (all threads), which other load distorts less than wall time; run it
 with ``OMP_WAIT_POLICY=passive`` so that idle OpenMP threads do not spin (each step then
 also pays a thread wake-up, about 0.1 ms on the 2-core project VM: compare wall times
@@ -89,6 +94,7 @@ def make_impls(n, threads, use_deepspeed):
     fo.flat_grads[:] = g0
     impls["flatopt"] = fo.step
     impls["a += b"], ref_bytes = bench.bandwidth_step(4 * n, np.float32, threads)
+    impls["adam traffic"] = bench.adam_traffic_step(n, np.float32, threads)[0]
     return impls, {"a += b": ref_bytes}
 
 
@@ -147,6 +153,9 @@ def main(argv=None):
               f"{'vs best':>9}{'%ref':>7}")
         print(f"  {'wall':<6}" + "".join(f"{wall[k] * 1e3:>15.3f}" for k in names)
               + f"{wall['flatopt'] / best:>8.2f}x{100 * gbps / ref_gbps:>6.0f}%", flush=True)
+        ceil = wall["adam traffic"]
+        print(f"  {'%ceil':<6}" + "".join(f"{100 * ceil / wall[k]:>14.0f}%" if k != "a += b" else f"{'':>15}"
+                                          for k in names), flush=True)
         if args.cpu_time:
             best_cpu = min(cpu[k] for k in ("torch fused", "deepspeed") if k in cpu)
             print(f"  {'cpu':<6}" + "".join(f"{cpu[k] * 1e3:>15.3f}" for k in names)

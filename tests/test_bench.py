@@ -14,6 +14,8 @@ import pytest
 
 from flatopt import bench
 
+from conftest import SIZES
+
 
 @pytest.mark.parametrize("name", sorted(bench.OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -85,6 +87,27 @@ def test_baselines_and_reference_get_flatopts_allocation():
     a, b = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, np.ndarray)]
     assert a.shape == b.shape == (2**18,) and nbytes == 3 * 2**18 * 4
     np.testing.assert_array_equal(a, 1)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_adam_traffic_reference_updates_three_arrays(n, dtype, n_threads):
+    """bench_large's ceiling moves Adam's bytes: three arrays += a fourth, all of them."""
+    fn, nbytes = bench.adam_traffic_step(n, dtype, n_threads)
+    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    p, m, v, g = (cells[k] for k in "pmvg")
+    assert all(a.shape == (max(n, 1),) and a.dtype == dtype for a in (p, m, v, g))
+    rng = np.random.default_rng(n)
+    for a in (p, m, v, g):
+        a[:] = rng.standard_normal(a.size)
+    want = [p + g, m + g, v + g]
+    g0 = g.copy()
+    fn()
+    for got, w in zip((p, m, v), want):
+        np.testing.assert_array_equal(got, w)
+    np.testing.assert_array_equal(g, g0)
+    assert nbytes == 7 * max(n, 1) * np.dtype(dtype).itemsize
 
 
 def test_header_names_isa_and_cpu():

@@ -562,6 +562,21 @@ def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
         a_out[i] = a_out[i] + b[i]
 
 
+def stream_add3(floating[::1] a_out, floating[::1] c_out, floating[::1] d_out,
+                const floating[::1] b, int n_threads):
+    """``a_out += b; c_out += b; d_out += b`` in one pass: Adam's memory traffic (param,
+    grad and two moments read, three of them written) with next to no arithmetic, timed by
+    ``benchmarks/bench_large.py`` as the ceiling of a one-pass Adam step."""
+    cdef Py_ssize_t i, n = a_out.shape[0]
+    cdef floating x
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
+                    use_threads_if=_use_threads(n, n_threads)):
+        x = b[i]
+        a_out[i] = a_out[i] + x
+        c_out[i] = c_out[i] + x
+        d_out[i] = d_out[i] + x
+
+
 # -- the adaptive family ----------------------------------------------------------------------
 # Element formulas follow torch.optim's single-tensor implementations operation for
 # operation (torch 2.x): ``mul_(b).addcmul_(g, g, value=c)`` is ``s*b + (c*g)*g``,

@@ -563,6 +563,15 @@ def bandwidth_step(working_set_elements, dtype, n_threads):
     return (lambda: kernels.stream_add(a, b, n_threads)), 3 * half * np.dtype(dtype).itemsize
 
 
+def adam_traffic_step(n, dtype, n_threads):
+    """A pass with Adam's memory traffic over ``n`` elements and no arithmetic to speak of
+    (four arrays on flatopt's allocation, three updated: ``kernels.stream_add3``), the
+    ceiling a one-pass Adam step can reach on this machine, and the bytes it moves."""
+    p, m, v, g = (aligned_zeros(max(1, n), dtype) for _ in range(4))
+    g[:] = 1
+    return (lambda: kernels.stream_add3(p, m, v, g, n_threads)), 7 * p.nbytes
+
+
 def run_case(optim, case, dtype, n_threads, min_time, torch=None, use_deepspeed=False):
     """Time every implementation of ``optim`` on ``case``; return result rows."""
     rng = np.random.default_rng(0)
