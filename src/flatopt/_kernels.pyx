@@ -111,7 +111,10 @@ cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 # 8 MiB L3; benchmarks/bench_large.py, 2026-12-06, two runs) Adam float32 at 2**25 ran at
 # 101-103% of stream_add's bandwidth (about 28 GB/s; one thread streams 20), torch's fused
 # Adam at 98-101%, and flatopt took 0.97-0.99x torch's time; at 2**23 flatopt
-# took 0.89-0.95x torch's (docs/benchmarks.rst).
+# took 0.89-0.95x torch's (docs/benchmarks.rst). Against Adam's own traffic with no
+# arithmetic (``stream_add3``, the ceiling of a one-pass Adam; Zen 4, four runs of
+# bench_large.py, 2026-12-06) this kernel ran at 89-107% (median 98.5%) at 2**23 and 2**25;
+# wherever torch's fused Adam or DeepSpeed reached 97% or more, it took 0.95-1.07x their time.
 cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
     """How many static chunks (threads) a kernel splits ``n`` elements into: 1 when it
     runs serially (see ``_use_threads``)."""
