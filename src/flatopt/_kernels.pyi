@@ -42,6 +42,7 @@ def as_view(a: npt.NDArray[np.float32] | npt.NDArray[np.float64]) -> KernelView:
 
 MIN_ELEMENTS_PER_THREAD: int
 PARALLEL_THRESHOLD: int
+CHUNK_ELEMENTS: int
 NORM_BLOCK: int
 
 @disjoint_base
@@ -83,6 +84,7 @@ class HalfGrads:
 
 def parallel_used() -> bool: ...
 def parallel_threshold(n_threads: int) -> int: ...
+def chunks(n: int, n_threads: int) -> list[tuple[int, int]]: ...
 def sgd(
     param: _Buf[_F], grad: _Buf[_F] | GradTable | HalfGrads,
     momentum_buffer: _Buf[_F], lr: float, momentum: float, dampening: float,

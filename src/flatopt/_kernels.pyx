@@ -93,36 +93,60 @@ cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
 cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 
 
-# The schedule: one contiguous static chunk per thread. DeepSpeed's CPU Adam instead
-# splits each tile of 1M elements across its threads, so that they stream neighbouring
-# memory. Measured on the 2-core Xeon (AVX-512; Adam float32, 2 threads, this kernel called
-# on the whole buffer or tile by tile; medians of 7 interleaved rounds, 2026-12-06): at
-# 2**23 3.97 ms whole against 4.23 (tiles of 1M), 4.86 (256k) and 3.98 (4M); at 2**25 18.2
-# against 19.3, 20.8 and 18.8. Tiles only cost here (more regions to open, shorter streams
-# for the prefetchers); DeepSpeed's 3.84 ms at 2**23 in the same session is not the schedule.
-# In a training loop the gradients and parameters come warm from the backward pass, so the
-# order could matter more there; measured on a 2-core AMD EPYC (Zen 4; MLP of 3.2M float32
-# parameters, flatopt.torch's Adam as one call over halves against one call per tensor,
-# each tensor split between both threads as torch's fused Adam does; 4 runs of 12 rounds):
-# step 0.81-0.83x torch's fused time against 0.87x while the machine was fast, 0.96-1.12x
-# against 0.91-0.93x while it was slow; the whole training step within 3.5% either way.
-# (Stepping the tensors in reverse order, last layer first, took 1.25-1.34x torch's time.)
+# The schedule: a parallel kernel splits its range into chunks of about CHUNK_ELEMENTS
+# (1 MiB of float32; one chunk per thread below twice that per thread), each starting on a
+# cache line (``_lo``), and deals them out round robin in one parallel region, so that the
+# threads walk the buffer front to back side by side. Until 2026-12-06 it split the range
+# in halves, one per thread, at whatever element fell in the middle. In a training loop
+# the backward pass leaves the first layers' gradients and parameters warm in cache and
+# the last layers' cold, so with halves the thread with the far half streams more from
+# memory while the other waits. Measured on a 2-core AMD EPYC (Zen 4, 32 MiB L3; MLP of
+# 3.2M float32 parameters, flatopt.torch's Adam, torch's fused Adam and both schedules
+# interleaved in one process, 40 rounds of 50 steps, three runs): with chunks the step
+# took 0.89-0.98x the time of the halves' and the whole training step 0.954-0.989x
+# (faster in 24-31 of the 40 rounds). Alone, stepped over and over, chunks took 0.98-1.00x
+# the halves' time from 40k to 2**25 elements. Chunks of 16k-64k elements cost up to 1.5x
+# in cache (each thread's prefetchers run into the other's chunk, whose lines then move
+# between the cores). DeepSpeed's CPU Adam splits tiles of 1M elements across its threads
+# with one parallel region per tile; on the 2-core Xeon that took 1.06x the time of halves
+# at 2**23 and 2**25 (a region to open per tile), where one region costs nothing.
+# Stepping the tensors in reverse order, last layer first, took 1.25-1.34x torch's time.
 # Out of cache the step runs at the memory's speed: on a 2-core AMD EPYC (Zen 1, AVX2,
 # 8 MiB L3; benchmarks/bench_large.py, 2026-12-06, two runs) Adam float32 at 2**25 ran at
 # 101-103% of stream_add's bandwidth (about 28 GB/s; one thread streams 20), torch's fused
 # Adam at 98-101%, and flatopt took 0.97-0.99x torch's time; at 2**23 flatopt
 # took 0.89-0.95x torch's (docs/benchmarks.rst). Against Adam's own traffic with no
 # arithmetic (``stream_add3``, the ceiling of a one-pass Adam; Zen 4, four runs of
-# bench_large.py, 2026-12-06) this kernel ran at 89-107% (median 98.5%) at 2**23 and 2**25;
+# bench_large.py, 2026-12-06, halves) this kernel ran at 89-107% (median 98.5%) at 2**23, 2**25;
 # wherever torch's fused Adam or DeepSpeed reached 97% or more, it took 0.95-1.07x their time.
 # Tried on that Zen 4 in C (the same element loop, gcc -O3, 2 threads, 3.2M, 2**23, 2**25
 # elements, AVX2 and AVX-512 builds) and not kept: software prefetch 256 B to 2 KiB ahead
 # on all four streams took 0.98-1.24x the time without; the two moments interleaved line
 # by line (three streams instead of four) took 1.01-1.10x.
+CHUNK_ELEMENTS = 262144
+cdef Py_ssize_t _CHUNK_ELEMENTS = CHUNK_ELEMENTS
+
+
 cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
-    """How many static chunks (threads) a kernel splits ``n`` elements into: 1 when it
-    runs serially (see ``_use_threads``)."""
-    return n_threads if _use_threads(n, n_threads) else 1
+    """How many chunks a kernel splits ``n`` elements into: 1 when it runs serially (see
+    ``_use_threads``), else a multiple of ``n_threads`` (one chunk per thread, or more of
+    about CHUNK_ELEMENTS each), dealt out round robin, so every thread gets the same
+    number of chunks of the same size (to an element)."""
+    if not _use_threads(n, n_threads):
+        return 1
+    return n_threads * max(1, n // (n_threads * _CHUNK_ELEMENTS))
+
+
+cdef inline int _team(Py_ssize_t parts, int n_threads) noexcept nogil:
+    """The number of threads that run a kernel split into ``parts`` chunks."""
+    return 1 if parts == 1 else n_threads
+
+
+def chunks(Py_ssize_t n, int n_threads):
+    """The ``(start, stop)`` element ranges, in order, that a kernel splits ``n`` elements
+    into on ``n_threads`` threads; range ``t`` runs on thread ``t % n_threads``."""
+    cdef Py_ssize_t t, parts = _parts(n, n_threads)
+    return [(_lo(t, n, parts), _lo(t + 1, n, parts)) for t in range(parts)]
 
 
 cdef inline bint _inline_call(Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
@@ -131,8 +155,17 @@ cdef inline bint _inline_call(Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
 
 
 cdef inline Py_ssize_t _lo(Py_ssize_t t, Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
-    """First element of chunk ``t`` of ``parts`` (chunk ``parts`` starts at ``n``)."""
-    return n // parts * t + min(t, n % parts)
+    """First element of chunk ``t`` of ``parts`` (chunk ``parts`` starts at ``n``): the
+    ``t``-th of ``parts`` equal shares, rounded up to a multiple of 16 elements (a 64-byte
+    cache line of float32, two of float64). Element 0 of a flat buffer is 64-byte aligned,
+    so every chunk then starts on a cache line: no 64-byte vector load straddles two lines
+    and no line is written by two threads. Measured on the 2-core Zen 4 (3.2M float32
+    parameters, flatopt.torch's Adam in a training loop, 40 interleaved rounds): chunks
+    split at unaligned shares took 1.14x the step time of the halves then in use, chunks
+    rounded to 16 elements 0.98x."""
+    if t >= parts:
+        return n
+    return min(n, (n // parts * t + min(t, n % parts) + 15) & ~15)
 
 
 # ---- gradients: one flat buffer, or a table of sources read where they are -----------------
@@ -433,7 +466,8 @@ def sgd(floating[::1] param, grad, floating[::1] momentum_buffer,
         _sgd_unswitched(param, &g, momentum_buffer, 0, n, lr_, m, c, wd, scale,
                         use_momentum, init_buffer, nesterov)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _sgd_unswitched(param, &g, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
                         lr_, m, c, wd, scale, use_momentum, init_buffer, nesterov)
 
@@ -468,7 +502,8 @@ def momentum(floating[::1] param, grad, floating[::1] velocity,
     if _inline_call(n, parts):
         _momentum(param, &g, velocity, 0, n, lr_, b, c, wd, scale)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _momentum(param, &g, velocity, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, b, c,
                   wd, scale)
 
@@ -714,7 +749,8 @@ def adam(floating[::1] param, grad, floating[::1] exp_avg,
                          inv_bc2_sqrt, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd,
                          scale, amsgrad)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _adam_unswitched(param, &g, exp_avg, exp_avg_sq, max_exp_avg_sq, _lo(t, n, parts),
                          _lo(t + 1, n, parts), neg_step_size, inv_bc2_sqrt, eps_, b2, c2, w1,
                          one_minus_w1, small1, decay, wd, scale, amsgrad)
@@ -796,7 +832,8 @@ def rmsprop(floating[::1] param, grad, floating[::1] square_avg,
         _rmsprop_unswitched(param, &g, square_avg, grad_avg, momentum_buffer, 0, n, neg_lr, a,
                             c, one_minus_c, small, eps_, mom, wd, scale, centered, use_momentum)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _rmsprop_unswitched(param, &g, square_avg, grad_avg, momentum_buffer, _lo(t, n, parts),
                             _lo(t + 1, n, parts), neg_lr, a, c, one_minus_c, small, eps_, mom,
                             wd, scale, centered, use_momentum)
@@ -836,7 +873,8 @@ def adadelta(floating[::1] param, grad, floating[::1] square_avg,
     if _inline_call(n, parts):
         _adadelta(param, &g, square_avg, acc_delta, 0, n, neg_lr, r, c, eps_, wd, scale)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _adadelta(param, &g, square_avg, acc_delta, _lo(t, n, parts), _lo(t + 1, n, parts),
                   neg_lr, r, c, eps_, wd, scale)
 
@@ -873,7 +911,8 @@ def adagrad(floating[::1] param, grad, floating[::1] state_sum,
     if _inline_call(n, parts):
         _adagrad(param, &g, state_sum, 0, n, neg_clr, eps_, wd, scale)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _adagrad(param, &g, state_sum, _lo(t, n, parts), _lo(t + 1, n, parts), neg_clr, eps_,
                  wd, scale)
 
@@ -946,7 +985,8 @@ def nadam(floating[::1] param, grad, floating[::1] exp_avg,
         _nadam(param, &g, exp_avg, exp_avg_sq, 0, n, grad_coef, avg_coef, bc2, eps_, b2, c2,
                w1, one_minus_w1, small1, decay, wd, scale)
         return mu_product
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _nadam(param, &g, exp_avg, exp_avg_sq, _lo(t, n, parts), _lo(t + 1, n, parts),
                grad_coef, avg_coef, bc2, eps_, b2, c2, w1, one_minus_w1, small1, decay, wd,
                scale)
@@ -1015,7 +1055,8 @@ def radam(floating[::1] param, grad, floating[::1] exp_avg,
         _radam(param, &g, exp_avg, exp_avg_sq, 0, n, rectified, rect, sqrt_bc2, bc1, lr_, eps_,
                b2, c2, w1, one_minus_w1, small1, decay, wd, scale)
         return rectified
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _radam(param, &g, exp_avg, exp_avg_sq, _lo(t, n, parts), _lo(t + 1, n, parts),
                rectified, rect, sqrt_bc2, bc1, lr_, eps_, b2, c2, w1, one_minus_w1, small1,
                decay, wd, scale)
@@ -1065,7 +1106,8 @@ def adamax(floating[::1] param, grad, floating[::1] exp_avg,
         _adamax(param, &g, exp_avg, exp_inf, 0, n, neg_clr, eps_, b2, w1, one_minus_w1, small1,
                 wd, scale)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _adamax(param, &g, exp_avg, exp_inf, _lo(t, n, parts), _lo(t + 1, n, parts), neg_clr,
                 eps_, b2, w1, one_minus_w1, small1, wd, scale)
 
@@ -1119,7 +1161,8 @@ def lion(floating[::1] param, grad, floating[::1] exp_avg, double lr,
     if _inline_call(n, parts):
         _lion(param, &g, exp_avg, 0, n, neg_lr, b1, c1, b2, c2, decay, scale)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _lion(param, &g, exp_avg, _lo(t, n, parts), _lo(t + 1, n, parts), neg_lr, b1, c1, b2,
               c2, decay, scale)
 
@@ -1221,7 +1264,8 @@ def keras_sgd(floating[::1] param, grad, floating[::1] momentum_buffer,
         _keras_sgd_unswitched(param, &g, momentum_buffer, 0, n, lr_, mom, scale, factor, decay,
                               use_momentum, nesterov)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _keras_sgd_unswitched(param, &g, momentum_buffer, _lo(t, n, parts), _lo(t + 1, n, parts),
                               lr_, mom, scale, factor, decay, use_momentum, nesterov)
 
@@ -1303,7 +1347,8 @@ def keras_adam(floating[::1] param, grad, floating[::1] m_buf,
         _keras_adam_unswitched(param, &g, m_buf, v_buf, v_hat_buf, 0, n, alpha, c1, c2, eps,
                                scale, factor, decay, amsgrad)
         return
-    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t_ in prange(parts, nogil=True, schedule="static", chunksize=1,
+                     num_threads=_team(parts, n_threads)):
         _keras_adam_unswitched(param, &g, m_buf, v_buf, v_hat_buf, _lo(t_, n, parts),
                                _lo(t_ + 1, n, parts), alpha, c1, c2, eps, scale, factor, decay,
                                amsgrad)
@@ -1383,7 +1428,8 @@ def keras_rmsprop(floating[::1] param, grad, floating[::1] velocity,
         _keras_rmsprop_unswitched(param, &g, velocity, average_grad, momentum_buffer, 0, n, lr_,
                                   r, c, mom, eps, scale, factor, decay, centered, use_momentum)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _keras_rmsprop_unswitched(param, &g, velocity, average_grad, momentum_buffer,
                                   _lo(t, n, parts), _lo(t + 1, n, parts), lr_, r, c, mom, eps,
                                   scale, factor, decay, centered, use_momentum)
@@ -1424,7 +1470,8 @@ def keras_adagrad(floating[::1] param, grad, floating[::1] accumulator,
     if _inline_call(n, parts):
         _keras_adagrad(param, &g, accumulator, 0, n, lr_, eps, scale, factor, decay)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _keras_adagrad(param, &g, accumulator, _lo(t, n, parts), _lo(t + 1, n, parts), lr_, eps,
                        scale, factor, decay)
 
@@ -1475,7 +1522,8 @@ def keras_adamax(floating[::1] param, grad, floating[::1] m_buf,
     if _inline_call(n, parts):
         _keras_adamax(param, &g, m_buf, u_buf, 0, n, lr_, bc, c1, b2, eps, scale, factor, decay)
         return
-    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t_ in prange(parts, nogil=True, schedule="static", chunksize=1,
+                     num_threads=_team(parts, n_threads)):
         _keras_adamax(param, &g, m_buf, u_buf, _lo(t_, n, parts), _lo(t_ + 1, n, parts), lr_, bc,
                       c1, b2, eps, scale, factor, decay)
 
@@ -1534,7 +1582,8 @@ def keras_nadam(floating[::1] param, grad, floating[::1] m_buf,
         _keras_nadam(param, &g, m_buf, v_buf, 0, n, u_t_1, den_m, one_minus_u_t, den_g, bc2, c1,
                      c2, lr_, eps, scale, factor, decay)
         return prod
-    for t_ in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t_ in prange(parts, nogil=True, schedule="static", chunksize=1,
+                     num_threads=_team(parts, n_threads)):
         _keras_nadam(param, &g, m_buf, v_buf, _lo(t_, n, parts), _lo(t_ + 1, n, parts), u_t_1,
                      den_m, one_minus_u_t, den_g, bc2, c1, c2, lr_, eps, scale, factor, decay)
     return prod
@@ -1692,7 +1741,8 @@ def widen16(const uint16_t[::1] src, uint32_t[::1] out, int kind, int n_threads)
     if _inline_call(n, parts):
         _widen_range(src, out, kind, 0, n)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _widen_range(src, out, kind, _lo(t, n, parts), _lo(t + 1, n, parts))
 
 
@@ -1703,7 +1753,8 @@ def narrow16(const uint32_t[::1] src, uint16_t[::1] out, int kind, int n_threads
     if _inline_call(n, parts):
         _narrow_range(src, out, kind, 0, n)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _narrow_range(src, out, kind, _lo(t, n, parts), _lo(t + 1, n, parts))
 
 
@@ -1763,6 +1814,7 @@ def gather_bytes(unsigned char[::1] out, const intptr_t[::1] sources,
     if _inline_call(n, parts):
         _gather_range(base, sources, out_offsets, starts, 0, total)
         return
-    for t in prange(parts, nogil=True, schedule="static", num_threads=parts):
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
         _gather_range(base, sources, out_offsets, starts, _lo(t, n, parts) * itemsize,
                       _lo(t + 1, n, parts) * itemsize)
