@@ -263,12 +263,20 @@ def test_main_runs_the_end_to_end_loop_at_each_width(capsys):
     pytest.importorskip("torch")
     pytest.importorskip("flatopt.torch")
     rows = bench.main(["--quick", "--no-crossover", "--optimizers", "momentum", "--dtypes", "float32",
-                       "--e2e-widths", "8", "12"])
+                       "--e2e-widths", "8", "12", "--e2e-rounds", "3"])
     e2e = [r for r in rows if r["case"] == "end to end"]
     # 64*w + w + 2*w (LayerNorm) + w*10 + 10 parameters for depth 2: w*w + 3*w more
     sizes = [64 * w + 3 * w + (w * w + 3 * w) + 10 * w + 10 for w in (8, 12)]
     assert [r["size"] for r in e2e] == [n for n in sizes for _ in range(2)]
-    assert capsys.readouterr().out.count("end to end: MLP 64-") == 2
+    assert all(len(r["round_ratios"]) == 3 for r in e2e[1::2])
+    out = capsys.readouterr().out
+    assert out.count("end to end: MLP 64-") == 2 and out.count("over 3 rounds, flatopt.torch faster in ") == 2
+
+
+def test_e2e_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--e2e-rounds", "0"])
+    assert "--e2e-rounds: expected a positive number of rounds, got 0" in capsys.readouterr().err
 
 
 def test_end_to_end_times_each_phase():
