@@ -110,6 +110,13 @@ def test_adam_traffic_reference_updates_three_arrays(n, dtype, n_threads):
     assert nbytes == 7 * max(n, 1) * np.dtype(dtype).itemsize
 
 
+def test_adam_traffic_reference_refuses_arrays_of_different_lengths():
+    from flatopt._dispatch import kernels
+    a, c, d, b = (np.zeros(n, np.float32) for n in (8, 8, 7, 8))
+    with pytest.raises(ValueError, match="stream_add3: expected four arrays of one length, got 8, 8, 7 and 8"):
+        kernels.stream_add3(a, c, d, b, 1)
+
+
 def test_header_names_isa_and_cpu():
     from flatopt._dispatch import ISA
 

@@ -16,7 +16,7 @@ from flatopt._kernels import CHUNK_ELEMENTS, PARALLEL_THRESHOLD
 
 from test_adversarial import OPTIMIZERS, VALID_KWARGS
 
-N = 4 * CHUNK_ELEMENTS + 7  # 4 chunks on 2 threads, 3 on 3
+N = 6 * CHUNK_ELEMENTS + 7  # 3 chunks a thread on 2 threads, 2 on 3
 SHAPES = [(N - 1003,), (17, 59)]  # a tensor boundary inside the last chunk
 THREADS = (1, 2, 3)
 parallel = pytest.mark.skipif(not flatopt.openmp_enabled(), reason="serial build")
@@ -27,8 +27,8 @@ def test_chunk_counts():
     assert count(PARALLEL_THRESHOLD - 1, 2) == 1
     assert count(PARALLEL_THRESHOLD, 2) == 2
     assert count(4 * CHUNK_ELEMENTS - 1, 2) == 2
-    assert count(N, 2) == 4
-    assert count(N, 3) == 3
+    assert count(N, 2) == 6
+    assert count(N, 3) == 6
     assert count(6 * CHUNK_ELEMENTS, 3) == 6
     assert count(N, 1) == 1
     assert sum(int(np.prod(s)) for s in SHAPES) == N
@@ -36,12 +36,13 @@ def test_chunk_counts():
 
 @pytest.mark.parametrize("n", [0, 7, PARALLEL_THRESHOLD - 1, PARALLEL_THRESHOLD, PARALLEL_THRESHOLD + 5,
                                2**17 + 3, N, 3_233_802, 2**25 + 3568])
-@pytest.mark.parametrize("n_threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 64])
 def test_chunks_tile_the_range_on_cache_lines_and_balance_the_threads(n, n_threads):
     ranges = _kernels.chunks(n, n_threads)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert all(lo <= hi and lo % 16 == 0 for lo, hi in ranges)
+    assert all(lo % 16 == 0 for lo, _ in ranges)
+    assert all(lo < hi for lo, hi in ranges) or ranges == [(0, 0)]
     assert len(ranges) % n_threads == 0 or len(ranges) == 1
     per_thread = [sum(hi - lo for lo, hi in ranges[t::n_threads]) for t in range(n_threads)]
     if len(ranges) > 1:
@@ -59,19 +60,38 @@ def _assert_same(runs):
             np.testing.assert_array_equal(got, want, strict=True)
 
 
-@parallel
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_api(cls, dtype):
-    grads = [np.concatenate([g.ravel() for g in _arrays(dtype, s)]) for s in (1, 2, 3)]
+def _step_numpy_api(cls, params, grads):
+    """Step ``cls`` over ``params`` (arrays or groups) with each flat gradient of ``grads``
+    on every thread count, and check the parameters agree bit for bit."""
     runs = {}
     for t in THREADS:
-        opt = cls(_arrays(dtype, 0), **VALID_KWARGS[cls.__name__], n_threads=t)
+        copies = [{**g, "params": [a.copy() for a in g["params"]]} if isinstance(g, dict)
+                  else g.copy() for g in params]
+        opt = cls(copies, **VALID_KWARGS[cls.__name__], n_threads=t)
         for g in grads:
             opt.flat_grads[:] = g
             opt.step()
         runs[t] = [opt.flat_params.copy()]
     _assert_same(runs)
+
+
+@parallel
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_api(cls, dtype):
+    grads = [np.concatenate([g.ravel() for g in _arrays(dtype, s)]) for s in (1, 2, 3)]
+    _step_numpy_api(cls, _arrays(dtype, 0), grads)
+
+
+@parallel
+@pytest.mark.parametrize("cls", [flatopt.Adam, flatopt.SGD], ids=lambda c: c.__name__)
+def test_numpy_api_second_group_mid_cache_line(cls):
+    """Two parameter groups: the kernel steps the second (several chunks a thread) as a
+    range that starts 1003 elements into the buffer, off any cache line."""
+    rng = np.random.default_rng(0)
+    small, large = (rng.standard_normal(s).astype(np.float32) for s in [(17, 59), (N - 1003,)])
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(3)]
+    _step_numpy_api(cls, [{"params": [small]}, {"params": [large], "lr": 0.05}], grads)
 
 
 @parallel

@@ -72,9 +72,15 @@ def as_view(floating[::1] a):
 KernelView = type(as_view['float'](_cvarray(shape=(1,), itemsize=sizeof(float), format="f")))
 
 
+cdef inline bint _threads_pay(Py_ssize_t n, int n_threads) noexcept nogil:
+    """True when each of ``n_threads`` (more than one) would get MIN_ELEMENTS_PER_THREAD."""
+    return n_threads > 1 and n >= n_threads * _MIN_ELEMENTS_PER_THREAD
+
+
 cdef inline bint _use_threads(Py_ssize_t n, int n_threads) noexcept nogil:
+    """``_threads_pay``, and if so, remember that a parallel region opens."""
     global _parallel_used
-    if n_threads > 1 and n >= n_threads * _MIN_ELEMENTS_PER_THREAD:
+    if _threads_pay(n, n_threads):
         _parallel_used = True
         return True
     return False
@@ -104,12 +110,15 @@ cdef Py_ssize_t _KEEP_GIL_BELOW = 65536
 # 3.2M float32 parameters, flatopt.torch's Adam, torch's fused Adam and both schedules
 # interleaved in one process, 40 rounds of 50 steps, three runs): with chunks the step
 # took 0.89-0.98x the time of the halves' and the whole training step 0.954-0.989x
-# (faster in 24-31 of the 40 rounds). Alone, stepped over and over, chunks took 0.98-1.00x
-# the halves' time from 40k to 2**25 elements. Chunks of 16k-64k elements cost up to 1.5x
-# in cache (each thread's prefetchers run into the other's chunk, whose lines then move
-# between the cores). DeepSpeed's CPU Adam splits tiles of 1M elements across its threads
-# with one parallel region per tile; on the 2-core Xeon that took 1.06x the time of halves
-# at 2**23 and 2**25 (a region to open per tile), where one region costs nothing.
+# (faster in 24-31 of the 40 rounds). Alone, stepped over and over on that Zen 4, chunks
+# took 0.98-1.00x the halves' time from 40k to 2**25 elements; chunks of 16k-64k elements
+# cost up to 1.5x in cache (each thread's prefetchers run into the other's chunk, whose
+# lines then move between the cores). Not yet measured on other CPUs. DeepSpeed's CPU Adam
+# splits each tile of 1M elements across its threads, one parallel region per tile; on the
+# 2-core Xeon (AVX-512; Adam float32, 2 threads, medians of 7 interleaved rounds) this
+# kernel called tile by tile took 4.23 ms at 2**23 against 3.97 on halves (tiles of 256k:
+# 4.86, of 4M: 3.98), and 19.3 ms at 2**25 against 18.2 (20.8, 18.8): a region to open per
+# tile, and shorter streams. The chunks here share one region.
 # Stepping the tensors in reverse order, last layer first, took 1.25-1.34x torch's time.
 # Out of cache the step runs at the memory's speed: on a 2-core AMD EPYC (Zen 1, AVX2,
 # 8 MiB L3; benchmarks/bench_large.py, 2026-12-06, two runs) Adam float32 at 2**25 ran at
@@ -127,14 +136,20 @@ CHUNK_ELEMENTS = 262144
 cdef Py_ssize_t _CHUNK_ELEMENTS = CHUNK_ELEMENTS
 
 
-cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
+cdef inline Py_ssize_t _count_parts(Py_ssize_t n, int n_threads) noexcept nogil:
     """How many chunks a kernel splits ``n`` elements into: 1 when it runs serially (see
-    ``_use_threads``), else a multiple of ``n_threads`` (one chunk per thread, or more of
-    about CHUNK_ELEMENTS each), dealt out round robin, so every thread gets the same
-    number of chunks of the same size (to an element)."""
-    if not _use_threads(n, n_threads):
+    ``_threads_pay``), else a multiple of ``n_threads``: one chunk a thread below
+    2*CHUNK_ELEMENTS a thread, else as many of CHUNK_ELEMENTS to 2*CHUNK_ELEMENTS as fit.
+    Dealt out round robin, they give every thread the same number of chunks and the same
+    number of elements to within 16 a chunk (``_lo``)."""
+    if not _threads_pay(n, n_threads):
         return 1
     return n_threads * max(1, n // (n_threads * _CHUNK_ELEMENTS))
+
+
+cdef inline Py_ssize_t _parts(Py_ssize_t n, int n_threads) noexcept nogil:
+    """``_count_parts`` for a kernel about to run (which marks parallel use)."""
+    return _count_parts(n, n_threads) if _use_threads(n, n_threads) else 1
 
 
 cdef inline int _team(Py_ssize_t parts, int n_threads) noexcept nogil:
@@ -145,7 +160,7 @@ cdef inline int _team(Py_ssize_t parts, int n_threads) noexcept nogil:
 def chunks(Py_ssize_t n, int n_threads):
     """The ``(start, stop)`` element ranges, in order, that a kernel splits ``n`` elements
     into on ``n_threads`` threads; range ``t`` runs on thread ``t % n_threads``."""
-    cdef Py_ssize_t t, parts = _parts(n, n_threads)
+    cdef Py_ssize_t t, parts = _count_parts(n, n_threads)
     return [(_lo(t, n, parts), _lo(t + 1, n, parts)) for t in range(parts)]
 
 
@@ -157,9 +172,11 @@ cdef inline bint _inline_call(Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
 cdef inline Py_ssize_t _lo(Py_ssize_t t, Py_ssize_t n, Py_ssize_t parts) noexcept nogil:
     """First element of chunk ``t`` of ``parts`` (chunk ``parts`` starts at ``n``): the
     ``t``-th of ``parts`` equal shares, rounded up to a multiple of 16 elements (a 64-byte
-    cache line of float32, two of float64). Element 0 of a flat buffer is 64-byte aligned,
-    so every chunk then starts on a cache line: no 64-byte vector load straddles two lines
-    and no line is written by two threads. Measured on the 2-core Zen 4 (3.2M float32
+    cache line of float32, two of float64) from the start of the range. A flat buffer's
+    element 0 is 64-byte aligned, so when a kernel steps a whole buffer (one parameter
+    group) every chunk starts on a cache line: no 64-byte vector load straddles two lines
+    and no line is written by two threads. A group that starts mid-line (buffers are packed
+    without padding) keeps that offset in every chunk; the results are the same. Measured on the 2-core Zen 4 (3.2M float32
     parameters, flatopt.torch's Adam in a training loop, 40 interleaved rounds): chunks
     split at unaligned shares took 1.14x the step time of the halves then in use, chunks
     rounded to 16 elements 0.98x."""
@@ -604,19 +621,31 @@ def stream_add(floating[::1] a_out, const floating[::1] b, int n_threads):
         a_out[i] = a_out[i] + b[i]
 
 
-def stream_add3(floating[::1] a_out, floating[::1] c_out, floating[::1] d_out,
-                const floating[::1] b, int n_threads):
-    """``a_out += b; c_out += b; d_out += b`` in one pass: Adam's memory traffic (param,
-    grad and two moments read, three of them written) with next to no arithmetic, timed by
-    ``benchmarks/bench_large.py`` as the ceiling of a one-pass Adam step."""
-    cdef Py_ssize_t i, n = a_out.shape[0]
+cdef inline void _add3(floating[::1] a_out, floating[::1] c_out, floating[::1] d_out,
+                       const floating[::1] b, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
     cdef floating x
-    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads,
-                    use_threads_if=_use_threads(n, n_threads)):
+    for i in range(lo, hi):
         x = b[i]
         a_out[i] = a_out[i] + x
         c_out[i] = c_out[i] + x
         d_out[i] = d_out[i] + x
+
+
+def stream_add3(floating[::1] a_out, floating[::1] c_out, floating[::1] d_out,
+                const floating[::1] b, int n_threads):
+    """``a_out += b; c_out += b; d_out += b`` in one pass, split into chunks as the step
+    kernels are: Adam's memory traffic (param, grad and two moments read, three of them
+    written) with next to no arithmetic, timed by ``benchmarks/bench_large.py`` as the
+    ceiling of a one-pass Adam step."""
+    cdef Py_ssize_t t, n = a_out.shape[0]
+    if not c_out.shape[0] == d_out.shape[0] == b.shape[0] == n:
+        raise ValueError(f"stream_add3: expected four arrays of one length, got {n}, "
+                         f"{c_out.shape[0]}, {d_out.shape[0]} and {b.shape[0]} elements")
+    cdef Py_ssize_t parts = _parts(n, n_threads)
+    for t in prange(parts, nogil=True, schedule="static", chunksize=1,
+                    num_threads=_team(parts, n_threads)):
+        _add3(a_out, c_out, d_out, b, _lo(t, n, parts), _lo(t + 1, n, parts))
 
 
 # -- the adaptive family ----------------------------------------------------------------------
@@ -1774,8 +1803,9 @@ def count_nonfinite16(const uint16_t[::1] x, int kind, int n_threads):
 # flatopt.torch reads each gradient where autograd put it (its own tensor) and copies it into
 # the flat gradient buffer with this one call: plain memcpy, no framework op dispatched
 # (inside torch.optim's step wrapper every torch op also pays the profiler's bookkeeping:
-# ~11 us for a _foreach_copy_ of 4 small tensors, measured). The copy is split evenly by
-# bytes across threads, each walking the segments its byte range covers.
+# ~11 us for a _foreach_copy_ of 4 small tensors, measured). The copy is split into chunks
+# of whole elements as the step kernels are (``_parts``), each walking the segments its
+# byte range covers.
 
 from libc.string cimport memcpy
 

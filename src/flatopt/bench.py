@@ -884,8 +884,9 @@ def main(argv=None):
                         help="hidden widths of the end-to-end MLP (default: 64 256 1024; "
                              "256 is examples/torch_cpu_training.py's default)")
     parser.add_argument("--e2e-rounds", type=int, default=None,
-                        help="rounds of 50 steps each optimizer runs in the end-to-end loop "
-                             "(default 12; more tell small differences apart on a noisy machine)")
+                        help="rounds of the end-to-end loop, 50 steps of each optimizer a round "
+                             "(default 12, with --quick 1 of 5 steps; more tell small differences "
+                             "apart on a noisy machine)")
     parser.add_argument("--plot", metavar="PNG", help="draw GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
     # 12 rounds: with 5, the 3.2M-parameter loop's backward medians differed by up to 6%
