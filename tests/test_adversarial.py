@@ -115,7 +115,8 @@ def hyperparameter_cases(kwargs, prefix):
                      (f"{prefix}{key}-str", key, "yes", None, TypeError),
                      (f"{prefix}{key}-none", key, None, None, TypeError)]
         elif isinstance(good, tuple):
-            rows += [(f"{prefix}{key}-nan", key, (float("nan"),) + good[1:], None, ValueError),
+            rows += [(f"{prefix}{key}-set", key, set(good), None, TypeError),  # in no order of the caller's
+                     (f"{prefix}{key}-nan", key, (float("nan"),) + good[1:], None, ValueError),
                      (f"{prefix}{key}-one", key, (1.0,) + good[1:], None, ValueError),
                      (f"{prefix}{key}-negative", key, good[:-1] + (-0.1,), None, ValueError)]
         else:
@@ -451,10 +452,14 @@ def load_cases(cls, kwargs):
         Case("group-bool-as-int", lambda sd: sd["param_groups"][0].update({bool_key: 1}), TypeError, bool_key),
         # tampered state
         Case("state-list", _set(("state",), [1, 2]), TypeError, r"state_dict\['state'\]"),
-        Case("step-float", _set(("state", "step"), 3.0), ValueError, "step"),
-        Case("step-str", _set(("state", "step"), "3"), ValueError, "step"),
-        Case("step-bool", _set(("state", "step"), True), ValueError, "step"),
-        Case("step-none", _set(("state", "step"), None), ValueError, "step"),
+        Case("step-float", _set(("state", "step"), 3.0), TypeError, "step"),
+        Case("step-str", _set(("state", "step"), "3"), TypeError, "step"),
+        Case("step-bool", _set(("state", "step"), True), TypeError, "step"),
+        Case("step-none", _set(("state", "step"), None), TypeError, "step"),
+        Case("step-negative", _set(("state", "step"), -1), ValueError, "step"),
+        Case("step-beyond-max", _set(("state", "step"), 2**62 + 1), ValueError, r"step.*2\*\*62"),
+        Case("segments-fractional", lambda sd: sd["segments"][0].__setitem__(1, sd["segments"][0][1] + 0.5),
+             ValueError, "segments"),
         Case("unknown-state-entry", _set(("state", "bogus"), np.zeros(SIZE)), ValueError, "bogus"),
         Case("buffer-float16", _buffer(lambda b: b.astype(np.float16)), TypeError, r"state_dict\['state'\]"),
         Case("buffer-int64", _buffer(lambda b: b.astype(np.int64)), TypeError, r"state_dict\['state'\]"),
@@ -522,6 +527,91 @@ def test_sgd_state_saved_before_momentum_was_used_still_loads():
     other.load_state_dict(sd)
     other.step([np.full(3, 2.0)])
     np.testing.assert_array_equal(other.state["momentum_buffer"], np.full(3, 2.0))
+
+
+# ---- hyperparameters and state held in mutable objects; calls that fail half-way ----------
+
+BETAS_CLASSES = [c for c in OPTIMIZERS if "betas" in VALID_KWARGS.get(c.__name__, {})]
+
+
+@pytest.mark.parametrize("container", [list, np.array], ids=["list", "array"])
+@pytest.mark.parametrize("cls", BETAS_CLASSES, ids=lambda c: c.__name__)
+def test_betas_changed_in_place_are_checked_at_the_next_step(cls, container):
+    """Betas in a list or an array may be edited in place; an invalid edit is caught at
+    the next step (the optimizer remembers their content, not the object)."""
+    betas = container(VALID_KWARGS[cls.__name__]["betas"])
+    opt = build(cls)
+    opt.param_groups[1]["betas"] = betas
+    opt.step()
+    betas[0] = 5.0
+    before, plain = snapshot(*arrays_of(opt)), plain_of(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\] betas\[0\]"):
+        opt.step()
+    assert_unchanged(arrays_of(opt), before)
+    assert plain_of(opt) == plain
+
+
+def test_a_step_that_fails_its_gradient_checks_allocates_no_state():
+    """amsgrad switched on, then a step with gradients of the wrong length: the step
+    raises before the new state buffer exists (state_dict() keeps its keys)."""
+    opt = flatopt.Adam([np.ones(3)], lr=0.1)
+    opt.step([np.ones(3)])
+    opt.param_groups[0]["amsgrad"] = True
+    keys = sorted(opt.state)
+    with pytest.raises(ValueError, match="grads must have length 3"):
+        opt.step(np.ones(4))
+    assert sorted(opt.state) == keys
+    opt.step(np.ones(3))
+    assert "max_exp_avg_sq" in opt.state
+
+
+def test_state_update_checks_every_entry_before_writing():
+    opt = build(flatopt.Adam)
+    before = snapshot(*arrays_of(opt))
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.state.update(exp_avg=np.zeros(SIZE), exp_avg_sq=np.zeros(SIZE + 1))
+    with pytest.raises(ValueError, match="step"):
+        opt.state.update(exp_avg=np.zeros(SIZE), step=2**62 + 1)
+    assert_unchanged(arrays_of(opt), before)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "state.update"])
+def test_loading_the_optimizers_own_buffers_swapped(how):
+    """Sources that are the optimizer's own live buffers, in other roles, are read before
+    any of them is overwritten."""
+    opt = build(flatopt.Adam)
+    m, v = opt.state["exp_avg"].copy(), opt.state["exp_avg_sq"].copy()
+    swapped = {"exp_avg": opt.state["exp_avg_sq"], "exp_avg_sq": opt.state["exp_avg"]}
+    if how == "load_state_dict":
+        sd = opt.state_dict()
+        sd["state"].update(swapped)
+        opt.load_state_dict(sd)
+    else:
+        opt.state.update(swapped)
+    np.testing.assert_array_equal(opt.state["exp_avg"], v)
+    np.testing.assert_array_equal(opt.state["exp_avg_sq"], m)
+
+
+def test_state_dict_is_a_snapshot_of_mutable_hyperparameters():
+    """Betas in a list: the checkpoint keeps the values of when it was taken, and a loaded
+    checkpoint edited afterwards does not reach into the optimizer."""
+    opt = flatopt.Adam([np.ones(3)], lr=0.1, betas=[0.9, 0.99])
+    sd = opt.state_dict()
+    opt.param_groups[0]["betas"][0] = 0.5
+    assert sd["param_groups"][0]["betas"] == [0.9, 0.99]
+    opt.load_state_dict(sd)
+    sd["param_groups"][0]["betas"][0] = 0.7
+    assert opt.param_groups[0]["betas"] == [0.9, 0.99]
+
+
+def test_clip_grad_norm_to_inf_measures_without_clipping():
+    """torch's idiom for measuring the norm: max_norm=inf; the step is then unscaled."""
+    opt, twin = build(flatopt.Adam), build(flatopt.Adam)
+    opt.grads[0][...] = twin.grads[0][...] = 1e3
+    assert opt.clip_grad_norm_(float("inf")) == twin.grad_norm()
+    opt.step()
+    twin.step()
+    assert_unchanged(arrays_of(opt), arrays_of(twin))
 
 
 # ---- flatten and FlatLayout ----------------------------------------------------------------

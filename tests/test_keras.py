@@ -427,14 +427,28 @@ def test_bad_hyperparameter_rejected_without_writes(name, kwargs, key, bad):
         assert_bits_equal(a, b)
 
 
-def test_schedule_returning_nan_is_rejected_without_writes():
-    opt = fk.Adam([{"params": [np.ones(3)]},
-                   {"params": [np.ones(2)], "learning_rate": lambda it: NAN}])
+@pytest.mark.parametrize("value, dtype, exc", [
+    (NAN, np.float64, ValueError), ("0.1", np.float64, TypeError), (True, np.float64, TypeError),
+    (10**400, np.float64, ValueError), (1e39, np.float32, ValueError), (-0.1, np.float32, ValueError),
+], ids=["nan", "str", "bool", "hugeint", "f32overflow", "negative"])
+def test_bad_schedule_value_is_rejected_without_writes(value, dtype, exc):
+    """A schedule's value gets the checks a plain learning rate gets (a string is not a
+    number, 1e39 overflows float32), before anything is written."""
+    opt = fk.Adam([{"params": [np.ones(3, dtype)]},
+                   {"params": [np.ones(2, dtype)], "learning_rate": lambda it: value}])
     opt.grads[0][:] = 1.0
-    with pytest.raises(ValueError, match=r"param_groups\[1\] learning_rate"):
+    with pytest.raises(exc, match=r"param_groups\[1\] learning_rate"):
         opt.step()
-    assert_bits_equal(opt.flat_params, np.ones(5))
+    assert_bits_equal(opt.flat_params, np.ones(5, dtype))
     assert opt.iterations == 0
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "Adamax", "Nadam"])
+def test_epsilon_that_rounds_to_zero_is_rejected(name):
+    """epsilon=1e-46 is 0 in float32 (0/0 on the first step): rejected as ``eps`` is."""
+    with pytest.raises(ValueError, match="epsilon.*rounds to 0 in float32"):
+        getattr(fk, name)([np.ones(4, np.float32)], epsilon=1e-46)
+    getattr(fk, name)([np.ones(4, np.float64)], epsilon=1e-46)  # a double holds it
 
 
 def test_adamw_requires_weight_decay():

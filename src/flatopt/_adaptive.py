@@ -5,9 +5,10 @@ group needs; the :class:`~flatopt.Optimizer` base does the rest. The formulas li
 ``_kernels.pyx`` only.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from ._dispatch import KernelsFor
@@ -24,8 +25,12 @@ def _check_common(group: Mapping[str, Any], where: str, eps_name: str = "eps") -
 
 
 def check_betas(betas: Any, where: str) -> tuple[float, ...]:
-    """Return ``betas`` as a pair of floats, each in [0, 1)."""
-    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+    """Return ``betas`` as a pair of floats, each in [0, 1).
+
+    Any sequence of two (a tuple, a list, an array): not a set or a dict, whose order is
+    not the caller's."""
+    if (isinstance(betas, (str, bytes)) or not isinstance(betas, (Sequence, np.ndarray))
+            or len(betas) != 2):
         raise TypeError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
     return tuple(check_real(b, f"{where} betas[{k}]", low=0.0, high=1.0, high_open=True)
                  for k, b in enumerate(betas))

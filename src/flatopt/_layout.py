@@ -185,14 +185,14 @@ class FlatLayout:
         return cls(d["shapes"], d["dtype"])
 
 
-def copy_into(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]],
-              out: npt.NDArray[Any], name: str = "arrays") -> None:
-    """Copy each of ``arrays`` into the matching view of the flat buffer ``out``.
+def check_copy(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]],
+               out: npt.NDArray[Any], name: str = "arrays") -> set[int]:
+    """Raise if :func:`copy_into` could not copy ``arrays`` into ``views`` of ``out``;
+    return the indices of the arrays that already are their own destination.
 
     Copying one array at a time, an input that views ``out`` at another place (swapped
-    views, say) would be overwritten before it is read: that raises, before any write.
-    An input that already is its own destination is left as it is. The common case (no
-    input inside ``out``) costs one ``np.may_share_memory`` per array.
+    views, say) would be overwritten before it is read. The common case (no input inside
+    ``out``) costs one ``np.may_share_memory`` per array.
     """
     in_place = set()
     for i, a in enumerate(arrays):
@@ -201,6 +201,16 @@ def copy_into(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[An
                 in_place.add(i)
             elif np.shares_memory(a, out):
                 raise ValueError(f"{name}[{i}] shares memory with out at another place")
+    return in_place
+
+
+def copy_into(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]],
+              out: npt.NDArray[Any], name: str = "arrays", in_place: set[int] | None = None) -> None:
+    """Copy each of ``arrays`` into the matching view of the flat buffer ``out``, after
+    :func:`check_copy` (which raises before any write), or skipping ``in_place``, what
+    an earlier call of it returned."""
+    if in_place is None:
+        in_place = check_copy(views, arrays, out, name)
     for i, (view, a) in enumerate(zip(views, arrays)):
         if i not in in_place:
             np.copyto(view, a, casting="unsafe")

@@ -73,9 +73,11 @@ class ClipGradNormMixin:
         ``min(1, max_norm / (norm + 1e-6))`` into the next step's ``grad_scale`` instead
         of rewriting the gradients. With loss scaling by ``S``, clip to ``max_norm * S``
         and pass ``grad_scale=1/S`` to the step. A non-finite norm leaves the factor at 1:
-        combine with ``step(skip_if_nonfinite=True)``. Returns the norm before clipping.
+        combine with ``step(skip_if_nonfinite=True)``. ``max_norm=inf`` (as in torch)
+        measures without clipping. Returns the norm before clipping.
         """
-        max_norm = float(check_real(max_norm, "max_norm", low=0.0))
+        if not (isinstance(max_norm, (float, np.floating)) and max_norm == math.inf):
+            max_norm = check_real(max_norm, "max_norm", low=0.0)
         total = self.grad_norm(norm_type)
         if math.isfinite(total):
             self._pending_grad_scale = min(1.0, max_norm / (total + 1e-6))

@@ -9,22 +9,22 @@ kernel call per group.
 """
 
 import math
-import numbers
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableSequence, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
 from ._dispatch import kernels, specialized
-from ._layout import FlatLayout, adopt, aligned_zeros, copy_into, resolve_dtype
+from ._layout import FlatLayout, adopt, aligned_zeros, check_copy, copy_into, resolve_dtype
 from ._mixed import MIXED_BLOCK, check_half_grads, half_kind, resolve_master
 from ._mixed import HalfLayout as _HalfLayout, split as _split
 from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_norm,
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_flat, check_real, describe
+from ._validation import (FloatArray, KernelGrad, Segment, check_bool, check_fits, check_flat, check_real,
+                          check_step, describe)
 
 #: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
 #: ``"params"`` sequence of arrays and hyperparameter overrides); not a mix of both (that
@@ -357,12 +357,13 @@ class Optimizer(ClipGradNormMixin):
             values: list[tuple[type, Any]] | None
             try:
                 # What is remembered of each validated hyperparameter: its type as well as
-                # its value (1 == True, yet only a bool is a valid flag), and a list (of
-                # betas, say) by content, so that changing it in place is noticed too.
-                # Lists, not tuple(genexpr): CPython sizes such a tuple by guessing and
-                # resizing, and the resized tuples pile up on its free list (88 bytes a
-                # step, up to 2000 steps, seen by tracemalloc in test_safety.py).
-                values = [(type(v), tuple(v) if type(v) is list else v)
+                # its value (1 == True, yet only a bool is a valid flag), and a mutable
+                # sequence (a list or an array of betas, say) by a copy of its content, so
+                # that changing it in place is noticed too (the object itself would always
+                # equal itself). Lists, not tuple(genexpr): CPython sizes such a tuple by
+                # guessing and resizing, and the resized tuples pile up on its free list
+                # (88 bytes a step, up to 2000 steps, seen by tracemalloc in test_safety.py).
+                values = [(type(v), v if type(v) in _IMMUTABLE else _content(v))
                           for v in [group[k] for k in self._hyperparameters]]
                 same = values == self._validated[gi]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
@@ -402,10 +403,17 @@ class Optimizer(ClipGradNormMixin):
             for a, b in self._segments
         ]
 
-    def _resolve_grads(self, grads: Grads | None) -> npt.NDArray[Any] | None:
-        """The flat gradient for a step (see :meth:`step`), validated before any write."""
-        if grads is None or grads is self.grads:
-            return None
+    def _check_grads(self, grads: Grads) -> tuple[npt.NDArray[Any] | None, set[int] | None]:
+        """Validate :meth:`step`'s ``grads``, writing nothing: ``(array, None)`` for a flat
+        array the kernel reads as it is, ``(None, None)`` for :attr:`flat_grads` as it is,
+        ``(None, in_place)`` for a list to copy into :attr:`flat_grads` (``in_place`` as
+        :func:`check_copy` returns)."""
+        if self._pending_grad_scale != 1.0 and not self._is_own_grads(grads):
+            raise ValueError(
+                "grads: clip_grad_norm_ measured flat_grads, but step() was given other "
+                "gradients; clip those instead, or call zero_grad() to drop the clip factor")
+        if grads is self.grads:
+            return None, None
         if isinstance(grads, np.ndarray):
             if self._half:
                 check_half_grads(grads, self._half[0], self.layout.size)
@@ -415,13 +423,13 @@ class Optimizer(ClipGradNormMixin):
                 for name, buf in self._buffers().items():
                     if np.may_share_memory(grads, buf):
                         raise ValueError(f"grads must not share memory with {name}")
-            return grads
+            return grads, None
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be None, a list of arrays or a flat array, got {describe(grads)}")
         if len(grads) != len(self.grads):
             raise ValueError(f"grads must have {len(self.grads)} arrays (one per parameter), got {len(grads)}")
         if all(g is v for g, v in zip(grads, self.grads)):
-            return None
+            return None, None
         for i, (g, shape) in enumerate(zip(grads, self.layout.shapes)):
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"grads[{i}] must be a numpy array, got {describe(g)}")
@@ -430,12 +438,20 @@ class Optimizer(ClipGradNormMixin):
             if g.shape != shape:
                 raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
         # A view of flat_grads at another parameter's place (swapped views) is refused.
-        copy_into(self.grads, grads, self.flat_grads, "grads")
-        return None
+        return None, check_copy(self.grads, grads, self.flat_grads, "grads")
 
     def _buffers(self) -> dict[str, npt.NDArray[Any]]:
         return {"params": self.flat_params, "master_params": self._flat_params,
                 **{f"state[{k!r}]": v for k, v in self.state.items() if isinstance(v, np.ndarray)}}
+
+    def _detached(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with every array that may share memory with a buffer of this
+        optimizer copied: copied into several buffers in turn, a source that is another
+        one's destination (two state entries swapped, say) would be overwritten before
+        it is read."""
+        live = self._buffers().values()
+        return {k: v.copy() if isinstance(v, np.ndarray) and any(np.may_share_memory(v, b) for b in live)
+                else v for k, v in values.items()}
 
     # -- the step routine ------------------------------------------------------------------
     # Every front end takes a step through the two halves of this one routine, in order:
@@ -571,19 +587,12 @@ class Optimizer(ClipGradNormMixin):
         and state stay bit-identical, :attr:`skipped_steps` counts it. Returns True when
         the step was taken, False when it was skipped.
         """
+        flat, in_place = (None, None) if grads is None else self._check_grads(grads)
         grad_scale = self._begin_step(grad_scale, skip_if_nonfinite)
-        flat_grad: npt.NDArray[Any]
-        if grads is None:
-            flat_grad = self._flat_grads
-        else:
-            if self._pending_grad_scale != 1.0 and not self._is_own_grads(grads):
-                raise ValueError(
-                    "grads: clip_grad_norm_ measured flat_grads, but step() was given other "
-                    "gradients; clip those instead, or call zero_grad() to drop the clip factor")
-            flat = self._resolve_grads(grads)
-            flat_grad = self._flat_grads if flat is None else flat
-        return self._finish_step(flat_grad, None, grad_scale, skip_if_nonfinite,
-                                 effective_n_threads(self._n_threads))
+        if in_place is not None:  # every check passed: now the copy
+            copy_into(self.grads, grads, self.flat_grads, "grads", in_place)  # type: ignore[arg-type]
+        return self._finish_step(self._flat_grads if flat is None else flat, None, grad_scale,
+                                 skip_if_nonfinite, effective_n_threads(self._n_threads))
 
     def _is_own_grads(self, grads: Grads) -> bool:
         if grads is self._grads or grads is self._flat_grads:
@@ -643,9 +652,9 @@ class Optimizer(ClipGradNormMixin):
             "version": STATE_DICT_VERSION,
             "layout": self.layout.to_dict(),
             "segments": [list(s) for s in self._segments],
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "state": {k: (v.copy() if isinstance(v, np.ndarray) else _copy_plain(v))
-                      for k, v in self.state.items()},
+            "param_groups": [{k: _copy_plain(v) for k, v in g.items() if k != "params"}
+                             for g in self.param_groups],
+            "state": {k: _copy_plain(v) for k, v in self.state.items()},
         }
         if self._half:
             d["master_params"] = self._flat_params.copy()
@@ -677,7 +686,7 @@ class Optimizer(ClipGradNormMixin):
                 f"{self.layout.size} elements)")
         segments = d["segments"]
         try:
-            same = [tuple(int(x) for x in s) for s in segments] == self._segments
+            same = [tuple(operator.index(x) for x in s) for s in segments] == self._segments
         except (TypeError, ValueError):  # not a list of pairs of ints
             same = False
         if not isinstance(segments, list) or not same:
@@ -695,9 +704,9 @@ class Optimizer(ClipGradNormMixin):
         state = d["state"]
         if not isinstance(state, dict):
             raise TypeError(f"state_dict['state'] must be a dict, got {describe(state)}")
-        step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"state_dict['state']['step'] must be an int >= 0, got {step!r}")
+        if "step" not in state:
+            raise ValueError("state_dict['state'] lacks 'step'")
+        check_step(state["step"], "state_dict['state']['step']", low=0)
         missing_plain = [k for k in self._plain_state if k not in state]
         if missing_plain:
             raise ValueError(f"state_dict['state'] lacks {missing_plain}")
@@ -719,12 +728,15 @@ class Optimizer(ClipGradNormMixin):
                        size=self.layout.size, writable=False)
 
         # Everything is valid: apply.
+        loaded = self._detached({**state, "master_params": d.get("master_params")})
         for gi, group in enumerate(groups):
-            self.param_groups[gi].update(group)
+            self.param_groups[gi].update({k: _copy_plain(v) for k, v in group.items()})
         for key in [k for k in self.state if k != "step"]:
             if key not in state:
                 dict.__delitem__(self._state, key)
-        for key, value in state.items():
+        for key, value in loaded.items():
+            if key == "master_params":
+                continue
             if key == "step":
                 dict.__setitem__(self._state, "step", int(value))
             elif key in self._plain_state:
@@ -735,7 +747,7 @@ class Optimizer(ClipGradNormMixin):
                 np.copyto(self._state[key], value)
         if self._half:
             assert self._flat_half is not None  # set together with _half
-            np.copyto(self._flat_params, d["master_params"])
+            np.copyto(self._flat_params, loaded["master_params"])
             kernels.narrow16(self._flat_params.view(np.uint32), self._flat_half.view(np.uint16),
                              self._half[1], effective_n_threads(self._n_threads))
         self._forget_validation()
@@ -795,7 +807,17 @@ class _OneKey:
 
 
 def _copy_plain(value: object) -> object:
+    """A copy of ``value`` if it can change in place (a list, an array), else itself."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
     return list(value) if isinstance(value, list) else value
+
+
+def _content(value: object) -> object:
+    """``value``'s content if it can change in place (a list, an array), else ``value``."""
+    if isinstance(value, np.ndarray):
+        return (value.dtype, value.shape, value.tobytes())
+    return tuple(value) if isinstance(value, MutableSequence) else value
 
 
 def _adopt_or_explain(arrays: Sequence[npt.NDArray[Any]], layout: FlatLayout | _HalfLayout,
@@ -850,15 +872,14 @@ class _State(dict[str, Any]):
         super().__init__()
         self._opt = opt
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def _checked(self, key: str, value: Any) -> Any:
+        """``value`` as entry ``key`` takes it, or raise (writing nothing)."""
         opt = self._opt
         if key == "step":
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"state['step'] must be an int >= 0, got {value!r}")
-            return dict.__setitem__(self, key, int(value))
+            return check_step(value, "state['step']", low=0)
         if key in opt._plain_state:  # per-group values the subclass declares and checks
             opt._check_plain_state(key, value, len(opt.param_groups))
-            return dict.__setitem__(self, key, list(value))
+            return list(value)
         current = self.get(key)
         if not isinstance(current, np.ndarray):
             raise KeyError(f"state[{key!r}]: entries cannot be added ({type(opt).__name__} "
@@ -866,11 +887,23 @@ class _State(dict[str, Any]):
         if not isinstance(value, np.ndarray) or value.shape != current.shape or value.dtype.kind not in "fiu":
             raise ValueError(f"state[{key!r}] must be set to a real array of shape {current.shape}, "
                              f"got {describe(value)}")
-        np.copyto(current, value, casting="same_kind")
+        return value
+
+    def _assign(self, key: str, value: Any) -> None:
+        current = self.get(key)
+        if isinstance(current, np.ndarray):
+            np.copyto(current, value, casting="same_kind")
+        else:
+            dict.__setitem__(self, key, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._assign(key, self._checked(key, value))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        for k, v in dict(*args, **kwargs).items():
-            self[k] = v
+        """Set several entries: all are checked before any is written."""
+        items = {k: self._checked(k, v) for k, v in dict(*args, **kwargs).items()}
+        for k, v in self._opt._detached(items).items():
+            self._assign(k, v)
 
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("state entries cannot be removed; use load_state_dict()")

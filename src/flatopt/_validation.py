@@ -76,20 +76,20 @@ def check_real(value: object, name: str, *, low: float | None = None, high: floa
 
 
 def check_fits(values: Mapping[str, object], dtype: npt.DTypeLike, where: str,
-               positive: tuple[str, ...] = ("eps",)) -> None:
+               positive: tuple[str, ...] = ("eps", "epsilon")) -> None:
     """Raise if a real hyperparameter in ``values`` (a dict) does not survive ``dtype``.
 
     The kernels cast their scalars to the buffer's dtype, so a value that is finite as a
     double but beyond float32's range (about 3.4e38) would become inf and turn every
     element into inf or nan; and one that must be > 0 (the names in ``positive``) must not
-    round to 0 (``eps=1e-46`` is 0 in float32, and makes 0/0). Bools and non-numbers are
-    left to the other checks; tuples and lists (such as ``betas``) are checked element by
-    element.
+    round to 0 (``eps=1e-46`` is 0 in float32, and makes 0/0; Keras names it
+    ``epsilon``). Bools and non-numbers are left to the other checks; tuples, lists and
+    arrays (such as ``betas``) are checked element by element.
     """
     resolved: np.dtype[Any] = np.dtype(dtype)
     largest = _LARGEST[resolved]
     for key, value in values.items():
-        items = value if isinstance(value, (tuple, list)) else (value,)
+        items = value if isinstance(value, (tuple, list, np.ndarray)) else (value,)
         for v in items:
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
                 continue
@@ -112,13 +112,21 @@ def check_bool(value: object, name: str) -> bool:
     return bool(value)
 
 
-def check_step(step: object, name: str = "step") -> int:
-    """Return the (1-based) step number as an int >= 1."""
+#: The largest step count accepted: far beyond any training run, and small enough that
+#: the next step's number still fits the kernels' 64-bit step argument.
+MAX_STEP = 2**62
+
+
+def check_step(step: object, name: str = "step", low: int = 1) -> int:
+    """Return a step number as an int in [``low``, :data:`MAX_STEP`] (``low=1`` for the
+    1-based step a kernel takes, 0 for the count of steps taken, as in ``state["step"]``).
+    """
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {describe(step)}")
-    if step < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {step}")
-    return int(step)
+        raise TypeError(f"{name} must be an int >= {low}, got {describe(step)}")
+    value = int(step)
+    if not low <= value <= MAX_STEP:
+        raise ValueError(f"{name} must be an int in [{low}, 2**62], got {value}")
+    return value
 
 
 def check_flat(array: object, name: str, *, dtype: npt.DTypeLike | None = None, size: int | None = None,

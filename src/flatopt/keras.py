@@ -58,7 +58,7 @@ from . import _adam_variants
 from ._adaptive import check_betas
 from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
-from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_real, describe
+from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_real, describe
 
 
 #: ``learning_rate``: a float, or a schedule called with the iteration count.
@@ -125,12 +125,15 @@ class _KerasOptimizer(Optimizer):
             lr = group.get("learning_rate") if isinstance(group, dict) else None
             if callable(lr) and not isinstance(lr, numbers.Real):
                 value = lr(self.state["step"])
-                try:
-                    value = float(value)
-                except (TypeError, ValueError):
-                    raise TypeError(f"param_groups[{gi}] learning_rate schedule must return a "
-                                    f"number, got {describe(value)}") from None
-                lr = check_real(value, f"param_groups[{gi}] learning_rate (schedule value)", low=0.0)
+                if not isinstance(value, numbers.Real):  # a framework's 0-d tensor, say
+                    try:  # (a string has no __float__: float("0.1") is not a number)
+                        value = float(value.__float__())
+                    except (AttributeError, TypeError, ValueError):
+                        raise TypeError(f"param_groups[{gi}] learning_rate schedule must return a "
+                                        f"number, got {describe(value)}") from None
+                name = "learning_rate (schedule value)"
+                lr = check_real(value, f"param_groups[{gi}] {name}", low=0.0)
+                check_fits({name: lr}, self.layout.dtype, f"param_groups[{gi}]")
             lrs.append(lr)
         self._lrs = lrs
         return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
