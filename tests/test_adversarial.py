@@ -614,6 +614,19 @@ def test_clip_grad_norm_to_inf_measures_without_clipping():
     assert_unchanged(arrays_of(opt), arrays_of(twin))
 
 
+def test_interleaved_views_are_disjoint_parameters():
+    """a[::2] and a[1::2] span the same bytes but share no element: accepted, and stepped
+    as two separate arrays are; an overlap hidden behind them is still found."""
+    a = np.arange(12.0)
+    opt = flatopt.SGD([a[::2], a[1::2]], lr=0.5)
+    ref = flatopt.SGD([a[::2].copy(), a[1::2].copy()], lr=0.5)
+    for o in (opt, ref):
+        o.step([np.ones(6), np.full(6, 2.0)])
+    assert_unchanged(opt.params, ref.params)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] share memory"):
+        flatopt.SGD([a[0:12:2], a[1:6:2], a[4:6]], lr=0.5)
+
+
 # ---- flatten and FlatLayout ----------------------------------------------------------------
 
 def _layout():

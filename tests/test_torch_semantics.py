@@ -334,14 +334,14 @@ def test_public_classes_are_written_out_with_torchs_signature():
 
 
 def test_before_update_hook_sees_each_runs_count():
-    """``_before_update`` (NAdam's mu_product table uses it) sees each run's count with the
-    earlier runs already counted."""
+    """``_before_update`` (NAdam's mu_product uses it) sees each run's count and parameter
+    range, with the earlier runs already counted."""
     seen = []
 
     class Hooked(ft.Adam):
-        def _before_update(self, numpy_opt, gi, group, count):
-            bucket = self._buckets[0]
-            seen.append((count, bucket.counts.tolist()))
+        def _before_update(self, bucket, gi, group, count, span):
+            assert bucket is self._buckets[0]
+            seen.append((count, span, bucket.counts.tolist()))
 
     a, b, c = (torch.nn.Parameter(torch.ones(2, dtype=torch.float64)) for _ in range(3))
     opt = Hooked([a, b, c], lr=0.1)
@@ -350,8 +350,150 @@ def test_before_update_hook_sees_each_runs_count():
     opt.step()                      # one run: counts 0
     b.grad = None
     opt.step()                      # runs [a] and [c], both at count 1
-    assert seen == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0]), (1, [2.0, 1.0, 1.0])]
+    assert seen == [(0, (0, 3), [0.0, 0.0, 0.0]), (1, (0, 1), [1.0, 1.0, 1.0]), (1, (2, 3), [2.0, 1.0, 1.0])]
     assert [int(opt.state[p]["step"]) for p in (a, b, c)] == [2, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nadam_mu_product_is_per_parameter_under_a_momentum_schedule(dtype):
+    """NAdam's mu_product depends on the beta1 of every step a parameter took: OneCycleLR
+    moves beta1 each step while two parameters skip different steps, so they reach the
+    same step count with different products (and must then be stepped apart). Each
+    parameter's value, in ``opt.state[p]`` and the checkpoint, is torch's."""
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        a, b, c = (torch.nn.Parameter(torch.randn(5, dtype=dtype)) for _ in range(3))
+        opt = cls([a, b, c], lr=0.1, **kw)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=12)
+        for s in range(8):
+            opt.zero_grad()
+            (a.sum() ** 2 + (b ** 3).sum() + (a * c).sum()).backward()
+            if s == 0:
+                b.grad = None   # b skips step 0 ...
+            if s == 3:
+                a.grad = None   # ... and a step 3: the same count again, another history
+            opt.step()
+            sched.step()
+        return [a, b, c], opt
+    ref_params, ref = run(torch.optim.NAdam, foreach=False)
+    params, opt = run(ft.NAdam)
+    for p, q in zip(params, ref_params):
+        assert_close(p.detach(), q.detach(), 1e-12 if dtype == torch.float64 else 1e-6)
+        assert float(opt.state[p]["mu_product"]) == float(ref.state[q]["mu_product"])
+    assert sorted(opt.state[params[0]]) == sorted(ref.state[ref_params[0]])
+    saved, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+    for k in expected:
+        assert saved[k]["mu_product"].dtype == expected[k]["mu_product"].dtype
+        assert saved[k]["mu_product"].item() == expected[k]["mu_product"].item()
+
+
+# Edits of a whole entry of opt.state (resetting a layer's moments after re-initialising
+# or pruning it). torch's Adagrad creates its state at construction only and fails on a
+# parameter whose entry was removed, so it is left out.
+STATE_EDITS = {
+    "del": lambda opt, p: opt.state.__delitem__(p),
+    "assign-empty": lambda opt, p: opt.state.__setitem__(p, {}),
+    "pop": lambda opt, p: opt.state.pop(p),
+    "clear": lambda opt, p: opt.state.clear(),
+}
+
+
+@pytest.mark.parametrize("edit", STATE_EDITS)
+@pytest.mark.parametrize("name", [n for n in TWIN_NAMES if n != "Adagrad"])
+def test_removing_a_parameters_state_restarts_it_as_in_torch(name, edit):
+    batches, models = data(), [net(), net()]
+    opts = [getattr(torch.optim, name)(models[0].parameters(), **TWINS[name]),
+            getattr(ft, name)(models[1].parameters(), **TWINS[name])]
+    returned = []
+    for model, opt in zip(models, opts):
+        train(model, opt, batches, 3)
+        returned.append(STATE_EDITS[edit](opt, list(model.parameters())[2]))
+        train(model, opt, batches, 3, start=3)
+    assert_close(flat_params(models[1]), flat_params(models[0]))
+    assert_state_dicts_close(opts[1].state_dict(), opts[0].state_dict())
+    if returned[0] is not None:  # pop: the entry as it was
+        assert returned[1].keys() == returned[0].keys()
+        for key, value in returned[0].items():
+            assert_close(returned[1][key], value)
+
+
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_assigning_a_parameters_entry_loads_it_as_in_torch(name):
+    """A saved entry assigned back (one layer's state rewound) is what the next steps use."""
+    batches, models = data(), [net(), net()]
+    opts = [getattr(torch.optim, name)(models[0].parameters(), **TWINS[name]),
+            getattr(ft, name)(models[1].parameters(), **TWINS[name])]
+    for model, opt in zip(models, opts):
+        train(model, opt, batches, 3)
+        p = list(model.parameters())[0]
+        saved = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        train(model, opt, batches, 2, start=3)
+        opt.state[p] = saved
+        train(model, opt, batches, 2, start=5)
+    assert_close(flat_params(models[1]), flat_params(models[0]))
+    assert_state_dicts_close(opts[1].state_dict(), opts[0].state_dict())
+
+
+def test_assigning_a_bad_entry_raises_and_changes_nothing():
+    model = net()
+    opt = ft.Adam(model.parameters(), lr=0.1)
+    train(model, opt, data(), 2)
+    p = next(model.parameters())
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.state[p] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(p.shape)}
+    with pytest.raises(TypeError, match="must be a dict"):
+        opt.state[p] = 5
+    assert_state_dicts_close(opt.state_dict(), before)
+    opt.state["note"] = "kept"  # keys that are not parameters are stored as given
+    assert opt.state_dict()["state"]["note"] == "kept"
+    assert isinstance(copy.deepcopy(opt.state), defaultdict)
+
+
+def test_group_params_cannot_change_behind_the_optimizers_back():
+    """torch steps whatever group["params"] holds; flatopt.torch packed the parameters
+    when the group was added, so a change would silently not be stepped: it raises
+    (in place at once, a replaced list at the next step), and add_param_group works."""
+    a, b, c = (torch.nn.Parameter(torch.ones(2, dtype=torch.float64)) for _ in range(3))
+    opt = ft.SGD([a, b], lr=0.1)
+    group = opt.param_groups[0]
+    for edit in (lambda: group["params"].append(c), lambda: group["params"].remove(a),
+                 lambda: group["params"].__setitem__(0, c), lambda: group["params"].pop()):
+        with pytest.raises(TypeError, match="add_param_group"):
+            edit()
+    assert group["params"] == [a, b] and type(copy.deepcopy(group["params"])) is list
+    for p in (a, b, c):
+        p.grad = torch.ones(2, dtype=torch.float64)
+    group["params"] = [a, b]          # the same parameters in a new list: fine
+    opt.step()
+    group["params"] = [a, c]          # others: refused before anything is written
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] was replaced"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.full((2,), 0.9, dtype=torch.float64))
+    group["params"] = [a, b]
+    opt.add_param_group({"params": [c]})
+    opt.step()
+    assert [float(p.detach()[0]) for p in (a, b, c)] == pytest.approx([0.8, 0.8, 0.9])
+
+
+def test_transposed_parameter_data_is_refused():
+    """p.data replaced by a transposed view of the same memory: the flat buffer would be
+    updated in another element order than the gradient's."""
+    lin = torch.nn.Linear(3, 3).double()
+    opt = ft.SGD(lin.parameters(), lr=0.1)
+    lin.weight.data = lin.weight.data.t()
+    lin(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="in its order"):
+        opt.step()
+
+
+def test_errors_name_the_hyperparameter_and_the_overlap():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="lr must be a number or a one-element tensor"):
+        ft.Adam([p], lr=torch.tensor([0.1, 0.2]))
+    base = torch.zeros(6)
+    with pytest.raises(ValueError, match="share memory .*overlapping views"):
+        ft.SGD([torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[2:])], lr=0.1)
 
 
 def test_torch_clip_factor_does_not_survive_zero_grad():

@@ -90,13 +90,23 @@ except ImportError:  # NumPy < 2
 
 
 def _check_disjoint(arrays: Sequence[npt.NDArray[Any]]) -> None:
-    """Raise if two parameter arrays share memory (a parameter listed twice)."""
+    """Raise if two parameter arrays share memory (a parameter listed twice, or views of
+    one array that overlap): each gets a place of its own in the flat buffer, so they
+    would stop sharing it. Arrays whose byte ranges only interleave (``a[::2]`` and
+    ``a[1::2]``) are disjoint."""
     spans = sorted(
         (_byte_bounds(a) + (i,) for i, a in enumerate(arrays) if a.size), key=lambda s: s[0])
-    for (lo_a, hi_a, i), (lo_b, hi_b, j) in zip(spans, spans[1:]):
-        if lo_b < hi_a:
-            i, j = sorted((i, j))
-            raise ValueError(f"params[{i}] and params[{j}] share memory; each parameter must appear once")
+    active: list[tuple[int, int]] = []  # (end, index) of the spans that may still overlap
+    for lo, hi, j in spans:
+        active = [(end, i) for end, i in active if end > lo]
+        for _, i in active:
+            if np.shares_memory(arrays[i], arrays[j]):
+                a, b = sorted((i, j))
+                raise ValueError(
+                    f"params[{a}] and params[{b}] share memory (a parameter listed twice, or "
+                    "overlapping views of one array); each is packed into a place of its own, "
+                    "so parameters must not overlap")
+        active.append((hi, j))
 
 
 class Optimizer(ClipGradNormMixin):

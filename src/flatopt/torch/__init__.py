@@ -82,7 +82,10 @@ round, and training continues identically.
 ``opt.state`` is torch's ``defaultdict(dict)``: ``opt.state[p]`` is ``{}`` for a parameter
 without state, entries written into it are kept (and saved), and a parameter with state
 maps to tensors that are live views of the flat state buffers (``step`` a 0-d view of its
-count); assigning a tensor to one of those entries copies it in.
+count); assigning a tensor to one of those entries copies it in. Removing a parameter's
+entry (``del opt.state[p]``, ``pop``, ``clear()``, or assigning ``{}``) makes it start
+afresh at its next step, as in torch, and assigning a saved entry loads it (checked as a
+checkpoint's is).
 
 ``add_param_group`` packs the parameters once more into new flat buffers (parameters
 rebound, state and gradients carried over); ``copy.deepcopy`` and pickling rebuild the
@@ -117,13 +120,21 @@ Differences from torch.optim
   capturable.
 * A parameter listed twice in a group (torch warns) is updated once per step; torch
   updates it twice. Reason: it occupies one place in the flat buffer.
-* ``Adagrad``: a parameter added by ``add_param_group``, or loaded without state, gets a
-  fresh ``sum`` (the constructor's ``initial_accumulator_value``) where torch fails at
+* ``param_groups[i]["params"]`` cannot be changed in place (TypeError), and a group
+  whose list was replaced by other parameters makes the next ``step()`` raise; torch steps
+  whatever the list holds. Use ``add_param_group``. Parameters that overlap in memory
+  (views of one tensor) are refused. Reason: the parameters were packed into the flat
+  buffer when their group was added; a parameter added to the list would silently not be
+  stepped, and overlapping ones would stop sharing memory.
+* ``Adagrad``: a parameter added by ``add_param_group``, loaded without state or whose
+  ``opt.state`` entry was removed, gets a fresh ``sum`` (the constructor's ``initial_accumulator_value``) where torch fails at
   its first step.
 * ``NAdam``: torch's ``load_state_dict`` casts ``mu_product`` to the parameter's dtype,
   so a resumed torch NAdam keeps it in float64 for float64 parameters from then on;
   flatopt.torch does the same after ``load_state_dict``, but a deep copy of such a resumed
   optimizer goes back to torch's default scalar dtype (about 1e-11 relative in float64).
+  ``opt.state[p]["mu_product"]`` is a live float64 view (torch's is a scalar of its
+  dtype, whose values a double holds exactly); ``state_dict()`` saves torch's dtype.
 
 Importing this module imports torch; ``import flatopt`` never does.
 """

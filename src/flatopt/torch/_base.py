@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
 _IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
 
 #: A hook called before the kernel runs over a run of parameters (see ``_before_update``).
-BeforeUpdate = Callable[[NumpyOptimizer, int, dict[str, Any], int], None]
+BeforeUpdate = Callable[["_packing.Bucket", int, dict[str, Any], int, "_runs.Advance"], None]
 
 
 def _increment_version_each(tensors: Iterable[torch.Tensor]) -> None:
@@ -118,6 +118,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 
     _n_threads: int | None
     _buckets: list[_packing.Bucket]
+    _param_lists: list[_packing.ParamList]
     _state_map: defaultdict[torch.Tensor, Any]
     skipped_steps: int
     last_step_skipped: bool
@@ -163,10 +164,21 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """Whether a step with these hyperparameters uses (and counts) per-parameter state."""
         return True
 
-    # Optional: ``_before_update(self, numpy_opt, gi, group, count)``, called before the
-    # kernel runs over a run of NumPy group ``gi``'s parameters that have had ``count``
+    # Optional: ``_before_update(self, bucket, gi, group, count, span)``, called before the
+    # kernel runs over a run of NumPy group ``gi``'s parameters ``span`` (a range of
+    # ``bucket``'s parameters, None when the group keeps no state) that have had ``count``
     # updates (for per-parameter scalars torch keeps, such as NAdam's mu_product).
     _before_update: BeforeUpdate | None = None
+
+    def _run_keys(self, bucket: _packing.Bucket) -> npt.NDArray[Any] | None:
+        """A value per parameter of ``bucket`` that the parameters of one kernel call must
+        share, besides their step count (None: none)."""
+        return None
+
+    def _live_extras(self, bucket: _packing.Bucket, i: int) -> dict[str, torch.Tensor]:
+        """Live views of parameter ``i``'s state outside the flat buffers, by key (NAdam's
+        mu_product), for its ``opt.state`` entry."""
+        return {}
 
     def _param_state(self, bucket: _packing.Bucket, i: int, copy: bool) -> dict[str, Any] | None:
         """Parameter ``i`` of ``bucket``'s entry as ``state_dict()`` saves it (None: none).
@@ -197,7 +209,48 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         # torch.optim.Optimizer.__init__ assigns an empty defaultdict; nothing else may.
         if not getattr(self, "_constructing", False) or len(value):
             raise AttributeError(f"{type(self).__name__}.state cannot be assigned; use load_state_dict()")
-        self._state_map = value
+        self._state_map = _checkpoint.StateMap(self)
+
+    def _set_param_states(self, changes: dict[Any, Any]) -> None:
+        """Apply edits of ``opt.state`` (see ``_checkpoint.StateMap``): ``{key: entry}``,
+        an entry None to remove it. A parameter's new entry is checked as a checkpoint's
+        is, then every parameter's state is installed again (as ``load_state_dict`` does:
+        a copy of the state, paid only by such an edit); other keys are kept as given."""
+        name = type(self).__name__
+        params = {p for bucket in self._buckets for p in bucket.params}
+        state = self._state_map
+        others = {k: v for k, v in state.items() if not (isinstance(k, torch.Tensor) and k in params)}
+        if not any(isinstance(k, torch.Tensor) and k in params for k in changes):
+            for key, value in changes.items():
+                if value is None:
+                    dict.__delitem__(state, key)
+                else:
+                    dict.__setitem__(state, key, value)
+            return
+        entries = self._carried_state()
+        emptied = []
+        for key, value in changes.items():
+            if not (isinstance(key, torch.Tensor) and key in params):
+                if value is None:
+                    others.pop(key, None)
+                else:
+                    others[key] = value
+            elif value is None or (isinstance(value, dict) and not value):
+                entries.pop(key, None)
+                if value is not None:
+                    emptied.append(key)
+            elif isinstance(value, dict):
+                entries[key] = _checkpoint.check_entry(self, key, f"<parameter of shape {tuple(key.shape)}>", value)
+            else:
+                raise TypeError(f"{name}.state[p] must be a dict (a parameter's state entry), "
+                                f"got {type(value).__name__}")
+        self._install_state({**entries, **{k: v for k, v in others.items() if not isinstance(k, torch.Tensor)}})
+        for key, value in others.items():
+            if isinstance(key, torch.Tensor):
+                dict.__setitem__(self._state_map, key, value)
+        for key in emptied:  # torch keeps the {} it was given until the next step fills it
+            if key not in self._state_map:
+                dict.__setitem__(self._state_map, key, {})
 
     # -- groups ------------------------------------------------------------------------------
     def _constructor_defaults(self) -> dict[str, Any]:
@@ -206,7 +259,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if p.default is not inspect.Parameter.empty and k != "n_threads"}
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {k: _packing.as_python(group[k]) for k in self._numpy_class._hyperparameters}
+        return {k: _packing.as_python(group[k], k) for k in self._numpy_class._hyperparameters}
 
     def _check_group(self, group: dict[str, Any], where: str, gi: int | None = None) -> None:
         """Validate a group's hyperparameters (the NumPy class's rules, torch's rules for
@@ -254,6 +307,11 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
         carried = self._carried_state()
+        for group in self.param_groups:
+            if type(group["params"]) is not _packing.ParamList:
+                group["params"] = _packing.ParamList(group["params"])
+        # The lists packed (step() checks that the groups still hold them).
+        self._param_lists = [group["params"] for group in self.param_groups]
         self._buckets = buckets
         for bucket in buckets:
             _packing.bind(bucket)
@@ -294,6 +352,16 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             return
         bucket.usual = None  # the next step that completes re-arms it
         groups = self.param_groups
+        for tgi in bucket.group_map:
+            packed, params = self._param_lists[tgi], groups[tgi]["params"]
+            if params is not packed:  # the list was replaced: by the same parameters?
+                if len(params) != len(packed) or not all(map(operator.is_, params, packed)):
+                    raise ValueError(
+                        f"{type(self).__name__}: param_groups[{tgi}]['params'] was replaced by another "
+                        "list of parameters; flatopt.torch packed the group's parameters into flat "
+                        "buffers when it was added: use add_param_group() for new parameters, or "
+                        "build a new optimizer")
+                groups[tgi]["params"] = packed
         getter = bucket.opt._getter
         hyper = self._numpy_class._hyperparameters
         for ngi, tgi in enumerate(bucket.group_map):
@@ -301,7 +369,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             numpy_group = bucket.opt.param_groups[ngi]
             for key in hyper:
                 value = group[key]
-                numpy_group[key] = value if type(value) in (float, int, bool) else _packing.as_python(value)
+                numpy_group[key] = value if type(value) in (float, int, bool) else _packing.as_python(value, key)
         objects = [getter(groups[tgi]) for tgi in bucket.group_map]
         # Remembered only when no value can change in place (a tensor lr, a list of betas).
         bucket.synced = objects if all(
@@ -316,11 +384,13 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         synced = bucket.synced
         if synced is None:
             return False
-        getter, groups = bucket.opt._getter, self.param_groups
+        getter, groups, packed = bucket.opt._getter, self.param_groups, self._param_lists
         try:
             if len(synced) == 1:  # one group, the usual case: no generator (-0.3 us)
-                return all(map(operator.is_, getter(groups[bucket.group_map[0]]), synced[0]))
-            return all(all(map(operator.is_, getter(groups[tgi]), seen))
+                group = groups[bucket.group_map[0]]
+                return (group["params"] is packed[bucket.group_map[0]]
+                        and all(map(operator.is_, getter(group), synced[0])))
+            return all(groups[tgi]["params"] is packed[tgi] and all(map(operator.is_, getter(groups[tgi]), seen))
                        for tgi, seen in zip(bucket.group_map, synced))
         except (KeyError, IndexError, TypeError):
             return False
@@ -378,7 +448,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self.last_step_skipped = True
         else:
             for bucket, (taking_part, _), scale, source in zip(self._buckets, plans, scales, sources):
-                runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state)
+                runs, advance = _runs.plan_runs(bucket, taking_part, self._uses_state, self._run_keys(bucket))
                 bucket.opt._pending_grad_scale = pending
                 before_run: Callable[[int, dict[str, Any], int], None] | None = None
                 done = [0]
@@ -387,17 +457,16 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     # The hook sees the counts of the runs already taken advanced, as it
                     # would if every run were a separate step.
                     def before_run(gi: int, group: dict[str, Any], count: int,
-                                   numpy_opt: NumpyOptimizer = bucket.opt,
-                                   counts: npt.NDArray[Any] = bucket.counts,
+                                   bucket: _packing.Bucket = bucket,
                                    advance: list[_runs.Advance] = advance, done: list[int] = done,
                                    hook: BeforeUpdate = hook) -> None:
                         k = done[0]
                         span = advance[k - 1] if k else None
                         if span is not None:
                             a, b = span
-                            counts[a:b] += 1
+                            bucket.counts[a:b] += 1
                         done[0] = k + 1
-                        hook(numpy_opt, gi, group, count)
+                        hook(bucket, gi, group, count, advance[k])
                 if not bucket.opt._finish_step(source, runs, scale,
                                                skip_if_nonfinite, n_threads, before_run):
                     self.last_step_skipped = True

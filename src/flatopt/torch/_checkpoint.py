@@ -1,10 +1,11 @@
 """torch.optim's checkpoint format, and ``opt.state`` as torch's per-parameter mapping.
 
-``opt.state`` is a real ``defaultdict(dict)`` keyed by parameter, as in torch: a
-parameter with state maps to a :class:`ParamState` whose tensors are live views of the
-flat state buffers (``step`` is a 0-d view of the bucket's step counts). Everything that
-replaces state (``load_state_dict``, ``add_param_group``'s re-pack, copy and pickle) goes
-through :func:`install_state`, which writes the flat buffers from torch-format entries.
+``opt.state`` is a :class:`StateMap`, a ``defaultdict(dict)`` keyed by parameter, as in
+torch: a parameter with state maps to a :class:`ParamState` whose tensors are live views
+of the flat state buffers (``step`` is a 0-d view of the bucket's step counts). Everything
+that replaces state (``load_state_dict``, ``add_param_group``'s re-pack, copy and pickle,
+an entry of ``opt.state`` removed or assigned) goes through :func:`install_state`, which
+writes the flat buffers from torch-format entries.
 """
 
 import copy
@@ -67,6 +68,75 @@ class ParamState(dict[str, Any]):
         return (dict, ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.items()},))
 
 
+class StateMap(defaultdict[Any, Any]):
+    """``opt.state``: torch's ``defaultdict(dict)`` keyed by parameter.
+
+    A parameter's state lives in the flat buffers the kernel reads, so an entry changed as
+    a whole is written through them (:meth:`_FlatOptimizer._set_param_states`): removing
+    it (``del``, ``pop``, ``popitem``, ``clear()``) or assigning ``{}`` makes the parameter
+    start afresh at its next step, as torch's step does for a parameter without state;
+    assigning a filled entry loads it, checked as ``load_state_dict`` checks it. Reading
+    the entry of a parameter without state gives ``{}``, as a defaultdict does. Copies and
+    pickles are plain ``defaultdict(dict)``\ s.
+    """
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt: "_FlatOptimizer", items: Iterable[tuple[Any, Any]] = ()) -> None:
+        super().__init__(dict)
+        dict.update(self, items)
+        self._opt = opt
+
+    def __missing__(self, key: Any) -> Any:
+        value: dict[str, Any] = {}
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._opt._set_param_states({key: value})
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._opt._set_param_states({key: None})
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key not in self:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        value = _copied(dict.__getitem__(self, key))  # the views are about to be reset
+        del self[key]
+        return value
+
+    def popitem(self) -> tuple[Any, Any]:
+        if not self:
+            raise KeyError("popitem(): dictionary is empty")
+        key = next(reversed(self))
+        return key, self.pop(key)
+
+    def clear(self) -> None:
+        self._opt._set_param_states(dict.fromkeys(self))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._opt._set_param_states(dict(*args, **kwargs))
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def __reduce__(self) -> Any:
+        return (defaultdict, (dict,), None, None, iter(dict(self).items()))
+
+
+def _copied(entry: Any) -> Any:
+    """A parameter's entry with its tensors cloned (a plain dict)."""
+    if not isinstance(entry, dict):
+        return entry
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+
+
 def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
                extras: dict[str, Any] | None = None) -> ParamState:
     """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys)."""
@@ -80,6 +150,8 @@ def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
     master = bucket.master_view(i)
     if master is not None:
         entry._set_live(MASTER, master)
+    for key, view in opt._live_extras(bucket, i).items():
+        entry._set_live(key, view)
     for key, value in (extras or {}).items():
         if key not in entry.live:
             dict.__setitem__(entry, key, value)
@@ -93,7 +165,7 @@ def refresh_entries(opt: "_FlatOptimizer", bucket: Bucket, indices: Iterable[int
         p = bucket.params[i]
         old = state.get(p)
         extras = {k: v for k, v in old.items() if not (isinstance(old, ParamState) and k in old.live)} if old else None
-        state[p] = make_entry(opt, bucket, i, extras)
+        dict.__setitem__(state, p, make_entry(opt, bucket, i, extras))
 
 
 def torch_defaults(opt: "_FlatOptimizer", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -276,4 +348,4 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
     for key, value in entries.items():
         if not isinstance(key, torch.Tensor):
             state[key] = value
-    opt._state_map = state
+    opt._state_map = StateMap(opt, state.items())

@@ -180,69 +180,71 @@ class NAdam(_FlatOptimizer):
             decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
-    # torch keeps NAdam's mu_product per parameter; parameters of one group that have taken the
-    # same number of steps share it. So flatopt.torch.NAdam keeps, per NumPy group, a table
-    # {step count: mu_product} and hands flatopt.NAdam (whose state holds one value per group)
-    # the run's value before each kernel call; the value the call leaves there is filed under
-    # count + 1 at the group's next call (or when the state is read). Exact for every
-    # parameter, whichever steps its gradient was None for.
+    # torch keeps NAdam's mu_product per parameter: the product of the mu_t of the steps it
+    # took, under the beta1 and momentum_decay of then, so parameters of one group with the
+    # same step count can differ (some skipped steps while a scheduler moved beta1).
+    # flatopt.torch.NAdam keeps it so, in a float64 tensor per bucket (``bucket.scalars``,
+    # whose 0-d views are the state entries' "mu_product"); the runs of a step are split where
+    # it differs (``_run_keys``), so one value serves each kernel call: it is handed to
+    # flatopt.NAdam (whose state holds one value per group) before the call, and the value
+    # the call leaves there is given to the run's parameters after it (``_file_mu``). The
+    # values are torch's exactly: float32 ones (torch's default scalar dtype) are held
+    # exactly by a double.
 
-    _mu_tables: dict[tuple[int, int], dict[int, float]]
-    _mu_pending: dict[tuple[NumpyOptimizer, int], int]
-    _mu_loaded: bool
+    _mu_pending: tuple[Bucket, int, tuple[int, int]] | None = None
+    _mu_loaded: bool = False
 
-    def _mu_tables_filed(self) -> dict[tuple[int, int], dict[int, float]]:
-        if "_mu_tables" not in self.__dict__:
-            self._mu_tables, self._mu_pending = {}, {}
-        for (bucket_opt, gi), count in self._mu_pending.items():  # file the last call's result
-            self._mu_tables[id(bucket_opt), gi][count + 1] = bucket_opt.state["mu_product"][gi]
-        self._mu_pending.clear()
-        return self._mu_tables
+    @staticmethod
+    def _mu(bucket: Bucket) -> torch.Tensor:
+        mu = bucket.scalars.get("mu_product")
+        if mu is None:
+            mu = bucket.scalars["mu_product"] = torch.ones(len(bucket.params), dtype=torch.float64)
+        return mu
 
-    def _mu_table(self, numpy_opt: NumpyOptimizer, gi: int) -> dict[int, float]:
-        return self._mu_tables_filed().setdefault((id(numpy_opt), gi), {0: 1.0})
+    def _run_keys(self, bucket: Bucket) -> npt.NDArray[Any]:
+        return self._mu(bucket).numpy()
 
-    def _before_update(self, numpy_opt: NumpyOptimizer, gi: int, group: dict[str, Any], count: int) -> None:
+    def _live_extras(self, bucket: Bucket, i: int) -> dict[str, torch.Tensor]:
+        return {"mu_product": self._mu(bucket)[i]}
+
+    def _file_mu(self) -> None:
+        """Give the last kernel call's mu_product to the parameters of its run."""
+        if self._mu_pending is not None:
+            bucket, gi, (a, b) = self._mu_pending
+            self._mu(bucket)[a:b] = bucket.opt.state["mu_product"][gi]
+            self._mu_pending = None
+
+    def _before_update(self, bucket: Bucket, gi: int, group: dict[str, Any], count: int,
+                       span: tuple[int, int] | None) -> None:
         # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set);
         # torch's load_state_dict casts it to the parameter's dtype, as every state tensor.
         # flatopt.NAdam declares _mu_product_float32 as a bare ``= None`` (so mypy infers
         # the type None); it is None or a bool (see _adam_variants.NAdam).
-        nadam = cast(_adam_variants.NAdam, numpy_opt)
-        if self.__dict__.get("_mu_loaded"):
+        nadam = cast(_adam_variants.NAdam, bucket.opt)
+        if self._mu_loaded:
             nadam._mu_product_float32 = nadam.layout.dtype == np.float32  # type: ignore[assignment]
         else:
             nadam._mu_product_float32 = _get_scalar_dtype() == torch.float32  # type: ignore[assignment]
-        table = self._mu_table(numpy_opt, gi)
-        if len(table) > 64:  # forget counts no parameter of the group has any more
-            bucket = next(b for b in self._buckets if b.opt is numpy_opt)
-            first, stop = bucket.ranges[gi]
-            keep = set(bucket.counts[first:stop].tolist()) | {count}
-            for key in [k for k in table if k not in keep]:
-                del table[key]
-        numpy_opt.state["mu_product"][gi] = table[count]
-        self._mu_pending[numpy_opt, gi] = count
+        assert span is not None  # NAdam's groups always keep state
+        self._file_mu()
+        nadam.state["mu_product"][gi] = float(self._mu(bucket)[span[0]])
+        self._mu_pending = (bucket, gi, span)
+
+    def _after_update(self, bucket: Bucket, *args: Any, **kwargs: Any) -> None:
+        self._file_mu()
+        super()._after_update(bucket, *args, **kwargs)
 
     def _param_state(self, bucket: Bucket, i: int, copy: bool) -> dict[str, Any] | None:
         entry = super()._param_state(bucket, i, copy)
-        if entry is not None:
-            value = self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])]
-            loaded = self.__dict__.get("_mu_loaded")
+        if entry is not None and copy:  # saved as torch saves it: a scalar of its dtype
             entry["mu_product"] = torch.tensor(
-                value, dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if loaded else _get_scalar_dtype())
+                float(self._mu(bucket)[i]),
+                dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if self._mu_loaded else _get_scalar_dtype())
         return entry
-
-    def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        carried = super()._carried_state()
-        for bucket in self._buckets:
-            for i, p in enumerate(bucket.params):
-                if p in carried and bucket.counts[i] > 0:
-                    carried[p]["mu_product"] = self._mu_table(bucket.opt, bucket.group_of[i])[
-                        int(bucket.counts[i])]
-        return carried
 
     def _install_state(self, entries: dict[Any, Any]) -> None:
         """Carry each parameter's mu_product (add_param_group's repack, copies) into the
-        tables of the new buffers."""
+        new buffers' tensors; a parameter without one starts at 1."""
         mu: dict[Any, float] = {}
         stripped: dict[Any, Any] = {}
         for p, entry in entries.items():
@@ -252,14 +254,12 @@ class NAdam(_FlatOptimizer):
                 mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
             stripped[p] = entry
         super()._install_state(stripped)
-        self._mu_tables_filed().clear()
-        self._fill_mu_tables(mu)
+        self._mu_pending = None
+        self._fill_mu(mu)
 
-    def _fill_mu_tables(self, mu: dict[torch.Tensor, float]) -> None:
+    def _fill_mu(self, mu: dict[torch.Tensor, float]) -> None:
         for bucket in self._buckets:
-            for i, p in enumerate(bucket.params):
-                if p in mu:
-                    self._mu_table(bucket.opt, bucket.group_of[i])[int(bucket.counts[i])] = mu[p]
+            self._mu(bucket).copy_(torch.tensor([mu.get(p, 1.0) for p in bucket.params], dtype=torch.float64))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -280,8 +280,8 @@ class NAdam(_FlatOptimizer):
         state_dict["state"] = stripped
         super().load_state_dict(state_dict)
         self._mu_loaded = True
-        self._fill_mu_tables({p: mu[pid] for group, saved in zip(self.param_groups, state_dict["param_groups"])
-                              for p, pid in zip(group["params"], saved["params"]) if pid in mu})
+        self._fill_mu({p: mu[pid] for group, saved in zip(self.param_groups, state_dict["param_groups"])
+                       for p, pid in zip(group["params"], saved["params"]) if pid in mu})
 
 
 class RAdam(_FlatOptimizer):

@@ -31,7 +31,7 @@ import inspect
 import operator
 from collections.abc import Callable
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -86,15 +86,35 @@ _LAYOUT_OF = operator.attrgetter("layout")
 _SIGNATURE_OF = operator.attrgetter("layout", "dtype", "shape")
 
 
-def as_python(value: Any) -> Any:
-    """A hyperparameter as the NumPy layer takes it: 1-element tensors become floats."""
+def as_python(value: Any, name: str = "a hyperparameter") -> Any:
+    """Hyperparameter ``name`` as the NumPy layer takes it: 1-element tensors become floats."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"tensor hyperparameters must have one element, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of "
+                             f"shape {tuple(value.shape)}")
         return value.item()
     if isinstance(value, (tuple, list)):
-        return type(value)(as_python(v) for v in value)
+        return type(value)(as_python(v, f"{name}[{i}]") for i, v in enumerate(value))
     return value
+
+
+class ParamList(list[torch.Tensor]):
+    """``param_groups[i]["params"]``: the list of a group's parameters, which cannot be
+    changed in place (its parameters were packed into flat buffers when the group was
+    added; a parameter appended would silently not be stepped). Copies are plain lists."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("param_groups[i]['params'] cannot be changed: flatopt.torch packed these "
+                        "parameters into flat buffers when the group was added; use "
+                        "add_param_group() for new parameters, or build a new optimizer")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self) -> tuple[type[list[torch.Tensor]], tuple[list[torch.Tensor]]]:
+        return (list, (list(self),))
 
 
 class Bucket:
@@ -150,6 +170,8 @@ class Bucket:
         # is the same memory as a NumPy array for run planning.
         self.steps = torch.zeros(len(params), dtype=_get_scalar_dtype())
         self.counts = self.steps.numpy()
+        # Other per-parameter scalars of torch's state, one tensor each (NAdam's mu_product).
+        self.scalars: dict[str, torch.Tensor] = {}
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.
         self.dirty = np.zeros(len(params), dtype=bool)
         self.data_ptrs: list[int] = []
@@ -230,14 +252,15 @@ def bind(bucket: Bucket) -> None:
 
 
 def check_still_bound(params: list[torch.Tensor], data_ptrs: list[int], name: str) -> None:
-    """Raise if a parameter no longer views the flat buffer it was bound to."""
-    if list(map(torch.Tensor.data_ptr, params)) != data_ptrs:
+    """Raise if a parameter no longer views the flat buffer it was bound to, in its order
+    (its data replaced, or replaced by a transposed view of the same memory)."""
+    if list(map(torch.Tensor.data_ptr, params)) != data_ptrs or not all(map(torch.Tensor.is_contiguous, params)):
         for p, ptr in zip(params, data_ptrs):
-            if p.data_ptr() != ptr:
+            if p.data_ptr() != ptr or not p.is_contiguous():
                 raise RuntimeError(
                     f"{name}: a parameter of shape {tuple(p.shape)} no longer views the optimizer's "
-                    "flat buffer (was p.data replaced, e.g. by module.to()?); create the optimizer "
-                    "after such changes")
+                    "flat buffer in its order (was p.data replaced, e.g. by module.to() or by a "
+                    "transposed view?); create the optimizer after such changes")
 
 
 def usual_table(bucket: Bucket) -> Any:

@@ -20,11 +20,17 @@ Advance = tuple[int, int] | None
 
 
 def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
-              uses_state: Callable[[dict[str, Any]], bool]) -> tuple[list[_Run], list[Advance]]:
+              uses_state: Callable[[dict[str, Any]], bool],
+              keys: npt.NDArray[Any] | None = None) -> tuple[list[_Run], list[Advance]]:
     """The runs of one bucket for the NumPy step routine: a list of
     ``(gi, lo, hi, step, fresh)`` (see ``flatopt.Optimizer._finish_step``) and, beside
     it, for each run, the parameter range ``(a, b)`` whose step counts it advances (None
-    when its group keeps no state)."""
+    when its group keeps no state). With ``keys`` (a value per parameter, such as NAdam's
+    mu_product), the parameters of a run also share their key.
+
+    ``bucket.uniform`` (one run per group) stays true only while each group's parameters
+    share both: after a step of one run per group they still do (they took the same
+    update), and a step that splits a group clears it."""
     if taking_part is bucket.all_taking_part and bucket.uniform:
         # The usual case: every parameter takes part and each group's parameters share
         # one step count (kept true by the step that made it so): one run per group.
@@ -34,7 +40,7 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     counts = bucket.counts
     for gi, (first, stop) in enumerate(bucket.ranges):
         counting = uses_state(bucket.opt.param_groups[gi])
-        for a, b, count in param_runs(taking_part, counts, first, stop):
+        for a, b, count in param_runs(taking_part, counts, first, stop, keys):
             runs.append((gi, int(bucket.starts[a]), int(bucket.stops[b - 1]), count + 1, count == 0))
             advance.append((a, b) if counting else None)
     # After this step, is every group's count uniform again?
@@ -83,18 +89,19 @@ def _per_group(runs: Sequence[_Run], n_groups: int) -> list[list[_Run]]:
 
 
 def param_runs(taking_part: npt.NDArray[np.bool_], counts: npt.NDArray[Any], first: int,
-               stop: int) -> list[tuple[int, int, int]]:
+               stop: int, keys: npt.NDArray[Any] | None = None) -> list[tuple[int, int, int]]:
     """Maximal runs ``(a, b, count)`` of consecutive participating parameters in
-    ``[first, stop)`` that share a step count."""
+    ``[first, stop)`` that share a step count (and a key, with ``keys``)."""
     if stop <= first:
         return []
     part, cnt = taking_part[first:stop], counts[first:stop]
-    if part.all() and (cnt == cnt[0]).all():
+    if part.all() and (cnt == cnt[0]).all() and (keys is None or (keys[first:stop] == keys[first]).all()):
         return [(first, stop, int(cnt[0]))]
     runs: list[tuple[int, int, int]] = []
     start: int | None = None
     for j in range(first, stop + 1):
-        if start is not None and (j == stop or not taking_part[j] or counts[j] != counts[start]):
+        if start is not None and (j == stop or not taking_part[j] or counts[j] != counts[start]
+                                  or (keys is not None and keys[j] != keys[start])):
             runs.append((start, j, int(counts[start])))
             start = None
         if j < stop and taking_part[j] and start is None:
