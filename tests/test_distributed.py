@@ -494,6 +494,18 @@ def check_bad_input(rank, world):
     raises_on_every_rank(opt.step, RuntimeError, "rank 1", "no longer views", "no rank changed")
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+    # A group's parameter list: not changed in place; replaced on one rank, at step time.
+    model = make_model()
+    opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    raises_on_every_rank(lambda: opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(1))),
+                         TypeError, "add_param_group")
+    model(torch.ones(2, 5, dtype=torch.float64), 2, 0).sum().backward()
+    if rank == 1:
+        opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])[:-1]
+    raises_on_every_rank(opt.step, ValueError, "rank 1", "param_groups[0]['params'] was replaced")
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
     # At step time: a learning rate changed on one rank only.
     model = make_model()
     opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=0.1)

@@ -307,11 +307,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
         carried = self._carried_state()
-        for group in self.param_groups:
-            if type(group["params"]) is not _packing.ParamList:
-                group["params"] = _packing.ParamList(group["params"])
         # The lists packed (step() checks that the groups still hold them).
-        self._param_lists = [group["params"] for group in self.param_groups]
+        self._param_lists = _packing.guard_params(self.param_groups)
         self._buckets = buckets
         for bucket in buckets:
             _packing.bind(bucket)
@@ -353,15 +350,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         bucket.usual = None  # the next step that completes re-arms it
         groups = self.param_groups
         for tgi in bucket.group_map:
-            packed, params = self._param_lists[tgi], groups[tgi]["params"]
-            if params is not packed:  # the list was replaced: by the same parameters?
-                if len(params) != len(packed) or not all(map(operator.is_, params, packed)):
-                    raise ValueError(
-                        f"{type(self).__name__}: param_groups[{tgi}]['params'] was replaced by another "
-                        "list of parameters; flatopt.torch packed the group's parameters into flat "
-                        "buffers when it was added: use add_param_group() for new parameters, or "
-                        "build a new optimizer")
-                groups[tgi]["params"] = packed
+            _packing.check_params(groups[tgi], self._param_lists[tgi], f"{type(self).__name__}: param_groups[{tgi}]")
         getter = bucket.opt._getter
         hyper = self._numpy_class._hyperparameters
         for ngi, tgi in enumerate(bucket.group_map):

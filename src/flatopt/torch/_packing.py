@@ -117,6 +117,28 @@ class ParamList(list[torch.Tensor]):
         return (list, (list(self),))
 
 
+def guard_params(groups: list[dict[str, Any]]) -> list[ParamList]:
+    """Make each group's ``"params"`` a :class:`ParamList`; return the lists (packed)."""
+    for group in groups:
+        if type(group["params"]) is not ParamList:
+            group["params"] = ParamList(group["params"])
+    return [group["params"] for group in groups]
+
+
+def check_params(group: dict[str, Any], packed: ParamList, where: str) -> None:
+    """Raise unless ``group["params"]`` is ``packed`` or a list of the same parameters in
+    the same order (then ``packed`` is put back: it cannot change in place)."""
+    params = group["params"]
+    if params is packed:
+        return
+    if len(params) != len(packed) or not all(map(operator.is_, params, packed)):
+        raise ValueError(
+            f"{where}['params'] was replaced by another list of parameters; they were packed "
+            "into flat buffers when the group was added: use add_param_group() for new "
+            "parameters, or build a new optimizer")
+    group["params"] = packed
+
+
 class Bucket:
     """The parameters of one dtype and the NumPy optimizer that owns their buffers."""
 

@@ -133,7 +133,7 @@ from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
 from .._validation import check_bool, check_real
-from ._packing import check_still_bound
+from ._packing import ParamList, check_params, check_still_bound, guard_params
 from ._base import hooked_step
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
@@ -382,6 +382,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _group_of: list[int]
     _buckets: list[_Bucket]
     _pieces: list[_Piece]
+    _param_lists: list[ParamList]
     _n: int
     _control: torch.Tensor
     _control_out: torch.Tensor
@@ -518,6 +519,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             local_params.append({**hyper, "params": [t[0] for t in local_groups[gi]]})
             self._pieces.extend(t[1:] for t in local_groups[gi])
         self.local_optimizer = optimizer_class(local_params, **defaults)
+        self._param_lists = guard_params(self.param_groups)  # (step() checks they stay)
         local = self.local_optimizer
         for mine, theirs in zip(self.param_groups, local.param_groups):
             for key, value in theirs.items():   # fill in the local class's defaults
@@ -676,6 +678,9 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """This rank's gradients into the flat buffers (or its slice); the has-grad mask.
         Raises on bad input, before any collective."""
         params = self._params
+        for gi, (group, packed) in enumerate(zip(self.param_groups, self._param_lists)):
+            if group["params"] is not packed:
+                check_params(group, packed, f"ShardedOptimizer: param_groups[{gi}]")
         check_still_bound(params, self._data_ptrs, "ShardedOptimizer")
         grads = [p.grad for p in params]
         control = self._control
