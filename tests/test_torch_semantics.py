@@ -434,6 +434,68 @@ def test_assigning_a_parameters_entry_loads_it_as_in_torch(name):
     assert_state_dicts_close(opts[1].state_dict(), opts[0].state_dict())
 
 
+def test_state_edits_keep_one_state_object_and_read_before_writing():
+    """opt.state stays one object (code holds on to it); entries swapped in one update
+    are read before either is overwritten; |= and setdefault edit through it; copies
+    are plain defaultdicts; keys that are not parameters take any value."""
+    a, b = (torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)) for _ in range(2))
+    opt = ft.Adam([a, b], lr=0.1)
+    for k, p in enumerate((a, b)):
+        p.grad = torch.full((3,), k + 1.0, dtype=torch.float64)
+    opt.step()
+    held = opt.state
+    m_a, m_b = opt.state[a]["exp_avg"].clone(), opt.state[b]["exp_avg"].clone()
+    opt.state.update({a: opt.state[b], b: opt.state[a]})
+    assert torch.equal(opt.state[a]["exp_avg"], m_b) and torch.equal(opt.state[b]["exp_avg"], m_a)
+    held |= {a: {}}
+    assert opt.state is held and opt.state[a] == {} and float(opt.state[b]["step"]) == 1
+    opt.step()
+    assert float(opt.state[a]["step"]) == 1 and float(opt.state[b]["step"]) == 2
+    del held[b]
+    assert b not in opt.state and opt.state is held
+    c = torch.nn.Parameter(torch.zeros(2))
+    assert opt.state.setdefault("note", None) is None and opt.state.setdefault(c, {"x": 1}) == {"x": 1}
+    copied = opt.state.copy()
+    assert type(copied) is defaultdict and type(opt.state | {}) is defaultdict
+    copied[a] = 5  # a plain dict: no checks
+
+
+def test_a_written_step_or_mu_product_is_what_the_next_step_uses():
+    """Writing one parameter's step (or NAdam's mu_product) while its group is in step
+    makes the next step plan its runs afresh, as torch reads each parameter's own."""
+    def run(cls, key):
+        torch.manual_seed(0)
+        a, b = (torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(2))
+        opt = cls([a, b], lr=0.1)
+        for s in range(4):
+            for p in (a, b):
+                p.grad = torch.full((4,), 0.5 + s, dtype=torch.float64)
+            opt.step()
+            if s == 1:
+                opt.state[b][key] = torch.tensor(0.3 if key == "mu_product" else 7.0)  # torch's dtype
+        return a, b
+    for key in ("step", "mu_product"):
+        ours, theirs = run(ft.NAdam, key), run(torch.optim.NAdam, key)
+        for p, q in zip(ours, theirs):
+            assert_close(p.detach(), q.detach())
+
+
+def test_replaced_lists_of_empty_groups_and_loads_are_checked():
+    a, c = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = ft.Adam([a], lr=0.1)
+    opt.add_param_group({"params": []})
+    a.grad = torch.ones(2)
+    opt.step()
+    saved = opt.state_dict()
+    opt.param_groups[1]["params"] = [c]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\] was replaced"):
+        opt.step()
+    saved["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\] was replaced"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.1  # nothing applied
+
+
 def test_assigning_a_bad_entry_raises_and_changes_nothing():
     model = net()
     opt = ft.Adam(model.parameters(), lr=0.1)
@@ -479,12 +541,17 @@ def test_group_params_cannot_change_behind_the_optimizers_back():
 def test_transposed_parameter_data_is_refused():
     """p.data replaced by a transposed view of the same memory: the flat buffer would be
     updated in another element order than the gradient's."""
-    lin = torch.nn.Linear(3, 3).double()
-    opt = ft.SGD(lin.parameters(), lr=0.1)
-    lin.weight.data = lin.weight.data.t()
-    lin(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
-    with pytest.raises(RuntimeError, match="in its order"):
-        opt.step()
+    for grads in ("autograd", "contiguous, by hand"):  # the general and the usual step
+        lin = torch.nn.Linear(3, 3).double()
+        opt = ft.SGD(lin.parameters(), lr=0.1)
+        lin.weight.data = lin.weight.data.t()
+        if grads == "autograd":
+            lin(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+        else:
+            for p in lin.parameters():
+                p.grad = torch.ones(p.shape, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="in its order"):
+            opt.step()
 
 
 def test_errors_name_the_hyperparameter_and_the_overlap():

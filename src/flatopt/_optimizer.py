@@ -89,6 +89,9 @@ except ImportError:  # NumPy < 2
     _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]  # gone from NumPy 2 (and its stubs)
 
 
+_TooHardError = getattr(np, "exceptions", np).TooHardError
+
+
 def _check_disjoint(arrays: Sequence[npt.NDArray[Any]]) -> None:
     """Raise if two parameter arrays share memory (a parameter listed twice, or views of
     one array that overlap): each gets a place of its own in the flat buffer, so they
@@ -100,7 +103,12 @@ def _check_disjoint(arrays: Sequence[npt.NDArray[Any]]) -> None:
     for lo, hi, j in spans:
         active = [(end, i) for end, i in active if end > lo]
         for _, i in active:
-            if np.shares_memory(arrays[i], arrays[j]):
+            try:
+                # (NumPy's stubs admit only max_work -1 and 0; any bound is valid)
+                shared = np.shares_memory(arrays[i], arrays[j], max_work=100_000)  # type: ignore[arg-type]
+            except _TooHardError:  # strides too intricate to decide quickly: refused
+                shared = True
+            if shared:
                 a, b = sorted((i, j))
                 raise ValueError(
                     f"params[{a}] and params[{b}] share memory (a parameter listed twice, or "

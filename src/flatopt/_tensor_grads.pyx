@@ -16,7 +16,9 @@ from libc.stdint cimport intptr_t
 def usual_grads(list params, list data_ptrs, list signatures, intptr_t[::1] sources not None):
     """The gradients of ``params`` for the usual step, or None when it is not one.
 
-    It is one when, for every ``i``: ``params[i].data_ptr() == data_ptrs[i]`` and
+    It is one when, for every ``i``: ``params[i].data_ptr() == data_ptrs[i]``, the
+    parameter is contiguous (not replaced by a transposed view of its memory, which the
+    kernel would update in another element order than its gradient's), and
     ``params[i].grad`` is a contiguous tensor whose ``(layout, dtype, shape)`` is
     ``signatures[i]``. Then ``sources[2*i]`` is set to that gradient's address for
     every ``i`` (a ``GradTable``'s sources, a parameter's gradient and the padding after
@@ -33,7 +35,7 @@ def usual_grads(list params, list data_ptrs, list signatures, intptr_t[::1] sour
     cdef tuple signature
     for i in range(n):
         p = params[i]
-        if p.data_ptr() != data_ptrs[i]:
+        if p.data_ptr() != data_ptrs[i] or not p.is_contiguous():
             return None
         g = p.grad
         if g is None:

@@ -119,6 +119,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _n_threads: int | None
     _buckets: list[_packing.Bucket]
     _param_lists: list[_packing.ParamList]
+    _no_empty_group: bool
     _state_map: defaultdict[torch.Tensor, Any]
     skipped_steps: int
     last_step_skipped: bool
@@ -213,44 +214,48 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 
     def _set_param_states(self, changes: dict[Any, Any]) -> None:
         """Apply edits of ``opt.state`` (see ``_checkpoint.StateMap``): ``{key: entry}``,
-        an entry None to remove it. A parameter's new entry is checked as a checkpoint's
-        is, then every parameter's state is installed again (as ``load_state_dict`` does:
-        a copy of the state, paid only by such an edit); other keys are kept as given."""
-        name = type(self).__name__
-        params = {p for bucket in self._buckets for p in bucket.params}
+        an entry ``_checkpoint.REMOVE`` to remove the key. Parameters' new entries are
+        checked as a checkpoint's are, all before any change; then every parameter's state
+        is installed again, as ``load_state_dict`` installs it. Other keys are stored as
+        given."""
+        params = self._packed_params()
+        ours = [k for k in changes if isinstance(k, torch.Tensor) and k in params]
         state = self._state_map
-        others = {k: v for k, v in state.items() if not (isinstance(k, torch.Tensor) and k in params)}
-        if not any(isinstance(k, torch.Tensor) and k in params for k in changes):
-            for key, value in changes.items():
-                if value is None:
+        if ours:
+            entries = self._carried_state()
+            emptied = []
+            for key in ours:
+                value = changes[key]
+                if value is _checkpoint.REMOVE or (isinstance(value, dict) and not value):
+                    entries.pop(key, None)
+                    if value is not _checkpoint.REMOVE:
+                        emptied.append(key)
+                elif isinstance(value, dict):  # cloned: it may view buffers rewritten first (a swap)
+                    entries[key] = _checkpoint.check_entry(
+                        self, key, f"<parameter of shape {tuple(key.shape)}>", _checkpoint._copied(value))
+                else:
+                    raise TypeError(f"{type(self).__name__}.state[p] must be a dict (a parameter's "
+                                    f"state entry), got {type(value).__name__}")
+            others = self._other_state()
+            self._install_state(entries)
+            dict.update(state, others)
+            for key in emptied:  # torch keeps the {} it was given until the next step fills it
+                if key not in state:
+                    dict.__setitem__(state, key, {})
+        for key, value in changes.items():
+            if not (isinstance(key, torch.Tensor) and key in params):
+                if value is _checkpoint.REMOVE:
                     dict.__delitem__(state, key)
                 else:
                     dict.__setitem__(state, key, value)
-            return
-        entries = self._carried_state()
-        emptied = []
-        for key, value in changes.items():
-            if not (isinstance(key, torch.Tensor) and key in params):
-                if value is None:
-                    others.pop(key, None)
-                else:
-                    others[key] = value
-            elif value is None or (isinstance(value, dict) and not value):
-                entries.pop(key, None)
-                if value is not None:
-                    emptied.append(key)
-            elif isinstance(value, dict):
-                entries[key] = _checkpoint.check_entry(self, key, f"<parameter of shape {tuple(key.shape)}>", value)
-            else:
-                raise TypeError(f"{name}.state[p] must be a dict (a parameter's state entry), "
-                                f"got {type(value).__name__}")
-        self._install_state({**entries, **{k: v for k, v in others.items() if not isinstance(k, torch.Tensor)}})
-        for key, value in others.items():
-            if isinstance(key, torch.Tensor):
-                dict.__setitem__(self._state_map, key, value)
-        for key in emptied:  # torch keeps the {} it was given until the next step fills it
-            if key not in self._state_map:
-                dict.__setitem__(self._state_map, key, {})
+
+    def _packed_params(self) -> set[torch.Tensor]:
+        return {p for bucket in self._buckets for p in bucket.params}
+
+    def _other_state(self) -> dict[Any, Any]:
+        """The entries of ``opt.state`` that are not a packed parameter's (kept as given)."""
+        params = self._packed_params()
+        return {k: v for k, v in self._state_map.items() if not (isinstance(k, torch.Tensor) and k in params)}
 
     # -- groups ------------------------------------------------------------------------------
     def _constructor_defaults(self) -> dict[str, Any]:
@@ -306,18 +311,23 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
-        carried = self._carried_state()
-        # The lists packed (step() checks that the groups still hold them).
+        carried, others = self._carried_state(), self._other_state()
+        # The lists packed (step() checks that the groups still hold them; the usual step
+        # checks those of the buckets' groups, so it is not taken when a group is empty).
         self._param_lists = _packing.guard_params(self.param_groups)
+        self._no_empty_group = all(self._param_lists)
         self._buckets = buckets
         for bucket in buckets:
             _packing.bind(bucket)
         self._install_state(carried)
+        dict.update(self._state_map, {k: v for k, v in others.items() if k not in self._state_map})
 
     def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """A copy of every parameter's state entry, to carry over to new buffers."""
+        """A copy of every packed parameter's state entry, to carry over to new buffers."""
+        params = self._packed_params()
         return {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in e.items()}
-                for p, e in self.state.items() if isinstance(p, torch.Tensor)}
+                for p, e in self.state.items() if isinstance(p, torch.Tensor) and p in params
+                and isinstance(e, dict)}
 
     def _install_state(self, entries: dict[Any, Any]) -> None:
         """Replace all state by torch-format ``entries`` ({parameter: entry}); subclasses
@@ -341,6 +351,15 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                            self._master_dtype))
 
     # -- step ----------------------------------------------------------------------------
+    def _check_param_lists(self) -> None:
+        """Raise if ``param_groups`` no longer holds the groups and parameter lists packed."""
+        if len(self.param_groups) != len(self._param_lists):
+            raise ValueError(f"{type(self).__name__}: param_groups must keep its {len(self._param_lists)} "
+                             f"groups, got {len(self.param_groups)}; add groups with add_param_group()")
+        for gi, (group, packed) in enumerate(zip(self.param_groups, self._param_lists)):
+            if group["params"] is not packed:
+                _packing.check_params(group, packed, f"{type(self).__name__}: param_groups[{gi}]")
+
     def _sync_groups(self, bucket: _packing.Bucket) -> None:
         """Copy hyperparameters from the torch groups (LR schedulers edit those) into the
         NumPy groups; the NumPy step routine validates them. When the torch groups hold
@@ -349,8 +368,6 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             return
         bucket.usual = None  # the next step that completes re-arms it
         groups = self.param_groups
-        for tgi in bucket.group_map:
-            _packing.check_params(groups[tgi], self._param_lists[tgi], f"{type(self).__name__}: param_groups[{tgi}]")
         getter = bucket.opt._getter
         hyper = self._numpy_class._hyperparameters
         for ngi, tgi in enumerate(bucket.group_map):
@@ -417,6 +434,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         name = type(self).__name__
+        self._check_param_lists()
         # First half of the step routine for every dtype: validate everything, write nothing.
         scales: list[float] = []
         plans: list[tuple[npt.NDArray[np.bool_], list[torch.Tensor]]] = []
@@ -478,6 +496,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         cost as much as the kernel at 2**16 elements: flatopt.torch's Adam over one
         1-element tensor took 11 us a step through the general route, 6 us through this
         one, 1.7 us through the NumPy API (Intel Xeon, Python 3.11, one session)."""
+        if not self._no_empty_group or len(self.param_groups) != len(self._param_lists):
+            return False
         work = []
         for bucket in self._buckets:
             plan = bucket.usual

@@ -36,13 +36,15 @@ class ParamState(dict[str, Any]):
     ``state_dict()`` always agree. Other keys (written by hooks, say) are kept as given.
     """
 
-    __slots__ = ("live",)
+    __slots__ = ("live", "bucket")
 
     live: set[str]
+    bucket: Bucket | None
 
-    def __init__(self) -> None:
+    def __init__(self, bucket: Bucket | None = None) -> None:
         super().__init__()
         self.live = set()
+        self.bucket = bucket
 
     def _set_live(self, key: str, view: torch.Tensor) -> None:
         dict.__setitem__(self, key, view)
@@ -55,6 +57,9 @@ class ParamState(dict[str, Any]):
                 raise ValueError(f"state[{key!r}] must have shape {tuple(view.shape)}, got {tuple(value.shape)}")
             with torch.no_grad():
                 view.copy_(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value))
+            if self.bucket is not None:  # a step count or mu_product may now differ within a
+                self.bucket.uniform = False  # group: the next step plans its runs afresh
+                self.bucket.usual = None
             return
         dict.__setitem__(self, key, value)
 
@@ -68,23 +73,29 @@ class ParamState(dict[str, Any]):
         return (dict, ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.items()},))
 
 
+#: ``_FlatOptimizer._set_param_states``'s value for "remove this key".
+REMOVE = object()
+
+
 class StateMap(defaultdict[Any, Any]):
-    """``opt.state``: torch's ``defaultdict(dict)`` keyed by parameter.
+    """``opt.state``: torch's ``defaultdict(dict)`` keyed by parameter (one object for the
+    optimizer's life, as torch's).
 
     A parameter's state lives in the flat buffers the kernel reads, so an entry changed as
     a whole is written through them (:meth:`_FlatOptimizer._set_param_states`): removing
     it (``del``, ``pop``, ``popitem``, ``clear()``) or assigning ``{}`` makes the parameter
     start afresh at its next step, as torch's step does for a parameter without state;
-    assigning a filled entry loads it, checked as ``load_state_dict`` checks it. Reading
-    the entry of a parameter without state gives ``{}``, as a defaultdict does. Copies and
-    pickles are plain ``defaultdict(dict)``\ s.
+    assigning a filled entry loads it, checked as ``load_state_dict`` checks it. Each such
+    edit installs every parameter's state again (as a load does): change many entries in
+    one ``update()`` or ``clear()``. Reading the entry of a parameter without state gives
+    ``{}``, as a defaultdict does. Copies (``copy()``, ``|``, ``copy.copy``, pickles) are
+    plain ``defaultdict(dict)`` objects.
     """
 
     __slots__ = ("_opt",)
 
-    def __init__(self, opt: "_FlatOptimizer", items: Iterable[tuple[Any, Any]] = ()) -> None:
+    def __init__(self, opt: "_FlatOptimizer") -> None:
         super().__init__(dict)
-        dict.update(self, items)
         self._opt = opt
 
     def __missing__(self, key: Any) -> Any:
@@ -98,7 +109,7 @@ class StateMap(defaultdict[Any, Any]):
     def __delitem__(self, key: Any) -> None:
         if key not in self:
             raise KeyError(key)
-        self._opt._set_param_states({key: None})
+        self._opt._set_param_states({key: REMOVE})
 
     def pop(self, key: Any, *default: Any) -> Any:
         if key not in self:
@@ -116,15 +127,34 @@ class StateMap(defaultdict[Any, Any]):
         return key, self.pop(key)
 
     def clear(self) -> None:
-        self._opt._set_param_states(dict.fromkeys(self))
+        self._opt._set_param_states(dict.fromkeys(self, REMOVE))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._opt._set_param_states(dict(*args, **kwargs))
+
+    def __ior__(self, other: Any) -> "StateMap":
+        self.update(other)
+        return self
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         if key not in self:
             self[key] = default
         return dict.__getitem__(self, key)
+
+    def copy(self) -> defaultdict[Any, Any]:  # type: ignore[override]
+        return defaultdict(dict, self)
+
+    __copy__ = copy  # type: ignore[assignment]
+
+    def __or__(self, other: Any) -> defaultdict[Any, Any]:  # type: ignore[override]
+        result = self.copy()
+        result.update(other)
+        return result
+
+    def __ror__(self, other: Any) -> defaultdict[Any, Any]:  # type: ignore[override]
+        result = defaultdict(dict, other)
+        result.update(self)
+        return result
 
     def __reduce__(self) -> Any:
         return (defaultdict, (dict,), None, None, iter(dict(self).items()))
@@ -140,7 +170,7 @@ def _copied(entry: Any) -> Any:
 def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
                extras: dict[str, Any] | None = None) -> ParamState:
     """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys)."""
-    entry = ParamState()
+    entry = ParamState(bucket)
     group = bucket.opt.param_groups[bucket.group_of[i]]
     if opt._torch_step:
         entry._set_live("step", bucket.steps[i])
@@ -231,6 +261,7 @@ def load_state_dict(opt: "_FlatOptimizer", state_dict: dict[str, Any]) -> None:
         result = hook(opt, state_dict)
         if result is not None:
             state_dict = result
+    opt._check_param_lists()
     if set(state_dict) != {"state", "param_groups"}:
         raise ValueError(f"{name}: state_dict must have keys 'state' and 'param_groups'")
     saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -348,4 +379,5 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
     for key, value in entries.items():
         if not isinstance(key, torch.Tensor):
             state[key] = value
-    opt._state_map = StateMap(opt, state.items())
+    dict.clear(opt._state_map)  # the same object: code may hold on to opt.state
+    dict.update(opt._state_map, state)

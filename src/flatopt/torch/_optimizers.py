@@ -248,10 +248,11 @@ class NAdam(_FlatOptimizer):
         mu: dict[Any, float] = {}
         stripped: dict[Any, Any] = {}
         for p, entry in entries.items():
-            entry = dict(entry)
-            value = entry.pop("mu_product", None)
-            if value is not None:
-                mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if isinstance(p, torch.Tensor) and isinstance(entry, dict):
+                entry = dict(entry)
+                value = entry.pop("mu_product", None)
+                if value is not None:
+                    mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
             stripped[p] = entry
         super()._install_state(stripped)
         self._mu_pending = None

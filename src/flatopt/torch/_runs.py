@@ -28,10 +28,10 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     when its group keeps no state). With ``keys`` (a value per parameter, such as NAdam's
     mu_product), the parameters of a run also share their key.
 
-    ``bucket.uniform`` (one run per group) stays true only while each group's parameters
-    share both: after a step of one run per group they still do (they took the same
-    update), and a step that splits a group clears it."""
-    if taking_part is bucket.all_taking_part and bucket.uniform:
+    ``bucket.uniform`` (one run per group, counts shared) is trusted for counts; keys
+    (live in the state entries, where a user may write them in place) are compared on
+    every step."""
+    if taking_part is bucket.all_taking_part and bucket.uniform and keys is None:
         # The usual case: every parameter takes part and each group's parameters share
         # one step count (kept true by the step that made it so): one run per group.
         return usual_runs(bucket, usual_plan(bucket, uses_state))
