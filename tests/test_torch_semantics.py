@@ -480,6 +480,92 @@ def test_a_written_step_or_mu_product_is_what_the_next_step_uses():
             assert_close(p.detach(), q.detach())
 
 
+def test_a_step_count_written_in_place_is_used():
+    """``opt.state[p]["step"].fill_(0)`` on one parameter of a group in step: torch reads
+    each parameter's own count, so the next steps must too (torch's version counter of
+    the counts tells flatopt.torch it was written)."""
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+        opt = cls(ps, lr=0.1, **kw)
+        for k in range(5):
+            for p in ps:
+                p.grad = torch.full((3,), 1.0 + k, dtype=torch.float64)
+            opt.step()
+            if k == 2:
+                opt.state[ps[1]]["step"].fill_(0.0)
+        return ps, [float(opt.state[p]["step"]) for p in ps]
+    (ours, steps), (theirs, torch_steps) = run(ft.Adam), run(torch.optim.Adam, foreach=False)
+    assert steps == torch_steps == [5.0, 2.0]
+    for p, q in zip(ours, theirs):
+        assert_close(p.detach(), q.detach())
+
+
+def test_nadam_mu_product_goes_through_the_load_hooks():
+    """mu_product is part of the entries torch's load hooks see and may change."""
+    def make(cls, **kw):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+        opt = cls(ps, lr=0.1, **kw)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(3, dtype=torch.float64)
+            opt.step()
+        return ps, opt
+    _, ref = make(torch.optim.NAdam, foreach=False)
+    saved = ref.state_dict()
+    for e in saved["state"].values():
+        del e["mu_product"]
+    results = []
+    for cls, kw in ((torch.optim.NAdam, dict(foreach=False)), (ft.NAdam, {})):
+        ps, opt = make(cls, **kw)
+        opt.state["ema"] = {"decay": 0.99}   # a key that is not a parameter, in the checkpoint
+
+        def fill(o, sd):
+            for e in sd["state"].values():
+                if isinstance(e.get("step"), torch.Tensor):
+                    e.setdefault("mu_product", torch.tensor(0.25))
+        seen = []
+        opt.register_load_state_dict_pre_hook(fill)
+        opt.register_load_state_dict_post_hook(lambda o: seen.append(float(o.state_dict()["state"][0]["mu_product"])))
+        sd = copy.deepcopy(saved)
+        sd["state"]["ema"] = {"decay": 0.5}
+        opt.load_state_dict(sd)
+        results.append((seen, [float(opt.state[p]["mu_product"]) for p in ps], opt.state["ema"]))
+    assert results[0] == results[1] == ([0.25], [0.25, 0.25], {"decay": 0.5})
+
+
+def test_state_entries_stay_the_objects_code_holds():
+    """An entry held by the caller stays opt.state[p] through edits of other entries and
+    add_param_group's repack (torch's entries change only when replaced); state given to
+    a parameter before its group is added is what its first step uses; copies keep the
+    keys that are not parameters; a shallow copy shares the optimizer's buffers."""
+    a, b, q = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(3))
+    opt = ft.Adam([a, b], lr=0.1)
+    for p in (a, b):
+        p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    held = opt.state[a]
+    held["note"] = "kept"
+    del opt.state[b]
+    opt.state[q] = {"step": torch.tensor(10.0), "exp_avg": torch.ones(3, dtype=torch.float64),
+                    "exp_avg_sq": torch.ones(3, dtype=torch.float64)}
+    opt.add_param_group({"params": [q]})
+    assert opt.state[a] is held and held["note"] == "kept"
+    held["exp_avg"] = torch.full((3,), 7.0, dtype=torch.float64)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], torch.full((3,), 7.0, dtype=torch.float64))
+    q.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert float(opt.state[q]["step"]) == 11.0
+    opt.state["extra"] = 123
+    assert copy.deepcopy(opt).state["extra"] == 123 and pickle.loads(pickle.dumps(opt)).state["extra"] == 123
+    shallow = copy.copy(opt)
+    assert shallow.state is opt.state
+    shallow.step()
+    opt.step()   # the original still owns its buffers
+    assert float(opt.state[q]["step"]) == 13.0
+
+
 def test_replaced_lists_of_empty_groups_and_loads_are_checked():
     a, c = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = ft.Adam([a], lr=0.1)

@@ -93,12 +93,14 @@ def hooked_step(step: _Step) -> _Step:
 
 def _restore(cls: type["_FlatOptimizer"], param_groups: list[dict[str, Any]], defaults: dict[str, Any],
              n_threads: int | None, entries: dict[int, dict[str, Any]], extra: dict[str, Any],
-             master_dtype: torch.dtype | None = None) -> "_FlatOptimizer":
-    """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``)."""
+             master_dtype: torch.dtype | None = None, others: dict[Any, Any] | None = None) -> "_FlatOptimizer":
+    """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``);
+    ``others``: the keys of ``opt.state`` that are not parameters."""
     opt = cls.__new__(cls)
     _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads, master_dtype=master_dtype)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt._install_state({params[i]: e for i, e in entries.items()})
+    dict.update(opt._state_map, others or {})
     opt.__dict__.update(extra)
     return opt
 
@@ -312,6 +314,15 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
         carried, others = self._carried_state(), self._other_state()
+        # State given to a parameter before its group was added (opt.state[q] = {...}):
+        # loaded now, as torch's next step would use it.
+        for bucket in buckets:
+            for p in bucket.params:
+                entry = others.get(p)
+                if isinstance(entry, dict) and entry:
+                    carried[p] = _checkpoint.check_entry(
+                        self, p, f"<parameter of shape {tuple(p.shape)}>", _checkpoint._copied(entry))
+                    del others[p]
         # The lists packed (step() checks that the groups still hold them; the usual step
         # checks those of the buckets' groups, so it is not taken when a group is empty).
         self._param_lists = _packing.guard_params(self.param_groups)
@@ -329,10 +340,15 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 for p, e in self.state.items() if isinstance(p, torch.Tensor) and p in params
                 and isinstance(e, dict)}
 
-    def _install_state(self, entries: dict[Any, Any]) -> None:
-        """Replace all state by torch-format ``entries`` ({parameter: entry}); subclasses
-        with state outside the flat buffers (NAdam's mu_product) extend this."""
+    def _install_state(self, entries: dict[Any, Any], loaded: bool = False) -> None:
+        """Replace all state by torch-format ``entries`` ({parameter: entry}; ``loaded``:
+        from a checkpoint); subclasses with state outside the flat buffers (NAdam's
+        mu_product) extend this."""
         _checkpoint.install_state(self, entries)
+
+    def _check_entry(self, pid: Any, entry: dict[str, Any]) -> None:
+        """Raise if a parameter's entry (checked by ``_checkpoint.check_entry`` for the
+        flat buffers' keys) lacks or has a bad value outside them (NAdam's mu_product)."""
 
     # -- copy and pickle --------------------------------------------------------------------
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
@@ -348,7 +364,15 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         extra.update(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
                      _pending_grad_scale=self._pending_grad_scale)
         return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra,
-                           self._master_dtype))
+                           self._master_dtype, self._other_state()))
+
+    def __copy__(self) -> "_FlatOptimizer":
+        """A shallow copy shares everything with ``self`` (its flat buffers, state and
+        groups), as a shallow copy of a torch.optim optimizer shares its state; rebuilding
+        it over new buffers would rebind ``self``'s parameters away from ``self``."""
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
 
     # -- step ----------------------------------------------------------------------------
     def _check_param_lists(self) -> None:
@@ -501,7 +525,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         work = []
         for bucket in self._buckets:
             plan = bucket.usual
-            if plan is None or not self._in_sync(bucket):
+            if plan is None or bucket.steps._version != bucket.steps_version or not self._in_sync(bucket):
                 return False
             table = _packing.usual_table(bucket)
             if table is None:

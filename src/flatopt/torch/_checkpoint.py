@@ -36,15 +36,13 @@ class ParamState(dict[str, Any]):
     ``state_dict()`` always agree. Other keys (written by hooks, say) are kept as given.
     """
 
-    __slots__ = ("live", "bucket")
+    __slots__ = ("live",)
 
     live: set[str]
-    bucket: Bucket | None
 
-    def __init__(self, bucket: Bucket | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.live = set()
-        self.bucket = bucket
 
     def _set_live(self, key: str, view: torch.Tensor) -> None:
         dict.__setitem__(self, key, view)
@@ -57,9 +55,6 @@ class ParamState(dict[str, Any]):
                 raise ValueError(f"state[{key!r}] must have shape {tuple(view.shape)}, got {tuple(value.shape)}")
             with torch.no_grad():
                 view.copy_(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value))
-            if self.bucket is not None:  # a step count or mu_product may now differ within a
-                self.bucket.uniform = False  # group: the next step plans its runs afresh
-                self.bucket.usual = None
             return
         dict.__setitem__(self, key, value)
 
@@ -167,10 +162,18 @@ def _copied(entry: Any) -> Any:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
 
 
-def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int,
-               extras: dict[str, Any] | None = None) -> ParamState:
-    """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys)."""
-    entry = ParamState(bucket)
+def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int, extras: dict[str, Any] | None = None,
+               reuse: Any = None) -> ParamState:
+    """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys):
+    ``reuse`` itself, refilled, when it is the parameter's entry so far (a ParamState),
+    so that code holding ``opt.state[p]`` keeps seeing it (as in torch, whose entries
+    change only when the parameter's state is replaced)."""
+    if isinstance(reuse, ParamState):
+        entry = reuse
+        dict.clear(entry)
+        entry.live.clear()
+    else:
+        entry = ParamState()
     group = bucket.opt.param_groups[bucket.group_of[i]]
     if opt._torch_step:
         entry._set_live("step", bucket.steps[i])
@@ -195,7 +198,7 @@ def refresh_entries(opt: "_FlatOptimizer", bucket: Bucket, indices: Iterable[int
         p = bucket.params[i]
         old = state.get(p)
         extras = {k: v for k, v in old.items() if not (isinstance(old, ParamState) and k in old.live)} if old else None
-        dict.__setitem__(state, p, make_entry(opt, bucket, i, extras))
+        dict.__setitem__(state, p, make_entry(opt, bucket, i, extras, old))
 
 
 def torch_defaults(opt: "_FlatOptimizer", saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -305,7 +308,7 @@ def load_state_dict(opt: "_FlatOptimizer", state_dict: dict[str, Any]) -> None:
         for key, value in kept.items():
             if key == "params" or key not in loaded:
                 group[key] = value
-    opt._install_state(entries)
+    opt._install_state(entries, loaded=True)
     opt._pending_grad_scale = 1.0  # a clip factor belongs to the gradients it measured
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
@@ -327,6 +330,7 @@ def check_entry(opt: "_FlatOptimizer", p: torch.Tensor, pid: Any, entry: dict[st
             raise ValueError(
                 f"{name}: state[{pid}][{key!r}] must be a floating-point tensor of shape "
                 f"{tuple(p.shape)}, got {value!r:.80}")
+    opt._check_entry(pid, entry)
     return entry
 
 
@@ -369,7 +373,7 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
                 bucket.counts[i] = 1 if entry and any(k in entry for k in known) else 0
             if bucket.counts[i] > 0 or opt._eager_state or bucket.mixed:  # a master: always an entry
                 extras = {k: v for k, v in (entry or {}).items() if k not in known and k not in ("step", MASTER)}
-                state[p] = make_entry(opt, bucket, i, extras)
+                state[p] = make_entry(opt, bucket, i, extras, dict.get(opt._state_map, p))
             elif entry is not None:
                 state[p] = dict(entry)
         bucket.n_state = len(bucket.opt.state)

@@ -202,6 +202,9 @@ class NAdam(_FlatOptimizer):
         return mu
 
     def _run_keys(self, bucket: Bucket) -> npt.NDArray[Any]:
+        # Called as a step plans its runs: a value still pending here is from a step that
+        # raised during a kernel call, and is dropped.
+        self._mu_pending = None
         return self._mu(bucket).numpy()
 
     def _live_extras(self, bucket: Bucket, i: int) -> dict[str, torch.Tensor]:
@@ -242,9 +245,18 @@ class NAdam(_FlatOptimizer):
                 dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if self._mu_loaded else _get_scalar_dtype())
         return entry
 
-    def _install_state(self, entries: dict[Any, Any]) -> None:
-        """Carry each parameter's mu_product (add_param_group's repack, copies) into the
-        new buffers' tensors; a parameter without one starts at 1."""
+    def _check_entry(self, pid: Any, entry: dict[str, Any]) -> None:
+        if "mu_product" in entry:
+            value = entry["mu_product"]
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"NAdam: state[{pid}]['mu_product'] must be in [0, 1], got {value}")
+        elif entry:
+            raise ValueError(f"NAdam: state for parameter {pid} lacks 'mu_product'")
+
+    def _install_state(self, entries: dict[Any, Any], loaded: bool = False) -> None:
+        """Carry each parameter's mu_product (a checkpoint's, add_param_group's repack,
+        copies) into the new buffers' tensors; a parameter without one starts at 1."""
         mu: dict[Any, float] = {}
         stripped: dict[Any, Any] = {}
         for p, entry in entries.items():
@@ -254,35 +266,12 @@ class NAdam(_FlatOptimizer):
                 if value is not None:
                     mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
             stripped[p] = entry
-        super()._install_state(stripped)
+        super()._install_state(stripped, loaded)
+        if loaded:  # torch's load_state_dict casts it to the parameter's dtype from now on
+            self._mu_loaded = True
         self._mu_pending = None
-        self._fill_mu(mu)
-
-    def _fill_mu(self, mu: dict[torch.Tensor, float]) -> None:
         for bucket in self._buckets:
             self._mu(bucket).copy_(torch.tensor([mu.get(p, 1.0) for p in bucket.params], dtype=torch.float64))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        name = type(self).__name__
-        state_dict = dict(state_dict)
-        stripped: dict[Any, Any] = {}
-        mu: dict[Any, float] = {}
-        for pid, entry in dict(state_dict.get("state", {})).items():
-            if isinstance(entry, dict) and "mu_product" in entry:
-                entry = dict(entry)
-                value = entry.pop("mu_product")
-                value = float(value.item() if isinstance(value, torch.Tensor) else value)
-                if not 0.0 <= value <= 1.0:
-                    raise ValueError(f"{name}: state[{pid}]['mu_product'] must be in [0, 1], got {value}")
-                mu[pid] = value
-            elif isinstance(entry, dict) and entry:
-                raise ValueError(f"{name}: state for parameter {pid} lacks 'mu_product'")
-            stripped[pid] = entry
-        state_dict["state"] = stripped
-        super().load_state_dict(state_dict)
-        self._mu_loaded = True
-        self._fill_mu({p: mu[pid] for group, saved in zip(self.param_groups, state_dict["param_groups"])
-                       for p, pid in zip(group["params"], saved["params"]) if pid in mu})
 
 
 class RAdam(_FlatOptimizer):

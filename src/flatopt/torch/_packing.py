@@ -192,6 +192,10 @@ class Bucket:
         # is the same memory as a NumPy array for run planning.
         self.steps = torch.zeros(len(params), dtype=_get_scalar_dtype())
         self.counts = self.steps.numpy()
+        # torch's version counter of ``steps`` when last seen: flatopt writes ``counts``
+        # (NumPy, which leaves it alone), so a change means a step count was written
+        # through a state entry (``opt.state[p]["step"].fill_(0)``): see _runs.plan_runs.
+        self.steps_version = self.steps._version
         # Other per-parameter scalars of torch's state, one tensor each (NAdam's mu_product).
         self.scalars: dict[str, torch.Tensor] = {}
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.

@@ -31,6 +31,8 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     ``bucket.uniform`` (one run per group, counts shared) is trusted for counts; keys
     (live in the state entries, where a user may write them in place) are compared on
     every step."""
+    if steps_written(bucket):
+        bucket.uniform = False
     if taking_part is bucket.all_taking_part and bucket.uniform and keys is None:
         # The usual case: every parameter takes part and each group's parameters share
         # one step count (kept true by the step that made it so): one run per group.
@@ -47,6 +49,17 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     bucket.uniform = taking_part is bucket.all_taking_part and all(
         len(r) <= 1 for r in _per_group(runs, len(bucket.ranges)))
     return runs, advance
+
+
+def steps_written(bucket: Bucket) -> bool:
+    """Whether a step count of ``bucket`` was written through a state entry since the
+    last call (then its groups' counts may differ: their runs are planned afresh)."""
+    version = bucket.steps._version
+    if version == bucket.steps_version:
+        return False
+    bucket.steps_version = version
+    bucket.usual = None
+    return True
 
 
 #: A run of the usual step (see :func:`usual_plan`): ``(gi, lo, hi, first, advance)``.
