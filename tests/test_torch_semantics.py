@@ -5,6 +5,7 @@ behaviour directly) and demands the same observable result.
 """
 
 import copy
+import functools
 import io
 import pickle
 import warnings
@@ -460,22 +461,29 @@ def test_state_edits_keep_one_state_object_and_read_before_writing():
     copied[a] = 5  # a plain dict: no checks
 
 
+def two_parameters_stepped(cls, steps, after=None, **kw):
+    """Two float64 parameters of one group stepped ``steps`` times with gradients
+    ``1 + k``; ``after(k, opt, params)`` runs after step ``k``."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+    opt = cls(ps, lr=0.1, **kw)
+    for k in range(steps):
+        for p in ps:
+            p.grad = torch.full((3,), 1.0 + k, dtype=torch.float64)
+        opt.step()
+        if after is not None:
+            after(k, opt, ps)
+    return ps, opt
+
+
 def test_a_written_step_or_mu_product_is_what_the_next_step_uses():
     """Writing one parameter's step (or NAdam's mu_product) while its group is in step
     makes the next step plan its runs afresh, as torch reads each parameter's own."""
-    def run(cls, key):
-        torch.manual_seed(0)
-        a, b = (torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(2))
-        opt = cls([a, b], lr=0.1)
-        for s in range(4):
-            for p in (a, b):
-                p.grad = torch.full((4,), 0.5 + s, dtype=torch.float64)
-            opt.step()
-            if s == 1:
-                opt.state[b][key] = torch.tensor(0.3 if key == "mu_product" else 7.0)  # torch's dtype
-        return a, b
     for key in ("step", "mu_product"):
-        ours, theirs = run(ft.NAdam, key), run(torch.optim.NAdam, key)
+        def write(k, opt, ps, key=key):
+            if k == 1:
+                opt.state[ps[1]][key] = torch.tensor(0.3 if key == "mu_product" else 7.0)  # torch's dtype
+        (ours, _), (theirs, _) = (two_parameters_stepped(cls, 4, write) for cls in (ft.NAdam, torch.optim.NAdam))
         for p, q in zip(ours, theirs):
             assert_close(p.detach(), q.detach())
 
@@ -484,34 +492,19 @@ def test_a_step_count_written_in_place_is_used():
     """``opt.state[p]["step"].fill_(0)`` on one parameter of a group in step: torch reads
     each parameter's own count, so the next steps must too (torch's version counter of
     the counts tells flatopt.torch it was written)."""
-    def run(cls, **kw):
-        torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
-        opt = cls(ps, lr=0.1, **kw)
-        for k in range(5):
-            for p in ps:
-                p.grad = torch.full((3,), 1.0 + k, dtype=torch.float64)
-            opt.step()
-            if k == 2:
-                opt.state[ps[1]]["step"].fill_(0.0)
-        return ps, [float(opt.state[p]["step"]) for p in ps]
-    (ours, steps), (theirs, torch_steps) = run(ft.Adam), run(torch.optim.Adam, foreach=False)
-    assert steps == torch_steps == [5.0, 2.0]
+    def write(k, opt, ps):
+        if k == 2:
+            opt.state[ps[1]]["step"].fill_(0.0)
+    (ours, opt), (theirs, ref) = (two_parameters_stepped(ft.Adam, 5, write),
+                                  two_parameters_stepped(torch.optim.Adam, 5, write, foreach=False))
+    assert [float(opt.state[p]["step"]) for p in ours] == [float(ref.state[p]["step"]) for p in theirs] == [5.0, 2.0]
     for p, q in zip(ours, theirs):
         assert_close(p.detach(), q.detach())
 
 
 def test_nadam_mu_product_goes_through_the_load_hooks():
     """mu_product is part of the entries torch's load hooks see and may change."""
-    def make(cls, **kw):
-        torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
-        opt = cls(ps, lr=0.1, **kw)
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.randn(3, dtype=torch.float64)
-            opt.step()
-        return ps, opt
+    make = functools.partial(two_parameters_stepped, steps=3)
     _, ref = make(torch.optim.NAdam, foreach=False)
     saved = ref.state_dict()
     for e in saved["state"].values():
