@@ -85,7 +85,8 @@ maps to tensors that are live views of the flat state buffers (``step`` a 0-d vi
 count); assigning a tensor to one of those entries copies it in. Removing a parameter's
 entry (``del opt.state[p]``, ``pop``, ``clear()``, or assigning ``{}``) makes it start
 afresh at its next step, as in torch, and assigning a saved entry loads it (checked as a
-checkpoint's is).
+checkpoint's is). A value written into an entry, by assignment or in place (``step``
+included), is what the next step uses.
 
 ``add_param_group`` packs the parameters once more into new flat buffers (parameters
 rebound, state and gradients carried over); ``copy.deepcopy`` and pickling rebuild the
