@@ -532,7 +532,7 @@ def test_state_entries_stay_the_objects_code_holds():
     """An entry held by the caller stays opt.state[p] through edits of other entries and
     add_param_group's repack (torch's entries change only when replaced); state given to
     a parameter before its group is added is what its first step uses; copies keep the
-    keys that are not parameters; a shallow copy shares the optimizer's buffers."""
+    keys that are not parameters; a shallow copy is refused (it cannot own the buffers)."""
     a, b, q = (torch.nn.Parameter(torch.ones(3, dtype=torch.float64)) for _ in range(3))
     opt = ft.Adam([a, b], lr=0.1)
     for p in (a, b):
@@ -552,11 +552,33 @@ def test_state_entries_stay_the_objects_code_holds():
     assert float(opt.state[q]["step"]) == 11.0
     opt.state["extra"] = 123
     assert copy.deepcopy(opt).state["extra"] == 123 and pickle.loads(pickle.dumps(opt)).state["extra"] == 123
-    shallow = copy.copy(opt)
-    assert shallow.state is opt.state
-    shallow.step()
-    opt.step()   # the original still owns its buffers
-    assert float(opt.state[q]["step"]) == 13.0
+    with pytest.raises(TypeError, match="deepcopy"):
+        copy.copy(opt)
+    other, c = ft.Adam([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], lr=0.1), torch.nn.Parameter(
+        torch.ones(3, dtype=torch.float64))
+    other.state[c] = held   # another optimizer's live entry, for a parameter it adds later
+    other.add_param_group({"params": [c]})
+    assert opt.state[a] is held and other.state[c] is not held
+    assert torch.equal(other.state[c]["exp_avg"], held["exp_avg"])
+    before = held["exp_avg"].clone()
+    other.state[c]["exp_avg"].fill_(5.0)   # other's buffers, not opt's
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], before)
+
+
+def test_entries_swapped_one_assignment_at_a_time():
+    """``x, y = opt.state[p], opt.state[q]; opt.state[p] = y; opt.state[q] = x``: an entry
+    replaced keeps its values for whoever holds it, as torch's dicts do."""
+    results = []
+    for cls, kw in ((torch.optim.Adam, dict(foreach=False)), (ft.Adam, {})):
+        p, q = (torch.nn.Parameter(torch.zeros(3)) for _ in range(2))
+        opt = cls([p, q], lr=0.1, **kw)
+        p.grad, q.grad = torch.ones(3), torch.full((3,), 3.0)
+        opt.step()
+        x, y = opt.state[p], opt.state[q]
+        opt.state[p] = y
+        opt.state[q] = x
+        results.append([float(opt.state[t]["exp_avg"][0]) for t in (p, q)])
+    assert results[0] == results[1] == [pytest.approx(0.3), pytest.approx(0.1)]
 
 
 def test_replaced_lists_of_empty_groups_and_loads_are_checked():

@@ -85,8 +85,10 @@ maps to tensors that are live views of the flat state buffers (``step`` a 0-d vi
 count); assigning a tensor to one of those entries copies it in. Removing a parameter's
 entry (``del opt.state[p]``, ``pop``, ``clear()``, or assigning ``{}``) makes it start
 afresh at its next step, as in torch, and assigning a saved entry loads it (checked as a
-checkpoint's is). A value written into an entry, by assignment or in place (``step``
-included), is what the next step uses.
+checkpoint's is). A value written into an entry, by assignment or by an in-place tensor
+operation (``step`` included), is what the next step uses (not one written through
+``.data`` or ``.numpy()``, which torch's version counter, how flatopt.torch notices a
+written step count, does not see).
 
 ``add_param_group`` packs the parameters once more into new flat buffers (parameters
 rebound, state and gradients carried over); ``copy.deepcopy`` and pickling rebuild the
@@ -121,6 +123,8 @@ Differences from torch.optim
   capturable.
 * A parameter listed twice in a group (torch warns) is updated once per step; torch
   updates it twice. Reason: it occupies one place in the flat buffer.
+* ``copy.copy(opt)`` raises TypeError (use ``copy.deepcopy``); torch's shallow copy
+  shares the state. Reason: only one optimizer can own the buffers its parameters view.
 * ``param_groups[i]["params"]`` cannot be changed in place (TypeError), and a group
   whose list was replaced by other parameters makes the next ``step()`` raise; torch steps
   whatever the list holds. Use ``add_param_group``. Parameters that overlap in memory

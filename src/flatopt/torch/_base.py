@@ -238,6 +238,10 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 else:
                     raise TypeError(f"{type(self).__name__}.state[p] must be a dict (a parameter's "
                                     f"state entry), got {type(value).__name__}")
+            for key in ours:  # a holder of the old entry keeps its values, as in torch
+                old = dict.get(state, key)
+                if isinstance(old, _checkpoint.ParamState):
+                    old.detach()
             others = self._other_state()
             self._install_state(entries)
             dict.update(state, others)
@@ -323,6 +327,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     carried[p] = _checkpoint.check_entry(
                         self, p, f"<parameter of shape {tuple(p.shape)}>", _checkpoint._copied(entry))
                     del others[p]
+        for p in [p for p in carried if p not in self._packed_params()]:
+            dict.__delitem__(self._state_map, p)  # loaded: replaced by its live entry
         # The lists packed (step() checks that the groups still hold them; the usual step
         # checks those of the buckets' groups, so it is not taken when a group is empty).
         self._param_lists = _packing.guard_params(self.param_groups)
@@ -367,12 +373,10 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                            self._master_dtype, self._other_state()))
 
     def __copy__(self) -> "_FlatOptimizer":
-        """A shallow copy shares everything with ``self`` (its flat buffers, state and
-        groups), as a shallow copy of a torch.optim optimizer shares its state; rebuilding
-        it over new buffers would rebind ``self``'s parameters away from ``self``."""
-        copied = type(self).__new__(type(self))
-        copied.__dict__.update(self.__dict__)
-        return copied
+        raise TypeError(
+            f"{type(self).__name__} cannot be shallow-copied: the copy would share the flat "
+            "buffers the parameters are bound to, which only one optimizer can own; use "
+            "copy.deepcopy (of the model and the optimizer together), or the same optimizer")
 
     # -- step ----------------------------------------------------------------------------
     def _check_param_lists(self) -> None:

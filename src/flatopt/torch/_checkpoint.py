@@ -36,13 +36,23 @@ class ParamState(dict[str, Any]):
     ``state_dict()`` always agree. Other keys (written by hooks, say) are kept as given.
     """
 
-    __slots__ = ("live",)
+    __slots__ = ("live", "made_for")
 
     live: set[str]
+    made_for: tuple[int, int] | None  # (id of the optimizer, id of the parameter), while live
 
     def __init__(self) -> None:
         super().__init__()
         self.live = set()
+        self.made_for = None
+
+    def detach(self) -> None:
+        """Turn this entry into a plain snapshot (its views cloned): what a holder of a
+        torch.optim entry keeps when the parameter's state is replaced or removed."""
+        for key in self.live:
+            dict.__setitem__(self, key, dict.__getitem__(self, key).clone())
+        self.live.clear()
+        self.made_for = None
 
     def _set_live(self, key: str, view: torch.Tensor) -> None:
         dict.__setitem__(self, key, view)
@@ -165,15 +175,17 @@ def _copied(entry: Any) -> Any:
 def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int, extras: dict[str, Any] | None = None,
                reuse: Any = None) -> ParamState:
     """Parameter ``i`` of ``bucket``'s live state entry, with ``extras`` (other keys):
-    ``reuse`` itself, refilled, when it is the parameter's entry so far (a ParamState),
-    so that code holding ``opt.state[p]`` keeps seeing it (as in torch, whose entries
-    change only when the parameter's state is replaced)."""
-    if isinstance(reuse, ParamState):
+    ``reuse`` itself, refilled, when it is the live entry this optimizer made for this
+    parameter, so that code holding ``opt.state[p]`` keeps seeing it (as in torch, whose
+    entries change only when the parameter's state is replaced)."""
+    made_for = (id(opt), id(bucket.params[i]))
+    if isinstance(reuse, ParamState) and reuse.made_for == made_for:
         entry = reuse
         dict.clear(entry)
         entry.live.clear()
     else:
         entry = ParamState()
+        entry.made_for = made_for
     group = bucket.opt.param_groups[bucket.group_of[i]]
     if opt._torch_step:
         entry._set_live("step", bucket.steps[i])
