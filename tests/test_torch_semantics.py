@@ -575,10 +575,14 @@ def test_entries_swapped_one_assignment_at_a_time():
         p.grad, q.grad = torch.ones(3), torch.full((3,), 3.0)
         opt.step()
         x, y = opt.state[p], opt.state[q]
+        opt.state[p] = opt.state[p]   # a no-op
+        same = opt.state[p] is x
         opt.state[p] = y
         opt.state[q] = x
-        results.append([float(opt.state[t]["exp_avg"][0]) for t in (p, q)])
-    assert results[0] == results[1] == [pytest.approx(0.3), pytest.approx(0.1)]
+        current = opt.state[p]
+        popped = opt.state.pop(p)
+        results.append((same, popped is current, [float(popped["exp_avg"][0]), float(opt.state[q]["exp_avg"][0])]))
+    assert results[0] == results[1] == (True, True, [pytest.approx(0.3), pytest.approx(0.1)])
 
 
 def test_replaced_lists_of_empty_groups_and_loads_are_checked():

@@ -221,8 +221,11 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         is installed again, as ``load_state_dict`` installs it. Other keys are stored as
         given."""
         params = self._packed_params()
-        ours = [k for k in changes if isinstance(k, torch.Tensor) and k in params]
         state = self._state_map
+        # (a parameter's own live entry assigned back to it changes nothing, as in torch)
+        ours = [k for k in changes if isinstance(k, torch.Tensor) and k in params
+                and not (changes[k] is dict.get(state, k) and isinstance(changes[k], _checkpoint.ParamState)
+                         and changes[k].live)]
         if ours:
             entries = self._carried_state()
             emptied = []

@@ -121,8 +121,8 @@ class StateMap(defaultdict[Any, Any]):
             if default:
                 return default[0]
             raise KeyError(key)
-        value = _copied(dict.__getitem__(self, key))  # the views are about to be reset
-        del self[key]
+        value = dict.__getitem__(self, key)
+        del self[key]  # a live entry is detached first: it keeps its values, as torch's
         return value
 
     def popitem(self) -> tuple[Any, Any]:
