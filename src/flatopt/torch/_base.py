@@ -330,7 +330,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     carried[p] = _checkpoint.check_entry(
                         self, p, f"<parameter of shape {tuple(p.shape)}>", _checkpoint._copied(entry))
                     del others[p]
-        for p in [p for p in carried if p not in self._packed_params()]:
+        packed = self._packed_params()
+        for p in [p for p in carried if p not in packed]:
             dict.__delitem__(self._state_map, p)  # loaded: replaced by its live entry
         # The lists packed (step() checks that the groups still hold them; the usual step
         # checks those of the buckets' groups, so it is not taken when a group is empty).
@@ -384,12 +385,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     # -- step ----------------------------------------------------------------------------
     def _check_param_lists(self) -> None:
         """Raise if ``param_groups`` no longer holds the groups and parameter lists packed."""
-        if len(self.param_groups) != len(self._param_lists):
-            raise ValueError(f"{type(self).__name__}: param_groups must keep its {len(self._param_lists)} "
-                             f"groups, got {len(self.param_groups)}; add groups with add_param_group()")
-        for gi, (group, packed) in enumerate(zip(self.param_groups, self._param_lists)):
-            if group["params"] is not packed:
-                _packing.check_params(group, packed, f"{type(self).__name__}: param_groups[{gi}]")
+        _packing.check_params(self.param_groups, self._param_lists, type(self).__name__)
 
     def _sync_groups(self, bucket: _packing.Bucket) -> None:
         """Copy hyperparameters from the torch groups (LR schedulers edit those) into the

@@ -125,18 +125,23 @@ def guard_params(groups: list[dict[str, Any]]) -> list[ParamList]:
     return [group["params"] for group in groups]
 
 
-def check_params(group: dict[str, Any], packed: ParamList, where: str) -> None:
-    """Raise unless ``group["params"]`` is ``packed`` or a list of the same parameters in
-    the same order (then ``packed`` is put back: it cannot change in place)."""
-    params = group["params"]
-    if params is packed:
-        return
-    if len(params) != len(packed) or not all(map(operator.is_, params, packed)):
-        raise ValueError(
-            f"{where}['params'] was replaced by another list of parameters; they were packed "
-            "into flat buffers when the group was added: use add_param_group() for new "
-            "parameters, or build a new optimizer")
-    group["params"] = packed
+def check_params(groups: list[dict[str, Any]], packed: list[ParamList], name: str) -> None:
+    """Raise unless ``groups`` are as many as when packed and each group's ``"params"`` is
+    its ``packed`` list, or a list of the same parameters in the same order (then the
+    packed one is put back: it cannot change in place)."""
+    if len(groups) != len(packed):
+        raise ValueError(f"{name}: param_groups must keep its {len(packed)} groups, got "
+                         f"{len(groups)}; add groups with add_param_group()")
+    for gi, (group, mine) in enumerate(zip(groups, packed)):
+        params = group["params"]
+        if params is mine:
+            continue
+        if len(params) != len(mine) or not all(map(operator.is_, params, mine)):
+            raise ValueError(
+                f"{name}: param_groups[{gi}]['params'] was replaced by another list of "
+                "parameters; they were packed into flat buffers when the group was added: use "
+                "add_param_group() for new parameters, or build a new optimizer")
+        group["params"] = mine
 
 
 class Bucket:

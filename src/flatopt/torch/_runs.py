@@ -31,8 +31,7 @@ def plan_runs(bucket: Bucket, taking_part: npt.NDArray[np.bool_],
     ``bucket.uniform`` (one run per group, counts shared) is trusted for counts; keys
     (live in the state entries, where a user may write them in place) are compared on
     every step."""
-    if steps_written(bucket):
-        bucket.uniform = False
+    steps_written(bucket)
     if taking_part is bucket.all_taking_part and bucket.uniform and keys is None:
         # The usual case: every parameter takes part and each group's parameters share
         # one step count (kept true by the step that made it so): one run per group.
@@ -58,6 +57,7 @@ def steps_written(bucket: Bucket) -> bool:
     if version == bucket.steps_version:
         return False
     bucket.steps_version = version
+    bucket.uniform = False
     bucket.usual = None
     return True
 

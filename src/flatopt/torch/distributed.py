@@ -678,9 +678,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """This rank's gradients into the flat buffers (or its slice); the has-grad mask.
         Raises on bad input, before any collective."""
         params = self._params
-        for gi, (group, packed) in enumerate(zip(self.param_groups, self._param_lists)):
-            if group["params"] is not packed:
-                check_params(group, packed, f"ShardedOptimizer: param_groups[{gi}]")
+        check_params(self.param_groups, self._param_lists, "ShardedOptimizer")
         check_still_bound(params, self._data_ptrs, "ShardedOptimizer")
         grads = [p.grad for p in params]
         control = self._control
