@@ -203,3 +203,144 @@ def test_mixed_dtypes_in_one_model():
     assert torch.equal(bits(w16), bits(r16.detach().to(torch.bfloat16)))
     assert torch.equal(w32, r32)
     assert "master_param" not in opt.state[w32]
+
+
+def reconciled(master, half16):
+    """The master after other code wrote 16-bit weights ``half16`` (flatopt.torch's rule):
+    kept where it still rounds to them, the weights widened elsewhere."""
+    keep = bits(master.to(half16.dtype)) == bits(half16)
+    return torch.where(keep, master, half16.float())
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_weights_written_by_other_code_are_stepped_from(half):
+    """model.load_state_dict() or an in-place edit after the optimizer exists: the next
+    step starts from the new 16-bit weights, as torch.optim's would (it used to rewrite
+    them from the stale master: the edit was silently undone)."""
+    m16, m32 = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    ref = ft.Adam(m32.parameters(), lr=1e-2)
+    batches = data(12)
+    for s, (x, y) in enumerate(batches[:6]):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    m16.load_state_dict(models(half, seed=3)[0].state_dict())
+    with torch.no_grad():
+        m16.b.weight[0].mul_(0)
+    changed = 0
+    with torch.no_grad():
+        for p16, p32 in zip(m16.parameters(), m32.parameters()):
+            new = reconciled(p32.detach(), p16.detach())
+            changed += int((new != p32).sum())
+            p32.copy_(new)
+    assert changed > 100  # the reference moved: the edits were real
+    for s, (x, y) in enumerate(batches[6:], start=6):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    assert_matches(m16, m32, flat, half)
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_first", [True, False], ids=["model-first", "optimizer-first"])
+def test_resumes_exactly_whichever_is_loaded_first(half, model_first):
+    """torch.optim does not care whether the model or the optimizer is loaded first; nor
+    does flatopt: the loaded master is kept where it rounds to the loaded weights."""
+    m16, m32 = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    ref = ft.Adam(m32.parameters(), lr=1e-2)
+    batches = data(30)
+    for s, (x, y) in enumerate(batches[:15]):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    saved_model = copy.deepcopy(m16.state_dict())
+    saved = pickle.loads(pickle.dumps(flat.state_dict()))
+    m16b = models(half, seed=7)[0]  # other weights until the checkpoint is loaded
+    resumed = ft.Adam(m16b.parameters(), lr=1e-2, master_dtype=torch.float32)
+    if model_first:
+        m16b.load_state_dict(saved_model)
+        resumed.load_state_dict(saved)
+    else:
+        resumed.load_state_dict(saved)
+        m16b.load_state_dict(saved_model)
+    for s, (x, y) in enumerate(batches[15:], start=15):
+        step_pair(m16, m32, flat, ref, x, y, s)
+        resumed.zero_grad()
+        ((m16b(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+        resumed.step()
+    assert_matches(m16b, m32, resumed, half)
+
+
+def test_a_master_that_went_through_torch_optim_is_reconciled():
+    """flatopt -> torch.optim -> flatopt: torch.optim carries the master_param entry along
+    (cast to bf16) without updating it; the weights it trained win over that stale master."""
+    half = torch.bfloat16
+    m16, _ = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    batches = data(16)
+    for s, (x, y) in enumerate(batches[:5]):
+        flat.zero_grad()
+        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+        flat.step()
+    plain = torch.optim.Adam(m16.parameters(), lr=1e-2)
+    plain.load_state_dict(flat.state_dict())
+    for s, (x, y) in enumerate(batches[5:15], start=5):
+        plain.zero_grad()
+        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+        plain.step()
+    checkpoint = plain.state_dict()
+    assert checkpoint["state"][0]["master_param"].dtype == half  # carried along, stale
+    m32 = copy.deepcopy(m16).float()
+    resumed = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    resumed.load_state_dict(checkpoint)
+    ref = ft.Adam(m32.parameters(), lr=1e-2)  # from the trained weights, widened
+    ref.load_state_dict(checkpoint)
+    step_pair(m16, m32, resumed, ref, *batches[15], 15)
+    assert_matches(m16, m32, resumed, half)
+
+
+def test_sgd_momentum_of_a_parameter_not_yet_stepped_is_not_history():
+    """A parameter without a gradient so far has an entry for its master only: a zero
+    momentum_buffer in it would make its first step after a reload (or a deepcopy, or an
+    add_param_group) use ``momentum*0 + (1-dampening)*g`` instead of torch's ``g``."""
+    half = torch.bfloat16
+    m16, m32 = models(half)
+    kwargs = dict(lr=0.05, momentum=0.9, dampening=0.5)
+    flat = ft.SGD(m16.parameters(), **kwargs, master_dtype=torch.float32)
+    ref = ft.SGD(m32.parameters(), **kwargs)
+    batches = data(6)
+    step_pair(m16, m32, flat, ref, *batches[0], 0)  # step 0: no gradient for m16.extra
+    assert set(flat.state[m16.extra]) == {"master_param"}
+    assert m32.extra not in ref.state
+    for how in ("load", "deepcopy"):
+        if how == "load":
+            m16b = copy.deepcopy(m16)
+            resumed = ft.SGD(m16b.parameters(), **kwargs, master_dtype=torch.float32)
+            resumed.load_state_dict(flat.state_dict())
+        else:
+            m16b, resumed = copy.deepcopy((m16, flat))
+        m32b = copy.deepcopy(m32)
+        refb = ft.SGD(m32b.parameters(), **kwargs)
+        refb.load_state_dict(ref.state_dict())
+        for s, (x, y) in enumerate(batches[1:], start=1):
+            step_pair(m16b, m32b, resumed, refb, x, y, s)
+        assert_matches(m16b, m32b, resumed, half)
+
+
+def test_a_torch_checkpoint_loaded_before_the_model_steps_from_the_model():
+    """torch.optim's checkpoint has no master: loaded before the model's weights, the
+    master must still become those weights, not the ones the model had at load time."""
+    half = torch.bfloat16
+    m16 = models(half)[0]
+    plain = torch.optim.Adam(m16.parameters(), lr=1e-2)
+    batches = data(8)
+    for s, (x, y) in enumerate(batches[:6]):
+        plain.zero_grad()
+        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+        plain.step()
+    m16b = models(half, seed=7)[0]
+    resumed = ft.Adam(m16b.parameters(), lr=1e-2, master_dtype=torch.float32)
+    resumed.load_state_dict(plain.state_dict())
+    m16b.load_state_dict(m16.state_dict())
+    m32 = copy.deepcopy(m16).float()
+    ref = ft.Adam(m32.parameters(), lr=1e-2)
+    ref.load_state_dict(plain.state_dict())
+    for s, (x, y) in enumerate(batches[6:], start=6):
+        step_pair(m16b, m32, resumed, ref, x, y, s)
+    assert_matches(m16b, m32, resumed, half)

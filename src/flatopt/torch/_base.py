@@ -475,6 +475,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         # flat buffer (which skip_if_nonfinite's check reads).
         sources = [_packing.step_grads(bucket, taking_part, grads, n_threads, flat=skip_if_nonfinite)
                    for bucket, (taking_part, grads) in zip(self._buckets, plans)]
+        for bucket in self._buckets:  # every check passed: now the writes
+            if bucket.mixed:
+                _packing.reconcile_master(bucket)
         pending, self._pending_grad_scale = self._pending_grad_scale, 1.0
         self.last_step_skipped = False
         if skip_if_nonfinite and len(self._buckets) > 1 and any(
@@ -530,6 +533,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             plan = bucket.usual
             if plan is None or bucket.steps._version != bucket.steps_version or not self._in_sync(bucket):
                 return False
+            if bucket.mixed and _packing.half_versions(bucket) != bucket.half_versions:
+                return False  # a 16-bit parameter was written: the general route reconciles
             table = _packing.usual_table(bucket)
             if table is None:
                 return False
@@ -543,6 +548,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             opt._finish_step(table, runs, 1.0, False, n_threads)
             _runs.advance_counts(bucket, runs, advance)
             _increment_version(bucket.params)
+            if bucket.mixed:
+                bucket.half_versions = _packing.half_versions(bucket)
         return True
 
     def _arm(self, bucket: _packing.Bucket) -> None:
@@ -574,6 +581,8 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         if fresh:
             _checkpoint.refresh_entries(self, bucket, fresh)
         _increment_version(_runs.updated_params(bucket, taking_part))
+        if bucket.mixed:
+            bucket.half_versions = _packing.half_versions(bucket)
 
     def grad_norm(self, norm_type: float = 2.0) -> float:
         """The global ``norm_type``-norm of every gradient, in one read-only pass per dtype.

@@ -189,9 +189,13 @@ def make_entry(opt: "_FlatOptimizer", bucket: Bucket, i: int, extras: dict[str, 
     group = bucket.opt.param_groups[bucket.group_of[i]]
     if opt._torch_step:
         entry._set_live("step", bucket.steps[i])
-    for name in bucket.opt._state_names(group):
-        if name in bucket.opt.state:
-            entry._set_live(name, bucket.state_view(name, i))
+    # A parameter not yet stepped has an entry only for its master (master_dtype); its
+    # zero state is torch's fresh state where a step count says so (step 0), but SGD's
+    # momentum_buffer would count as history (torch: the first buffer is the gradient).
+    if bucket.counts[i] > 0 or opt._eager_state or opt._torch_step:
+        for name in bucket.opt._state_names(group):
+            if name in bucket.opt.state:
+                entry._set_live(name, bucket.state_view(name, i))
     master = bucket.master_view(i)
     if master is not None:
         entry._set_live(MASTER, master)
@@ -390,6 +394,7 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
                 state[p] = dict(entry)
         bucket.n_state = len(bucket.opt.state)
         bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
+        bucket.half_versions = None  # a loaded master meets the parameters at the next step
         bucket.synced = None
         bucket.usual = None
     for key, value in entries.items():

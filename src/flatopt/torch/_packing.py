@@ -84,6 +84,7 @@ def as_tensor(a: npt.NDArray[Any]) -> torch.Tensor:
 _GRAD_OF = operator.attrgetter("grad")
 _LAYOUT_OF = operator.attrgetter("layout")
 _SIGNATURE_OF = operator.attrgetter("layout", "dtype", "shape")
+_VERSION_OF = operator.attrgetter("_version")
 
 
 def as_python(value: Any, name: str = "a hyperparameter") -> Any:
@@ -217,6 +218,9 @@ class Bucket:
         # the runs of the usual step while it can be taken (see _FlatOptimizer._arm)
         self.usual: list[tuple[int, int, int, int, tuple[int, int] | None]] | None = None
         self.n_state: int | None = None  # how many state entries opt.state's entries were made for
+        # With master_dtype: the parameters' torch version counters when the float32 master
+        # last agreed with them (None: check them all at the next step); see reconcile_master.
+        self.half_versions: list[int] | None = None
 
     def state_view(self, name: str, i: int) -> torch.Tensor:
         a, b = self.starts[i], self.stops[i]
@@ -228,6 +232,34 @@ class Bucket:
         if master is None:
             return None
         return torch.from_numpy(master[self.starts[i]:self.stops[i]]).view(self.shapes[i])
+
+
+def half_versions(bucket: Bucket) -> list[int]:
+    """The torch version counters of ``bucket``'s parameters (see :func:`reconcile_master`)."""
+    return list(map(_VERSION_OF, bucket.params))
+
+
+def reconcile_master(bucket: Bucket) -> None:
+    """With ``master_dtype``: make the float32 master agree with 16-bit parameters written
+    by other code since the last step (``model.load_state_dict``, ``p.mul_(0)`` under
+    ``no_grad``: torch's version counter tells), and after a checkpoint was loaded. Each
+    element of the master is kept where it still rounds to the parameter (its extra bits
+    are the optimizer's, bit-exact resumption) and becomes the parameter, widened,
+    elsewhere: the kernel writes the parameters from the master, so a stale master would
+    silently undo such a write, where torch.optim would step from it."""
+    versions = half_versions(bucket)
+    known = bucket.half_versions
+    if versions == known:
+        return
+    with torch.no_grad():
+        for i, p in enumerate(bucket.params):
+            if known is None or versions[i] != known[i]:
+                master, half = bucket.master_view(i), p.detach()
+                assert master is not None
+                stale = master.to(half.dtype).view(torch.int16) != half.view(torch.int16)
+                if bool(stale.any()):
+                    master[stale] = half[stale].to(torch.float32)
+    bucket.half_versions = versions
 
 
 def check_param(p: torch.Tensor, where: str, name: str, master_dtype: torch.dtype | None = None) -> None:
