@@ -220,8 +220,9 @@ def _gradients(dtype, steps=200, seed=42):
     return out
 
 
-def _run_both(keras, name, hp, dtype, schedule=None, steps=200):
-    """Train keras.optimizers.<name> and flatopt.keras.<name> on the same gradients."""
+def _run_both(keras, name, hp, dtype, schedule=None, steps=200, changes=None):
+    """Train keras.optimizers.<name> and flatopt.keras.<name> on the same gradients;
+    ``changes[k]``: attributes assigned to both optimizers before step ``k``."""
     rng = np.random.default_rng(0)
     init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     grads = _gradients(dtype, steps)
@@ -233,7 +234,10 @@ def _run_both(keras, name, hp, dtype, schedule=None, steps=200):
         theirs = getattr(keras.optimizers, name)(**kw)
         kw = dict(hp) if schedule is None else {**hp, "learning_rate": schedule()}
         ours = getattr(fk, name)([a.copy() for a in init], **kw, n_threads=1)
-        for g in grads:
+        for k, g in enumerate(grads):
+            for attr, value in (changes or {}).get(k, {}).items():
+                setattr(theirs, attr, value)
+                setattr(ours, attr, value)
             theirs.apply([keras.ops.convert_to_tensor(x) for x in g], variables)
             ours.step(g)
         theirs_params = [keras.ops.convert_to_numpy(v) for v in variables]
@@ -322,19 +326,79 @@ def test_defaults_are_keras(name, keras):
         assert ours[k].default == theirs[k].default, k
 
 
-def test_plain_callable_learning_rate_gets_the_iteration_count():
-    seen = []
+# Keras's attributes: assigned between steps (as Keras scripts change the learning rate),
+# each takes effect at the next step in both. Flags that make Keras build other state
+# (amsgrad, centered, momentum from 0) are left alone: Keras cannot switch them mid-run.
+ATTRIBUTE_CASES = [
+    ("SGD", dict(learning_rate=0.05, momentum=0.9),
+     {5: dict(learning_rate=0.01, momentum=0.5, nesterov=True, weight_decay=0.01)}),
+    ("Adam", dict(learning_rate=1e-2), {5: dict(learning_rate=3e-3, beta_1=0.5, beta_2=0.99, epsilon=1e-5)}),
+    ("AdamW", dict(learning_rate=1e-2), {7: dict(weight_decay=0.1)}),
+    ("RMSprop", dict(learning_rate=1e-3, momentum=0.9), {5: dict(rho=0.5, momentum=0.3, epsilon=1e-4)}),
+    ("Adadelta", dict(learning_rate=1.0), {5: dict(rho=0.5, epsilon=1e-4)}),
+    ("Adagrad", dict(learning_rate=1e-2), {0: dict(initial_accumulator_value=1.0), 5: dict(epsilon=1e-3)}),
+    ("Adamax", dict(learning_rate=1e-2), {5: dict(beta_1=0.5, beta_2=0.9, epsilon=1e-4)}),
+    ("Nadam", dict(learning_rate=1e-2), {5: dict(beta_1=0.8, beta_2=0.99, epsilon=1e-5)}),
+    ("Lion", dict(learning_rate=1e-3), {5: dict(beta_1=0.5, beta_2=0.9, learning_rate=1e-2)}),
+    ("Lion", dict(learning_rate=1e-3, beta_1=1.0), {}),  # Keras's beta_1 range is (0, 1]
+]
 
-    def lr(iteration):
-        seen.append(iteration)
-        return 0.1 / (1 + iteration)
 
-    opt = fk.SGD([np.zeros(3)], learning_rate=lr)
-    for _ in range(3):
-        opt.grads[0][:] = 1.0
-        opt.step()
-    assert seen == [0, 1, 2]
-    np.testing.assert_allclose(opt.params[0], -(0.1 + 0.05 + 0.1 / 3) * np.ones(3), rtol=1e-15)
+@pytest.mark.parametrize("case", ATTRIBUTE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ATTRIBUTE_CASES)])
+def test_assigned_attributes_take_effect_as_in_keras(case, keras):
+    """``opt.learning_rate = 0.01`` and every other hyperparameter attribute, as in Keras
+    (they used to create a new attribute and change nothing); Adagrad's accumulator is
+    filled at the first step, as Keras builds it then."""
+    name, hp, changes = case
+    ours, theirs_opt, theirs, init = _run_both(keras, name, hp, np.float64, steps=20, changes=changes)
+    for a, b in zip(ours.params, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    for attr in set(changes.get(5, {})) - {"learning_rate"}:
+        assert getattr(ours, attr) == getattr(theirs_opt, attr)
+    assert ours.learning_rate == pytest.approx(float(keras.ops.convert_to_numpy(theirs_opt.learning_rate)))
+
+
+def test_callable_learning_rates_are_called_as_keras_calls_them(keras):
+    """A LearningRateSchedule gets the iteration count, any other callable no argument."""
+    ours, theirs_opt, theirs, _ = _run_both(keras, "SGD", dict(learning_rate=lambda: 0.03, momentum=0.9),
+                                            np.float64, steps=10)
+    for a, b in zip(ours.params, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert ours.learning_rate == 0.03
+    sched = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    ours = fk.SGD([np.zeros(3)], learning_rate=sched)
+    ours.step(np.ones(3))
+    assert ours.learning_rate == float(keras.ops.convert_to_numpy(sched(1))) == pytest.approx(0.05)
+    with pytest.raises(TypeError, match="LearningRateSchedule, so it is not settable"):
+        ours.learning_rate = 0.1  # as Keras refuses it
+    ours.learning_rate = lambda: 0.5
+    assert ours.learning_rate == 0.5
+
+
+def test_a_callable_learning_rate_that_needs_arguments_is_refused():
+    """Keras calls it with no arguments: ``lambda it: ...`` fails there; here it is refused
+    up front, naming learning_rate, and when set in a group, before any write."""
+    with pytest.raises(TypeError, match=r"SGD learning_rate: a callable learning rate is called with no arguments"):
+        fk.SGD([np.zeros(3)], learning_rate=lambda it: 0.1)
+    opt = fk.SGD([np.ones(3)], learning_rate=0.1)
+    opt.param_groups[0]["learning_rate"] = lambda it: 0.1
+    with pytest.raises(TypeError, match=r"param_groups\[0\] learning_rate: a callable"):
+        opt.step(np.ones(3))
+    assert_bits_equal(opt.flat_params, np.ones(3))
+    assert opt.iterations == 0
+
+
+def test_bad_attribute_values_are_refused_and_groups_must_agree():
+    opt = fk.Adam([{"params": [np.ones(3)]}, {"params": [np.ones(2)], "learning_rate": 0.5}])
+    with pytest.raises(ValueError, match=r"beta_1"):
+        opt.beta_1 = 1.5
+    assert [g["beta_1"] for g in opt.param_groups] == [0.9, 0.9] and opt.beta_1 == 0.9
+    with pytest.raises(AttributeError, match="parameter groups hold different values"):
+        opt.learning_rate
+    opt.learning_rate = 0.2
+    assert [g["learning_rate"] for g in opt.param_groups] == [0.2, 0.2]
+    with pytest.raises(ValueError, match=r"Lion beta_1"):
+        fk.Lion([np.ones(3)], beta_1=0.0)  # Keras: "degenerates to SignSGD"
 
 
 # -- 3. shared checks ----------------------------------------------------------------------------
@@ -404,8 +468,9 @@ BAD = {
     "centered": [0],
     "initial_accumulator_value": [-1.0],
 }
+BAD_FOR = {("Lion", "beta_1"): [0.0, 1.5]}  # Keras's range for Lion's beta_1 is (0, 1]
 BAD_CASES = [(name, kwargs, key, bad) for name, kwargs in TABLE
-             for key in getattr(fk, name)._hyperparameters for bad in BAD[key]]
+             for key in getattr(fk, name)._hyperparameters for bad in BAD_FOR.get((name, key), BAD[key])]
 
 
 @pytest.mark.parametrize("name,kwargs,key,bad", BAD_CASES,
@@ -435,7 +500,7 @@ def test_bad_schedule_value_is_rejected_without_writes(value, dtype, exc):
     """A schedule's value gets the checks a plain learning rate gets (a string is not a
     number, 1e39 overflows float32), before anything is written."""
     opt = fk.Adam([{"params": [np.ones(3, dtype)]},
-                   {"params": [np.ones(2, dtype)], "learning_rate": lambda it: value}])
+                   {"params": [np.ones(2, dtype)], "learning_rate": lambda: value}])
     opt.grads[0][:] = 1.0
     with pytest.raises(exc, match=r"param_groups\[1\] learning_rate"):
         opt.step()

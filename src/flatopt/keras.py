@@ -4,7 +4,8 @@
 ``Adamax``, ``Nadam`` and ``Lion`` take ``keras.optimizers``' arguments (``learning_rate``,
 ``beta_1``, ``epsilon``, ...) with Keras's defaults, and update exactly as Keras 3's
 backend-agnostic ``update_step`` does (what the TensorFlow and JAX backends run; the torch
-backend computes the same formulas with ``torch._foreach`` ops, equal to rounding). They
+backend computes the same formulas with ``torch._foreach`` ops, equal to rounding for
+finite values; see the docs for overflowing gradients). They
 use the flat-buffer API of every flatopt optimizer (``opt.params``, ``opt.grads``,
 ``opt.step()``, parameter groups, ``state_dict()``), for porting a Keras training script
 or reproducing a TensorFlow paper without Keras::
@@ -21,14 +22,17 @@ epsilon inside the square root; Adagrad's accumulator starts at 0.1; Nadam's mom
 schedule is ``0.96**t`` (torch: ``0.96**(0.004*t)``); weight decay is always decoupled,
 ``p *= 1 - weight_decay*learning_rate`` before the update, for every optimizer.
 
-Learning rate
--------------
-``learning_rate`` is a float, or a callable taking the iteration count (the number of
-steps taken so far, Keras's ``optimizer.iterations``) and returning the rate, such as a
-``keras.optimizers.schedules.LearningRateSchedule``: it is called once per step and
-group, with the same argument Keras passes, so the same schedule object gives the same
-rates. ``opt.param_groups[i]["learning_rate"]`` may be changed between steps (Keras's
-``optimizer.learning_rate = ...``). Like every hyperparameter it may differ per group.
+Learning rate and other hyperparameters
+---------------------------------------
+``learning_rate`` is a float, a ``keras.optimizers.schedules.LearningRateSchedule``
+(called with the iteration count, the steps taken so far: Keras's
+``optimizer.iterations``), or any other callable, called with no arguments, as Keras
+calls them: once per step and group, before anything is written, so the same schedule
+object gives the same rates. As in Keras, ``opt.learning_rate = 0.5`` (or ``opt.beta_1``,
+``opt.momentum``, ... any constructor hyperparameter) changes it for the next step,
+validated at once, and reading ``opt.learning_rate`` gives the current rate. Each
+hyperparameter may also differ per group (``opt.param_groups[i]["learning_rate"]``);
+the attribute is then readable only where the groups agree.
 
 Precision
 ---------
@@ -40,16 +44,18 @@ casts it to each variable's dtype; flatopt.keras uses it as given, cast to the b
 dtype. The two agree whenever floatx is the parameters' dtype (float32 parameters by
 default; ``keras.config.set_floatx("float64")`` for float64 ones).
 
-Not supported: ``clipnorm``, ``clipvalue``, ``global_clipnorm`` (use
-``opt.clip_grad_norm_``), ``use_ema``, ``loss_scale_factor`` (use ``step(grad_scale=...)``),
+Not supported: ``clipnorm``, ``clipvalue``, ``global_clipnorm`` (``opt.clip_grad_norm_``
+clips by the global norm, with torch's ``+ 1e-6``; clip per variable or per element on
+``opt.grads`` with NumPy), ``use_ema``, ``loss_scale_factor`` (use ``step(grad_scale=...)``),
 ``gradient_accumulation_steps``, ``exclude_from_weight_decay`` (put those parameters in a
 group with ``weight_decay=None``, or ``0.0`` for AdamW, which requires a number as Keras's
 does).
 """
 
+import inspect
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -61,13 +67,37 @@ from ._optimizer import Grads, Optimizer, Params
 from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_real, describe
 
 
-#: ``learning_rate``: a float, or a schedule called with the iteration count.
-LearningRate = float | Callable[[int], float]
+#: ``learning_rate``: a float, a Keras schedule (called with the iteration count), or a
+#: callable of no arguments.
+LearningRate = float | Callable[[int], float] | Callable[[], float]
+
+
+def _is_schedule(value: object) -> bool:
+    """Whether ``value`` is a Keras ``LearningRateSchedule``, which Keras calls with the
+    iteration count (any other callable learning rate it calls with no arguments)."""
+    return any(c.__name__ == "LearningRateSchedule" and c.__module__.split(".")[0] in ("keras", "tf_keras")
+               for c in type(value).__mro__)
+
+
+def _is_callable_rate(value: object) -> TypeGuard[Callable[..., Any]]:
+    return callable(value) and not isinstance(value, numbers.Real)
+
 
 def _check_learning_rate(value: object, where: str) -> None:
-    if callable(value) and not isinstance(value, numbers.Real):
-        return
-    check_real(value, f"{where} learning_rate", low=0.0)
+    if not _is_callable_rate(value):
+        check_real(value, f"{where} learning_rate", low=0.0)
+    elif not _is_schedule(value):
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):  # a builtin without one: called as it is
+            return
+        try:
+            signature.bind()
+        except TypeError:
+            raise TypeError(
+                f"{where} learning_rate: a callable learning rate is called with no arguments, "
+                "as Keras calls it (only a keras LearningRateSchedule gets the iteration count: "
+                f"read opt.iterations in the callable); got {describe(value)}{signature}") from None
 
 
 def _check_weight_decay(value: object, where: str) -> None:
@@ -87,9 +117,34 @@ def _check_betas(group: Mapping[str, Any], where: str) -> None:
     check_betas((group["beta_1"], group["beta_2"]), f"{where} (beta_1, beta_2)")
 
 
+class _Hyperparameter:
+    """A Keras optimizer attribute (``opt.beta_1``): read from the parameter groups (where
+    they agree), written to all of them after validation; it takes effect at the next
+    step, as assigning Keras's attribute does."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, opt: "_KerasOptimizer | None", owner: type | None = None) -> Any:
+        if opt is None:
+            return self
+        return opt._get_hyperparameter(self.name)
+
+    def __set__(self, opt: "_KerasOptimizer", value: Any) -> None:
+        opt._set_hyperparameter(self.name, value)
+
+
 class _KerasOptimizer(Optimizer):
-    """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule)
-    and Keras's decoupled weight decay (None or 0: off)."""
+    """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule),
+    Keras's decoupled weight decay (None or 0: off), and Keras's attributes for the
+    hyperparameters (each subclass declares its own as ``_Hyperparameter()``)."""
+
+    #: The learning rate now (a schedule's value at this iteration); assignable.
+    learning_rate = _Hyperparameter()
+    #: Decoupled weight decay (None: off); assignable.
+    weight_decay = _Hyperparameter()
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
@@ -103,6 +158,55 @@ class _KerasOptimizer(Optimizer):
         """Steps taken so far (Keras's ``optimizer.iterations``)."""
         step: int = self.state["step"]
         return step
+
+    def _get_hyperparameter(self, name: str) -> Any:
+        values = [group[name] for group in self.param_groups]
+        first = values[0]
+        for value in values[1:]:
+            try:
+                same = value is first or (type(value) is type(first) and bool(value == first))
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name}: the parameter groups hold different values "
+                    f"({', '.join(repr(v) for v in values)[:120]}); read param_groups[i][{name!r}]")
+        if name == "learning_rate" and _is_callable_rate(first):
+            return self._rate_now(0, first)
+        return first
+
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if (name == "learning_rate" and not _is_callable_rate(value)
+                and any(_is_schedule(group[name]) for group in self.param_groups)):
+            raise TypeError(  # Keras's rule, word for word in substance
+                f"{type(self).__name__}.learning_rate: this optimizer's learning rate is a "
+                "LearningRateSchedule, so it is not settable to a number (as in Keras); assign "
+                "another schedule, or set param_groups[i]['learning_rate']")
+        for gi, group in enumerate(self.param_groups):  # every group checked, then written
+            self._check_group({**group, name: value}, f"param_groups[{gi}]")
+        for group in self.param_groups:
+            group[name] = value
+
+    def _rate_now(self, gi: int, lr: Callable[..., Any]) -> float:
+        """Callable learning rate ``lr`` of group ``gi`` evaluated now, as Keras does, and checked."""
+        if _is_schedule(lr):
+            value = lr(self.state["step"])
+        else:
+            try:
+                value = lr()
+            except TypeError:  # set in param_groups unchecked: say so if it needs arguments
+                _check_learning_rate(lr, f"param_groups[{gi}]")
+                raise
+        if not isinstance(value, numbers.Real):  # a framework's 0-d tensor, say
+            try:  # (a string has no __float__: float("0.1") is not a number)
+                value = float(value.__float__())
+            except (AttributeError, TypeError, ValueError):
+                raise TypeError(f"param_groups[{gi}] learning_rate schedule must return a "
+                                f"number, got {describe(value)}") from None
+        name = "learning_rate (schedule value)"
+        rate = check_real(value, f"param_groups[{gi}] {name}", low=0.0)
+        check_fits({name: rate}, self.layout.dtype, f"param_groups[{gi}]")
+        return rate
 
     def _check(self, group: dict[str, Any], where: str | None = None) -> None:
         where = where or type(self).__name__
@@ -123,17 +227,8 @@ class _KerasOptimizer(Optimizer):
         lrs: list[Any] = []
         for gi, group in enumerate(self.param_groups):
             lr = group.get("learning_rate") if isinstance(group, dict) else None
-            if callable(lr) and not isinstance(lr, numbers.Real):
-                value = lr(self.state["step"])
-                if not isinstance(value, numbers.Real):  # a framework's 0-d tensor, say
-                    try:  # (a string has no __float__: float("0.1") is not a number)
-                        value = float(value.__float__())
-                    except (AttributeError, TypeError, ValueError):
-                        raise TypeError(f"param_groups[{gi}] learning_rate schedule must return a "
-                                        f"number, got {describe(value)}") from None
-                name = "learning_rate (schedule value)"
-                lr = check_real(value, f"param_groups[{gi}] {name}", low=0.0)
-                check_fits({name: lr}, self.layout.dtype, f"param_groups[{gi}]")
+            if _is_callable_rate(lr):
+                lr = self._rate_now(gi, lr)
             lrs.append(lr)
         self._lrs = lrs
         return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
@@ -148,6 +243,9 @@ class SGD(_KerasOptimizer):
     """keras.optimizers.SGD: ``m = momentum*m - learning_rate*g; p += m`` (Nesterov:
     ``p += momentum*m - learning_rate*g``), ``m`` starting at zero; without momentum
     ``p -= learning_rate*g``."""
+
+    momentum = _Hyperparameter()
+    nesterov = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "momentum", "nesterov", "weight_decay")
     _all_state_names: tuple[str, ...] = ("momentum",)
@@ -185,6 +283,11 @@ class Adam(_KerasOptimizer):
     ``p -= m*alpha/(sqrt(v) + epsilon)`` with ``alpha = lr*sqrt(1-beta_2**t)/(1-beta_1**t)``
     (epsilon is not bias-corrected; default 1e-7). ``amsgrad`` uses the running maximum
     of ``v`` (state ``velocity_hat``)."""
+
+    beta_1 = _Hyperparameter()
+    beta_2 = _Hyperparameter()
+    epsilon = _Hyperparameter()
+    amsgrad = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay")
     _all_state_names: tuple[str, ...] = ("momentum", "velocity", "velocity_hat")
@@ -243,6 +346,11 @@ class RMSprop(_KerasOptimizer):
     ``lr*g/sqrt(v + epsilon)`` (epsilon inside the root; centered: ``sqrt(v - a*a + eps)``
     with ``a`` the running mean of ``g``); with momentum ``b = momentum*b + step; p -= b``."""
 
+    rho = _Hyperparameter()
+    momentum = _Hyperparameter()
+    epsilon = _Hyperparameter()
+    centered = _Hyperparameter()
+
     _hyperparameters: tuple[str, ...] = ("learning_rate", "rho", "momentum", "epsilon", "centered", "weight_decay")
     _all_state_names: tuple[str, ...] = ("velocity", "momentum", "average_gradient")
 
@@ -283,6 +391,9 @@ class Adadelta(_KerasOptimizer):
     the same formula as torch.optim.Adadelta (whose kernel it uses), with Keras's defaults
     and decoupled weight decay."""
 
+    rho = _Hyperparameter()
+    epsilon = _Hyperparameter()
+
     _hyperparameters: tuple[str, ...] = ("learning_rate", "rho", "epsilon", "weight_decay")
     _all_state_names: tuple[str, ...] = ("accumulated_grad", "accumulated_delta_var")
 
@@ -314,7 +425,11 @@ class Adadelta(_KerasOptimizer):
 
 class Adagrad(_KerasOptimizer):
     """keras.optimizers.Adagrad: ``acc += g*g; p -= lr*g/sqrt(acc + epsilon)`` (epsilon
-    inside the root), ``acc`` starting at ``initial_accumulator_value`` (default 0.1)."""
+    inside the root), ``acc`` filled with ``initial_accumulator_value`` (default 0.1) at
+    the first step, as Keras builds it then (a change made before it counts)."""
+
+    initial_accumulator_value = _Hyperparameter()
+    epsilon = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
     _all_state_names: tuple[str, ...] = ("accumulator",)
@@ -344,6 +459,9 @@ class Adagrad(_KerasOptimizer):
     def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
+        if step == 1:  # Keras fills the accumulator when it builds, at the first step
+            start, stop = self._segments[gi]
+            self.state["accumulator"][start:stop] = group["initial_accumulator_value"]
         kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
                               grad_scale, n_threads)
 
@@ -351,6 +469,10 @@ class Adagrad(_KerasOptimizer):
 class Adamax(_KerasOptimizer):
     """keras.optimizers.Adamax: ``m += (g-m)*(1-beta_1)``, ``u = max(beta_2*u, |g|)``,
     ``p -= lr*m / ((1-beta_1**t)*(u + epsilon))`` (torch adds eps inside the max)."""
+
+    beta_1 = _Hyperparameter()
+    beta_2 = _Hyperparameter()
+    epsilon = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
     _all_state_names: tuple[str, ...] = ("m", "u")
@@ -383,6 +505,10 @@ class Nadam(_KerasOptimizer):
     (torch.optim.NAdam: ``0.96**(t*momentum_decay)``, 0.004 by default) and its running
     product (``state["u_product"]``, one per group, in the buffers' dtype, as Keras keeps
     one in the variables' dtype); ``p -= m_hat*lr/(sqrt(v/(1-beta_2**t)) + epsilon)``."""
+
+    beta_1 = _Hyperparameter()
+    beta_2 = _Hyperparameter()
+    epsilon = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
     _all_state_names: tuple[str, ...] = ("momentum", "velocity")
@@ -423,6 +549,9 @@ class Lion(_KerasOptimizer):
     ``m = beta_2*m + (1-beta_2)*g``, with Keras's weight decay. Keras casts beta_1 and
     beta_2 to the variables' dtype before ``1 - beta``; so does this class."""
 
+    beta_1 = _Hyperparameter()
+    beta_2 = _Hyperparameter()
+
     _hyperparameters: tuple[str, ...] = ("learning_rate", "beta_1", "beta_2", "weight_decay")
     _all_state_names: tuple[str, ...] = ("momentum",)
 
@@ -436,7 +565,9 @@ class Lion(_KerasOptimizer):
                          master_dtype=master_dtype)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
-        _check_betas(group, where)
+        # Keras's range for beta_1: (0, 1] (0 would be SignSGD, 1 is the momentum alone).
+        check_real(group["beta_1"], f"{where} beta_1", low=0.0, high=1.0, low_open=True)
+        _check_unit(group, "beta_2", where, high_open=True)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",)
