@@ -529,6 +529,90 @@ def check_bad_input(rank, world):
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def check_every_rank_agrees(rank, world):
+    """Each of these used to leave the ranks disagreeing, silently or by a hang: a step
+    retried with the hyperparameters still different, or after clip_grad_norm_; a bad
+    hyperparameter of a group that lies in one rank's slice; a bad grad_scale or a failing
+    closure on one rank; a load that fails on one rank; a load between grad_norm and step
+    (gradients reduced twice); a checkpoint after an LR scheduler's step (stale lr)."""
+    nan = float("nan")
+
+    def backward(model, scale=1.0):
+        (model(torch.ones(2, 5, dtype=torch.float64), 2, 0).sum() * scale).backward()
+
+    def groups(model):
+        return [{"params": model.net.parameters()}, {"params": model.extra.parameters()}]
+
+    model, twin = make_model(), make_model()
+    opt = ShardedOptimizer(groups(model), ft.Adam, lr=0.1)
+    twin_opt = ShardedOptimizer(groups(twin), ft.Adam, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model)
+    if rank == world - 1:
+        opt.param_groups[0]["lr"] = 0.05
+    for _ in range(2):  # retried unchanged: raises again
+        raises_on_every_rank(opt.step, ValueError, "hyperparameters differ")
+    opt.param_groups[0]["lr"] = 0.1
+    opt.clip_grad_norm_(1e9)
+    if rank == world - 1:
+        opt.param_groups[0]["lr"] = 0.05
+    raises_on_every_rank(opt.step, ValueError, "hyperparameters differ")  # changed after clipping
+    opt.param_groups[0]["lr"] = 0.1
+    opt.param_groups[1]["lr"] = -1.0  # group 1 (model.extra) lies in the last rank's slice only
+    raises_on_every_rank(opt.step, ValueError, "param_groups[1] lr", "no rank changed")
+    opt.param_groups[1]["lr"] = 0.1
+    raises_on_every_rank(lambda: opt.step(grad_scale=nan if rank == world - 1 else 1.0), ValueError,
+                         f"rank {world - 1}", "grad_scale", "combined and are kept")
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    opt.load_state_dict(opt.state_dict())  # between the reduction and the step: kept as reduced
+    opt.step()  # the gradients reduced once, as if nothing had failed
+    backward(twin)
+    twin_opt.step()
+    assert_close(model, twin, 0.0)
+
+    def closure():
+        opt.zero_grad()
+        if rank == world - 1:
+            raise RuntimeError("data loader failed")
+        backward(model)
+        return 0.0
+    raises_on_every_rank(lambda: opt.step(closure), RuntimeError, "data loader failed",
+                         "must be computed again")
+    raises_on_every_rank(opt.step, RuntimeError, "compute them again")
+    opt.zero_grad()
+    backward(model)
+    opt.step()
+    twin_opt.zero_grad()
+    backward(twin)
+    twin_opt.step()
+    assert_close(model, twin, 0.0)
+
+    # A checkpoint after the scheduler's step has the scheduled lr (and initial_lr).
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    sched.step()
+    assert opt.state_dict()["param_groups"][0]["lr"] == pytest.approx(0.01)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        full = opt.state_dict()
+        assert [(g["lr"], g["initial_lr"]) for g in full["param_groups"]] == [(pytest.approx(0.01), 0.1)] * 2
+    # A checkpoint whose last entry is bad: only the last rank holds that parameter's piece.
+    saved = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in e.items()}
+             for e in opt.local_optimizer.state_dict()["state"].values()]
+    single = ft.Adam(groups(make_model()), lr=0.1)
+    bad = single.state_dict()
+    bad["state"] = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(p.shape),
+                        "exp_avg_sq": torch.zeros(p.shape)} for i, p in enumerate(model.parameters())}
+    bad["state"][7]["exp_avg"] = torch.zeros(1)
+    raises_on_every_rank(lambda: opt.load_state_dict(bad), ValueError, f"rank {world - 1}", "has shape",
+                         "no rank changed")
+    after = list(opt.local_optimizer.state_dict()["state"].values())
+    assert len(after) == len(saved)
+    for a, b in zip(after, saved):
+        assert all(torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
 def check_world_larger_than_elements(rank, world):
     params = [torch.nn.Parameter(torch.zeros(world - 1, dtype=torch.float64))]
     raises_on_every_rank(lambda: ShardedOptimizer(params, ft.SGD, lr=0.1), ValueError,
@@ -570,6 +654,7 @@ def job_checks(world, tmp):
         ("empty-slice", check_empty_slice),
         ("world-larger-than-elements", check_world_larger_than_elements),
         ("bad-input", check_bad_input),
+        ("every-rank-agrees", check_every_rank_agrees),
     ]
     if world == 2:
         checks += [

@@ -75,10 +75,15 @@ Guarantees and agreement
   and all raise if any rank failed or the lists differ; in ``step()`` a rank whose
   gradients fail their checks (a replaced ``p.data``, a gradient of the wrong shape, a
   sparse gradient) makes every rank raise through the agreement of point 1, before any
-  parameter or optimizer state changes (``p.grad`` may already hold reduced sums: call
-  ``zero_grad()`` and compute the gradients again before the next step); so do
-  hyperparameters that differ between ranks (a checksum is part of that exchange; there
-  the reduced gradients are kept, and ``step()`` may be called again once they agree).
+  parameter or optimizer state changes (``p.grad`` may already hold reduced sums: the
+  next ``step()`` raises until ``zero_grad()`` and the gradients are computed again; a
+  closure that raised on one rank counts alike); so do, on every ``step()``, retried or
+  after :meth:`clip_grad_norm_`, hyperparameters that differ between ranks (a checksum is
+  part of that exchange), an invalid hyperparameter (checked on every rank, whether or not
+  its slice holds parameters of that group) and an invalid ``grad_scale``; there the
+  reduced gradients are kept, and ``step()`` may be called again once mended.
+* ``load_state_dict()`` is a collective too: each rank checks its pieces, and if any
+  rank's fail, every rank raises the same error with its state unchanged.
 * Gradient clipping and ``skip_if_nonfinite`` agree across ranks: :meth:`grad_norm` and
   :meth:`clip_grad_norm_` compute the global norm of the averaged gradient (each rank its
   slice's partial, exchanged and combined in rank order, so every rank gets the same
@@ -92,7 +97,8 @@ holding 1-D pieces of the state tensors, plus a ``"shard"`` entry describing the
 ``consolidate_state_dict(to=0)`` (called on every rank) gathers the shards on rank ``to``,
 after which ``state_dict()`` there returns the full, torch-format state dict (until the
 next ``step()``): it loads into a single-process ``flatopt.torch`` optimizer and into the
-``torch.optim`` optimizer of the same name. ``load_state_dict(full)`` on every rank takes
+``torch.optim`` optimizer of the same name. Both carry the hyperparameters as they are
+now (an LR scheduler's last step included). ``load_state_dict(full)`` on every rank takes
 this rank's pieces, so a job can resume with another world size; a shard loads back into
 the same rank of the same layout.
 
@@ -117,6 +123,7 @@ parameters and gradients (values are copied in before the local step, since the 
 parameters may be changed between steps).
 """
 
+import copy
 import inspect
 import math
 import weakref
@@ -132,9 +139,9 @@ import torch.distributed as dist
 from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
-from .._validation import check_bool, check_real
+from .._validation import check_bool, check_fits, check_real
 from ._packing import ParamList, check_params, check_still_bound, guard_params
-from ._base import hooked_step
+from ._base import _FlatOptimizer, hooked_step
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
@@ -378,6 +385,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _pending_grad_scale: float
     _consolidated: dict[str, Any] | None
     _reduced: tuple[list[bool], tuple[float, float, int] | None] | None
+    _grads_spent: bool
     _params: list[torch.Tensor]
     _group_of: list[int]
     _buckets: list[_Bucket]
@@ -414,6 +422,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._constructing = True
         self._consolidated = None
         self._reduced = None          # (mask, stats) once this step's gradients are reduced
+        self._grads_spent = False     # combined with a failed rank's: compute them again
         self._pending_grad_scale = 1.0
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -716,23 +725,29 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     else:
                         view.copy_(g.detach().reshape(-1)[s:e])
 
-    def _reduce(self) -> list[bool]:
-        """Agree on the participating parameters (and that no rank failed), and reduce the
-        gradients into each rank's slice. Returns the participation mask."""
-        if self._reduced is not None:
-            return self._reduced[0]
-        error: Exception | None = None
-        try:
-            self._collect()
-            self._control[self._n] = 0
-        except Exception as exc:  # noqa: BLE001 - every rank raises below
-            error = exc
-            self._control[self._n] = 1
+    def _reduce(self, error: Exception | None = None, code: int = 0) -> list[bool]:
+        """Agree that no rank failed its checks (``error``: this rank's, from :meth:`step`,
+        with its ``code``) and that all hold the same hyperparameters, and, once per set of gradients, agree
+        on the participating parameters and reduce the gradients into each rank's slice.
+        Returns the participation mask. :meth:`step` calls it every time (after
+        :meth:`grad_norm`, which reduced the gradients, only the small exchange runs), so
+        a retried or changed step is checked again."""
+        reduced = self._reduced is not None
+        if not reduced:
+            try:
+                if self._grads_spent:
+                    raise RuntimeError(
+                        "the gradients were combined with those of a rank that failed at the last "
+                        "step(); compute them again (zero_grad(), backward()) first")
+                self._collect()
+            except Exception as exc:  # noqa: BLE001 - every rank raises below
+                error, code = error or exc, _FAILED_GRADIENTS
+        self._control[self._n] = code
         digest = zlib.crc32(repr(self._hyperparameters()).encode())
         self._control[self._n + 1:] = torch.tensor(list(digest.to_bytes(4, "little")), dtype=torch.uint8)
         group = self.process_group
         works = [self._gather(self._control_out, self._control, async_op=True)]
-        if self.average_gradients:
+        if self.average_gradients and not reduced:
             for b in self._buckets:
                 flat_grad = _own(b.flat_grad)
                 if self.collectives[0] == "reduce_scatter_tensor":
@@ -750,21 +765,44 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for work in works:
             if work is not None:
                 work.wait()
-        if self.average_gradients:
-            for b in self._buckets:
-                b.deliver(_own(b.target))
-            if self.collectives[0] != "reduce_scatter_tensor":
-                self._dirty[:] = True   # the views hold sums now: zero before reuse
         rows = self._control_out.view(self.world_size, self._n + 5)
-        failed = rows[:, self._n].nonzero().flatten().tolist()
+        codes = rows[:, self._n]
+        if reduced:
+            mask = self._reduced[0]  # type: ignore[index]  # reduced: not None
+        else:
+            mask = rows[:, :self._n].amax(0).bool().tolist()
+            if self.average_gradients:
+                for b in self._buckets:
+                    b.deliver(_own(b.target))
+                if self.collectives[0] != "reduce_scatter_tensor":
+                    self._dirty[:] = True   # the views hold sums now: zero before reuse
+            if bool((codes == _FAILED_GRADIENTS).any()):
+                # A rank's gradients did not go in: the sums are not the gradients'.
+                self._grads_spent = self.average_gradients
+            else:  # reduced for good: a step retried once the error is mended reuses them
+                self._reduced = (mask, None)
+        failed = codes.nonzero().flatten().tolist()
         if failed:
             self._raise_step_error(failed, error)
-        mask = rows[:, :self._n].amax(0).bool().tolist()
-        self._reduced = (mask, None)
         if not bool((rows[:, self._n + 1:] == rows[0, self._n + 1:]).all()):
             # The reduced gradients are kept: set the hyperparameters alike and step again.
             self._raise_hyperparameter_error()
         return mask
+
+    def _check_hyperparameters(self) -> None:
+        """Check every group's hyperparameters by the local optimizer's rules (flatopt.torch
+        classes; torch.optim's check only in their constructors), on every rank, whether or
+        not this rank's slice holds parameters of the group: a rank that skipped the check
+        would go on to the parameter exchange while another raised."""
+        local = self.local_optimizer
+        if not isinstance(local, _FlatOptimizer):
+            return
+        for gi, group in enumerate(self.param_groups):
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            local._check_group(hyper, f"param_groups[{gi}]")
+            for dtype in {_NUMPY_DTYPES[p.dtype] for p in group["params"] if p.dtype in _NUMPY_DTYPES}:
+                check_fits(local._hyperparameters(hyper), dtype,
+                           f"{type(local).__name__} param_groups[{gi}]")
 
     def _hyperparameters(self) -> list[list[tuple[str, Any]]]:
         return [[(k, group[k]) for k in sorted(group) if k != "params"] for group in self.param_groups]
@@ -784,8 +822,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _raise_step_error(self, failed: list[int], error: Exception | None) -> NoReturn:
         reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
         dist.all_gather_object(reports, (self.rank, _describe_error(error), None), group=self.process_group)
+        kept = ("; the gradients were combined and are kept: step() may be called again once "
+                "this is mended" if self._reduced is not None else
+                "; the gradients must be computed again (zero_grad(), backward())" if self._grads_spent else "")
         _raise_agreed("ShardedOptimizer.step", [(r, e) for r, e, _ in reports if e is not None], error,
-                      suffix="; no rank changed its parameters or optimizer state")
+                      suffix="; no rank changed its parameters or optimizer state" + kept)
 
     def _gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
         """All-gather a small tensor (every rank's ``inp`` into ``out``, in rank order)."""
@@ -831,7 +872,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 
     def _stats(self, norm_type: float) -> tuple[float, int]:
         """(global norm of the averaged gradient, global non-finite count), agreed by all."""
-        mask = self._reduce()
+        mask = self._reduced[0] if self._reduced is not None else self._reduce()
         stats = self._reduced[1] if self._reduced is not None else None  # set by _reduce()
         if stats is not None and stats[0] == norm_type:
             return stats[1], stats[2]
@@ -881,6 +922,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """Zero the gradients: the flat gradient buffer in one pass, and with
         ``set_to_none`` (the default) every ``p.grad`` set to None, as in torch."""
         self._reduced = None
+        self._grads_spent = False
         self._pending_grad_scale = 1.0
         if not self.average_gradients:
             super().zero_grad(set_to_none=set_to_none)
@@ -915,15 +957,23 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         factor); with ``skip_if_nonfinite`` a gradient holding inf or NaN on any rank
         skips the step on every rank (:attr:`skipped_steps`, :attr:`last_step_skipped`).
         """
-        if grad_scale != 1.0:
-            grad_scale = check_real(grad_scale, "grad_scale")
-        check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+        # This rank's checks; an error is raised on every rank by the exchange in _reduce.
         loss: float | None = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        error: Exception | None = None
+        code = _FAILED_GRADIENTS  # a closure that failed left the gradients unfinished
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            code = _FAILED_CHECK
+            if grad_scale != 1.0:
+                grad_scale = check_real(grad_scale, "grad_scale")
+            check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+            self._check_hyperparameters()
+        except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
+            error = exc
         self._consolidated = None
-        mask = self._reduce()
+        mask = self._reduce(error, code if error is not None else 0)
         scale = grad_scale * self._pending_grad_scale
         if self.average_gradients:
             scale /= self.world_size
@@ -934,10 +984,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         local = self.local_optimizer
-        for mine, theirs in zip(self.param_groups, local.param_groups):
-            for key, value in mine.items():
-                if key != "params":
-                    theirs[key] = value
+        self._sync_local_groups()
         for b in self._buckets:
             for (piece, k, _, _), grad in zip(b.pieces, b.read_views()):
                 if piece.grad is not grad or not mask[k]:
@@ -954,6 +1001,14 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._refresh_params(b)
             b.locate()
         return loss
+
+    def _sync_local_groups(self) -> None:
+        """Copy the hyperparameters (LR schedulers edit ``param_groups``) into the local
+        optimizer's groups: before its step, and before its state dict is taken."""
+        for mine, theirs in zip(self.param_groups, self.local_optimizer.param_groups):
+            for key, value in mine.items():
+                if key != "params":
+                    theirs[key] = value
 
     # -- checkpoints ---------------------------------------------------------------------
     def _local_to_shard(self, local_sd: dict[str, Any]) -> dict[str, Any]:
@@ -980,6 +1035,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         on this rank and before the next step, the full torch-format state dict."""
         if self._consolidated is not None:
             return self._consolidated
+        self._sync_local_groups()
         return self._local_to_shard(self.local_optimizer.state_dict())
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -987,6 +1043,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         whose :meth:`state_dict` then returns the full state dict until the next step."""
         if not isinstance(to, int) or not 0 <= to < self.world_size:
             raise ValueError(f"to must be a rank in 0..{self.world_size - 1}, got {to!r}")
+        self._sync_local_groups()
         shard = self._local_to_shard(self.local_optimizer.state_dict())
         shards: list[Any] | None = [None] * self.world_size if self.rank == to else None
         dist.gather_object(shard, shards, dst=dist.get_global_rank(self.process_group, to),
@@ -1016,7 +1073,36 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a full state dict (from :meth:`consolidate_state_dict`, or saved by the
         single-process optimizer of the same class or torch.optim's of the same name),
-        taking this rank's pieces; or this rank's own shard. Local: no collective."""
+        taking this rank's pieces; or this rank's own shard. A collective: call it on
+        every rank. Each rank checks its pieces; if any rank's fail, every rank raises the
+        same error and none has changed its state (those that had loaded go back)."""
+        local = self.local_optimizer
+        error: Exception | None = None
+        backup: dict[str, Any] | None = None
+        try:
+            local_sd = self._local_state_dict(state_dict)
+            backup = copy.deepcopy(local.state_dict())
+            local.load_state_dict(local_sd)
+        except Exception as exc:  # noqa: BLE001 - every rank raises below
+            error = exc
+        reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
+        dist.all_gather_object(reports, (self.rank, _describe_error(error), None), group=self.process_group)
+        failures = [(r, e) for r, e, _ in reports if e is not None]
+        if failures:
+            if error is None and backup is not None:  # another rank failed: undo this one's load
+                local.load_state_dict(backup)
+            _raise_agreed("ShardedOptimizer.load_state_dict", failures, error,
+                          suffix="; no rank changed its optimizer state")
+        for mine, theirs in zip(self.param_groups, local.param_groups):
+            for key, value in theirs.items():
+                if key != "params":
+                    mine[key] = value
+        self._consolidated = None
+        self._pending_grad_scale = 1.0  # (gradients already reduced stay reduced)
+
+    def _local_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The local optimizer's state dict of this rank's pieces of ``state_dict``; raises
+        on what this rank can check (its pieces' shapes, the groups, a shard's layout)."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("ShardedOptimizer: state_dict must have keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -1068,14 +1154,14 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             local_groups.append({**{k: v for k, v in saved.items() if k != "params"},
                                  "params": list(range(j, j + n))})
             j += n
-        self.local_optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
-        for mine, theirs in zip(self.param_groups, self.local_optimizer.param_groups):
-            for key, value in theirs.items():
-                if key != "params":
-                    mine[key] = value
-        self._consolidated = None
-        self._reduced = None
-        self._pending_grad_scale = 1.0
+        return {"state": local_state, "param_groups": local_groups}
+
+
+# The control byte of the step exchange: this rank failed a check (its gradients went in),
+# or failed while gathering its gradients (the sums are not the gradients').
+_FAILED_CHECK, _FAILED_GRADIENTS = 1, 2
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.float32),
+                                                   torch.float64: np.dtype(np.float64)}
 
 
 def _own(view: torch.Tensor | None) -> torch.Tensor:
