@@ -631,6 +631,20 @@ def test_import_flatopt_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=None)
 
 
+@pytest.mark.parametrize("first", ["empty", "float32"])
+def test_a_step_error_names_the_torch_group(first):
+    """The error of a hyperparameter changed between steps names the group the user sees,
+    not its index among the groups of its dtype (it said param_groups[0] here)."""
+    p0 = [] if first == "empty" else [torch.nn.Parameter(torch.zeros(3))]
+    p1 = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = ft.Adam([{"params": p0}, {"params": [p1]}], lr=0.1)
+    opt.param_groups[1]["lr"] = -1.0
+    p1.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"param_groups\[1\] lr"):
+        opt.step()
+    assert torch.equal(p1, torch.zeros(3, dtype=torch.float64))
+
+
 def test_errors():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="device meta"):

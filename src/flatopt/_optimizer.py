@@ -138,6 +138,9 @@ class Optimizer(ClipGradNormMixin):
     """
 
     _hyperparameters: tuple[str, ...] = ()
+    #: The index each group has in its owner's groups, for error messages (flatopt.torch:
+    #: a bucket holds the groups with parameters of its dtype); None: its own.
+    _group_index: list[int] | None = None
 
     defaults: dict[str, Any]
     #: The parameter groups: dicts of hyperparameters (which may be changed between
@@ -387,12 +390,13 @@ class Optimizer(ClipGradNormMixin):
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
             if not same:
+                where = f"param_groups[{gi if self._group_index is None else self._group_index[gi]}]"
                 if not isinstance(group, dict):
-                    raise TypeError(f"param_groups[{gi}] must be a dict, got {describe(group)}")
+                    raise TypeError(f"{where} must be a dict, got {describe(group)}")
                 missing = [k for k in self._hyperparameters if k not in group]
                 if missing:
-                    raise ValueError(f"param_groups[{gi}] lacks {missing}")
-                self._check_group(group, f"param_groups[{gi}]")
+                    raise ValueError(f"{where} lacks {missing}")
+                self._check_group(group, where)
                 changed = True
             # The objects themselves, for the identity check of the next _prepare, unless
             # one of them can change in place (a list, an array): then always compare.

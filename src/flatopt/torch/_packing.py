@@ -301,6 +301,7 @@ def make_buckets(opt: "_FlatOptimizer") -> list[Bucket]:
         half = next(iter(groups.values()))[0].dtype in HALF_DTYPES
         numpy_opt = numpy_class(numpy_groups, n_threads=opt._n_threads,
                                 master_dtype=np.float32 if half else None, **defaults)
+        numpy_opt._group_index = list(groups)  # errors name the torch group
         buckets.append(Bucket(numpy_opt, [p for ps in groups.values() for p in ps], list(groups)))
     return buckets
 
