@@ -78,6 +78,26 @@ def step_pair(m16, m32, flat, ref, x, y, s):
     ref.step()
 
 
+def adam_pair(half, n_batches, trained):
+    """A 16-bit model with flatopt.torch's mixed Adam and its float32 reference, trained
+    together on the first ``trained`` of ``n_batches`` batches."""
+    m16, m32 = models(half)
+    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    ref = ft.Adam(m32.parameters(), lr=1e-2)
+    batches = data(n_batches)
+    for s, (x, y) in enumerate(batches[:trained]):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    return m16, m32, flat, ref, batches
+
+
+def step_alone(model, opt, x, y, s):
+    """One step of ``opt`` (any optimizer) on 16-bit ``model``."""
+    half = model.a.weight.dtype
+    opt.zero_grad()
+    ((model(x.to(half), s) - y.to(half)) ** 2).mean().backward()
+    opt.step()
+
+
 @pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
 @pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -107,12 +127,7 @@ def test_close_to_torch_optim_in_float32(half):
 
 @pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
 def test_state_dict_carries_the_master_and_resumes_exactly(half):
-    m16, m32 = models(half)
-    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
-    ref = ft.Adam(m32.parameters(), lr=1e-2)
-    batches = data(40)
-    for s, (x, y) in enumerate(batches[:20]):
-        step_pair(m16, m32, flat, ref, x, y, s)
+    m16, m32, flat, ref, batches = adam_pair(half, 40, 20)
     saved = pickle.loads(pickle.dumps(flat.state_dict()))
     entry = saved["state"][0]
     assert entry["master_param"].dtype == torch.float32 and entry["exp_avg"].dtype == torch.float32
@@ -123,9 +138,7 @@ def test_state_dict_carries_the_master_and_resumes_exactly(half):
     resumed.load_state_dict(saved)
     for s, (x, y) in enumerate(batches[20:], start=20):
         step_pair(m16, m32, flat, ref, x, y, s)
-        resumed.zero_grad()
-        ((m16b(x.to(half), s) - y.to(half)) ** 2).mean().backward()
-        resumed.step()
+        step_alone(m16b, resumed, x, y, s)
     assert_matches(m16, m32, flat, half)
     for p, q in zip(m16.parameters(), m16b.parameters()):
         assert torch.equal(bits(p), bits(q))
@@ -217,12 +230,7 @@ def test_weights_written_by_other_code_are_stepped_from(half):
     """model.load_state_dict() or an in-place edit after the optimizer exists: the next
     step starts from the new 16-bit weights, as torch.optim's would (it used to rewrite
     them from the stale master: the edit was silently undone)."""
-    m16, m32 = models(half)
-    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
-    ref = ft.Adam(m32.parameters(), lr=1e-2)
-    batches = data(12)
-    for s, (x, y) in enumerate(batches[:6]):
-        step_pair(m16, m32, flat, ref, x, y, s)
+    m16, m32, flat, ref, batches = adam_pair(half, 12, 6)
     m16.load_state_dict(models(half, seed=3)[0].state_dict())
     with torch.no_grad():
         m16.b.weight[0].mul_(0)
@@ -243,12 +251,7 @@ def test_weights_written_by_other_code_are_stepped_from(half):
 def test_resumes_exactly_whichever_is_loaded_first(half, model_first):
     """torch.optim does not care whether the model or the optimizer is loaded first; nor
     does flatopt: the loaded master is kept where it rounds to the loaded weights."""
-    m16, m32 = models(half)
-    flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
-    ref = ft.Adam(m32.parameters(), lr=1e-2)
-    batches = data(30)
-    for s, (x, y) in enumerate(batches[:15]):
-        step_pair(m16, m32, flat, ref, x, y, s)
+    m16, m32, flat, ref, batches = adam_pair(half, 30, 15)
     saved_model = copy.deepcopy(m16.state_dict())
     saved = pickle.loads(pickle.dumps(flat.state_dict()))
     m16b = models(half, seed=7)[0]  # other weights until the checkpoint is loaded
@@ -261,9 +264,7 @@ def test_resumes_exactly_whichever_is_loaded_first(half, model_first):
         m16b.load_state_dict(saved_model)
     for s, (x, y) in enumerate(batches[15:], start=15):
         step_pair(m16, m32, flat, ref, x, y, s)
-        resumed.zero_grad()
-        ((m16b(x.to(half), s) - y.to(half)) ** 2).mean().backward()
-        resumed.step()
+        step_alone(m16b, resumed, x, y, s)
     assert_matches(m16b, m32, resumed, half)
 
 
@@ -275,15 +276,11 @@ def test_a_master_that_went_through_torch_optim_is_reconciled():
     flat = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
     batches = data(16)
     for s, (x, y) in enumerate(batches[:5]):
-        flat.zero_grad()
-        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
-        flat.step()
+        step_alone(m16, flat, x, y, s)
     plain = torch.optim.Adam(m16.parameters(), lr=1e-2)
     plain.load_state_dict(flat.state_dict())
     for s, (x, y) in enumerate(batches[5:15], start=5):
-        plain.zero_grad()
-        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
-        plain.step()
+        step_alone(m16, plain, x, y, s)
     checkpoint = plain.state_dict()
     assert checkpoint["state"][0]["master_param"].dtype == half  # carried along, stale
     m32 = copy.deepcopy(m16).float()
@@ -331,9 +328,7 @@ def test_a_torch_checkpoint_loaded_before_the_model_steps_from_the_model():
     plain = torch.optim.Adam(m16.parameters(), lr=1e-2)
     batches = data(8)
     for s, (x, y) in enumerate(batches[:6]):
-        plain.zero_grad()
-        ((m16(x.to(half), s) - y.to(half)) ** 2).mean().backward()
-        plain.step()
+        step_alone(m16, plain, x, y, s)
     m16b = models(half, seed=7)[0]
     resumed = ft.Adam(m16b.parameters(), lr=1e-2, master_dtype=torch.float32)
     resumed.load_state_dict(plain.state_dict())
