@@ -341,6 +341,7 @@ ATTRIBUTE_CASES = [
     ("Nadam", dict(learning_rate=1e-2), {5: dict(beta_1=0.8, beta_2=0.99, epsilon=1e-5)}),
     ("Lion", dict(learning_rate=1e-3), {5: dict(beta_1=0.5, beta_2=0.9, learning_rate=1e-2)}),
     ("Lion", dict(learning_rate=1e-3, beta_1=1.0), {}),  # Keras's beta_1 range is (0, 1]
+    ("Lion", dict(learning_rate=1e-3, beta_2=1.0), {}),  # Keras does not check beta_2
 ]
 
 
@@ -373,6 +374,92 @@ def test_callable_learning_rates_are_called_as_keras_calls_them(keras):
         ours.learning_rate = 0.1  # as Keras refuses it
     ours.learning_rate = lambda: 0.5
     assert ours.learning_rate == 0.5
+
+
+class _InverseTime(fk.LearningRateSchedule):
+    def __call__(self, step):
+        return 0.1 / (1 + step)
+
+
+def test_flatopt_schedule_gets_the_iteration_count_and_survives_copies():
+    """flatopt.keras.LearningRateSchedule: a step-dependent rate without Keras, carried
+    by deepcopy and pickle (a closure over the optimizer would keep reading the original)."""
+    import copy
+
+    opt = fk.SGD([np.ones(3)], momentum=0.9, learning_rate=_InverseTime())
+    opt.step(np.ones(3))
+    twins = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for o in [opt] + twins:
+        for _ in range(3):
+            o.step(np.ones(3))
+    for twin in twins:
+        assert_bits_equal(twin.flat_params, opt.flat_params)
+    m, p = 0.0, 1.0
+    for t in range(4):  # Keras's SGD with momentum, at rate 0.1/(1+t)
+        m = 0.9 * m - 0.1 / (1 + t)
+        p += m
+    np.testing.assert_allclose(opt.params[0], p, rtol=1e-15)
+    assert opt.learning_rate == 0.1 / 5
+
+
+def test_unsupported_keras_attributes_refuse_to_be_set():
+    """clipnorm & co. as attributes: None (off), and setting one raises, as the constructor
+    argument does (it used to create an attribute that changed nothing)."""
+    opt = fk.Adam([np.ones(3)])
+    for name in ["clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+                 "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps"]:
+        assert getattr(opt, name) is None
+        setattr(opt, name, None)
+        with pytest.raises(TypeError, match=f"Adam.{name}: not supported"):
+            setattr(opt, name, 1.0)
+        assert name not in vars(opt)
+
+
+def test_adagrad_accumulator_is_filled_only_for_a_changed_value():
+    """Refilled at the first step only if initial_accumulator_value changed before it (Keras
+    builds then); an accumulator set by hand, or a step count set back to 0, is kept
+    (``acc += g*g`` from it)."""
+    g = np.full(3, 0.5)
+    opt = fk.Adagrad([np.ones(3)])
+    opt.state["accumulator"] = np.full(3, 2.0)
+    opt.step(g)
+    np.testing.assert_array_equal(opt.state["accumulator"], 2.0 + 0.25)
+    for _ in range(4):
+        opt.step(g)
+    opt.state["step"] = 0
+    opt.step(g)
+    np.testing.assert_array_equal(opt.state["accumulator"], 2.0 + 6 * 0.25)
+    saved = fk.Adagrad([np.ones(3)])
+    saved.state["accumulator"] = np.full(3, 3.0)
+    loaded = fk.Adagrad([np.ones(3)])
+    loaded.load_state_dict(saved.state_dict())  # a step-0 checkpoint: kept as loaded
+    loaded.step(g)
+    np.testing.assert_array_equal(loaded.state["accumulator"], 3.0 + 0.25)
+
+
+def test_a_refused_step_consumes_no_scheduled_rate():
+    rates = iter([0.1, 0.05, 0.01])
+    opt = fk.SGD([np.zeros(3)], learning_rate=rates.__next__)
+    with pytest.raises(ValueError):
+        opt.step(np.ones(4))  # the wrong shape: refused before the rate is asked for
+    opt.step(np.ones(3))
+    np.testing.assert_array_equal(opt.params[0], -0.1)
+
+
+def test_attributes_read_equal_values_of_other_types_and_flags_checkpoint():
+    opt = fk.SGD([{"params": [np.ones(3)], "momentum": 0}, {"params": [np.ones(2)], "momentum": 0.0}],
+                 learning_rate=np.float64(0.5))
+    opt.param_groups[1]["learning_rate"] = 0.5
+    assert opt.momentum == 0 and opt.learning_rate == 0.5
+    opt = fk.Adam([np.ones(3)], learning_rate=0.1)
+    twin = fk.Adam([np.ones(3)], learning_rate=0.1)
+    for o in (opt, twin):
+        o.step(np.full(3, 0.5))
+        o.amsgrad = True  # a flag whose buffer the next step allocates
+    opt.load_state_dict(opt.state_dict())  # the snapshot has that buffer: it loads
+    for o in (opt, twin):
+        o.step(np.full(3, 0.25))
+    assert_bits_equal(opt.flat_params, twin.flat_params)
 
 
 def test_a_callable_learning_rate_that_needs_arguments_is_refused():
@@ -468,7 +555,8 @@ BAD = {
     "centered": [0],
     "initial_accumulator_value": [-1.0],
 }
-BAD_FOR = {("Lion", "beta_1"): [0.0, 1.5]}  # Keras's range for Lion's beta_1 is (0, 1]
+BAD_FOR = {("Lion", "beta_1"): [0.0, 1.5],  # Keras's range for Lion's beta_1 is (0, 1]
+           ("Lion", "beta_2"): [1.5, NAN]}
 BAD_CASES = [(name, kwargs, key, bad) for name, kwargs in TABLE
              for key in getattr(fk, name)._hyperparameters for bad in BAD_FOR.get((name, key), BAD[key])]
 

@@ -313,6 +313,16 @@ class Optimizer(ClipGradNormMixin):
         dict.__setitem__(self._state, name, buf)
         return buf
 
+    def _add_needed_state(self) -> None:
+        """Allocate the state buffers the groups' hyperparameters need and lack (a flag
+        such as ``amsgrad`` turned on)."""
+        needed: set[str] = set()
+        for group in self.param_groups:
+            needed.update(self._state_names(group))
+        for name in sorted(needed):
+            if name not in self.state:
+                self._add_state(name)
+
     def _check_group(self, group: dict[str, Any], where: str) -> None:
         """Validate ``group``'s hyperparameters, then check they fit the buffers' dtype."""
         self._check(group, where)
@@ -407,12 +417,7 @@ class Optimizer(ClipGradNormMixin):
             self._seen[gi] = objects if immutable else None
         if not changed:
             return
-        needed: set[str] = set()
-        for group in self.param_groups:
-            needed.update(self._state_names(group))
-        for name in sorted(needed):
-            if name not in self.state:
-                self._add_state(name)
+        self._add_needed_state()
         # The kernels' own memoryviews (see kernels.as_view): a step passes them without
         # a buffer request. 16-bit gradients stay arrays (the step wraps them, HalfGrads).
         view = specialized(self.layout.dtype).as_view
@@ -668,7 +673,13 @@ class Optimizer(ClipGradNormMixin):
         """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout.
 
         With ``master_dtype`` it also carries the float32 master weights
-        (``"master_params"``); the 16-bit parameters are derived from them on loading."""
+        (``"master_params"``); the 16-bit parameters are derived from them on loading.
+        A buffer that a flag turned on since the last step needs (``amsgrad``, say) is
+        allocated first, as the next step would, so that the snapshot loads back."""
+        try:
+            self._add_needed_state()
+        except (KeyError, TypeError, ValueError):  # a malformed group: step() will say so
+            pass
         d: dict[str, Any] = {
             "optimizer": type(self).__name__,
             "version": STATE_DICT_VERSION,

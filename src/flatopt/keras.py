@@ -67,16 +67,30 @@ from ._optimizer import Grads, Optimizer, Params
 from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_real, describe
 
 
-#: ``learning_rate``: a float, a Keras schedule (called with the iteration count), or a
+class LearningRateSchedule:
+    """Base class of a learning rate that depends on the step, without Keras: as with
+    ``keras.optimizers.schedules.LearningRateSchedule`` (whose instances work as well), a
+    subclass's ``__call__(step)`` is given the iteration count (the steps taken so far)
+    and returns the rate; copies and pickles of the optimizer carry it along. For
+    example ``0.1 / (1 + step)``: a subclass whose ``__call__(self, step)`` returns it.
+    """
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+
+#: ``learning_rate``: a float, a schedule (called with the iteration count), or a
 #: callable of no arguments.
-LearningRate = float | Callable[[int], float] | Callable[[], float]
+LearningRate = float | LearningRateSchedule | Callable[[], float]
 
 
 def _is_schedule(value: object) -> bool:
-    """Whether ``value`` is a Keras ``LearningRateSchedule``, which Keras calls with the
-    iteration count (any other callable learning rate it calls with no arguments)."""
-    return any(c.__name__ == "LearningRateSchedule" and c.__module__.split(".")[0] in ("keras", "tf_keras")
-               for c in type(value).__mro__)
+    """Whether ``value`` is a learning-rate schedule, which Keras calls with the iteration
+    count (any other callable learning rate it calls with no arguments): a
+    :class:`LearningRateSchedule`, or Keras's."""
+    return isinstance(value, LearningRateSchedule) or any(
+        c.__name__ == "LearningRateSchedule" and c.__module__.split(".")[0] in ("keras", "tf_keras")
+        for c in type(value).__mro__)
 
 
 def _is_callable_rate(value: object) -> TypeGuard[Callable[..., Any]]:
@@ -96,8 +110,8 @@ def _check_learning_rate(value: object, where: str) -> None:
         except TypeError:
             raise TypeError(
                 f"{where} learning_rate: a callable learning rate is called with no arguments, "
-                "as Keras calls it (only a keras LearningRateSchedule gets the iteration count: "
-                f"read opt.iterations in the callable); got {describe(value)}{signature}") from None
+                "as Keras calls it (a LearningRateSchedule, flatopt.keras's or Keras's, gets the "
+                f"iteration count); got {describe(value)}{signature}") from None
 
 
 def _check_weight_decay(value: object, where: str) -> None:
@@ -136,6 +150,24 @@ class _Hyperparameter:
         opt._set_hyperparameter(self.name, value)
 
 
+class _Unsupported:
+    """A Keras optimizer attribute flatopt.keras does not implement (``opt.clipnorm``): it
+    reads None (off), and setting it to anything else raises rather than doing nothing."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, opt: object, owner: type | None = None) -> Any:
+        return self if opt is None else None
+
+    def __set__(self, opt: object, value: Any) -> None:
+        if value is not None:
+            raise TypeError(f"{type(opt).__name__}.{self.name}: not supported by flatopt.keras "
+                            "(see the flatopt.keras documentation for what to use instead)")
+
+
 class _KerasOptimizer(Optimizer):
     """Base of flatopt.keras's optimizers: a per-step learning rate (float or schedule),
     Keras's decoupled weight decay (None or 0: off), and Keras's attributes for the
@@ -145,6 +177,10 @@ class _KerasOptimizer(Optimizer):
     learning_rate = _Hyperparameter()
     #: Decoupled weight decay (None: off); assignable.
     weight_decay = _Hyperparameter()
+    # Keras's attributes without an implementation here: None, and refused when set.
+    clipnorm, clipvalue, global_clipnorm = _Unsupported(), _Unsupported(), _Unsupported()
+    use_ema, ema_momentum, ema_overwrite_frequency = _Unsupported(), _Unsupported(), _Unsupported()
+    loss_scale_factor, gradient_accumulation_steps = _Unsupported(), _Unsupported()
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
@@ -163,8 +199,9 @@ class _KerasOptimizer(Optimizer):
         values = [group[name] for group in self.param_groups]
         first = values[0]
         for value in values[1:]:
-            try:
-                same = value is first or (type(value) is type(first) and bool(value == first))
+            try:  # 0 == 0.0 == np.float64(0.0); a flag only equals a flag
+                same = value is first or (isinstance(value, bool) == isinstance(first, bool)
+                                          and bool(value == first))
             except (TypeError, ValueError):
                 same = False
             if not same:
@@ -221,17 +258,17 @@ class _KerasOptimizer(Optimizer):
              skip_if_nonfinite: bool = False) -> bool:
         """One step (Keras's ``optimizer.apply(grads)``); see :meth:`flatopt.Optimizer.step`.
 
-        Each group's learning rate is evaluated first, at the current iteration count,
-        and checked before anything is written.
+        Each group's learning rate is evaluated once the arguments and hyperparameters
+        passed their checks, at the current iteration count, and checked before anything
+        is written (so a refused step does not consume a value of a stateful callable).
         """
-        lrs: list[Any] = []
-        for gi, group in enumerate(self.param_groups):
-            lr = group.get("learning_rate") if isinstance(group, dict) else None
-            if _is_callable_rate(lr):
-                lr = self._rate_now(gi, lr)
-            lrs.append(lr)
-        self._lrs = lrs
         return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
+
+    def _begin_step(self, grad_scale: float, skip_if_nonfinite: bool) -> float:
+        grad_scale = super()._begin_step(grad_scale, skip_if_nonfinite)
+        self._lrs = [self._rate_now(gi, lr) if _is_callable_rate(lr := group["learning_rate"]) else lr
+                     for gi, group in enumerate(self.param_groups)]
+        return grad_scale
 
     def _lr_wd(self, gi: int, group: dict[str, Any]) -> tuple[float, float]:
         lr = self._lrs[gi] if self._lrs is not None else group["learning_rate"]
@@ -425,14 +462,16 @@ class Adadelta(_KerasOptimizer):
 
 class Adagrad(_KerasOptimizer):
     """keras.optimizers.Adagrad: ``acc += g*g; p -= lr*g/sqrt(acc + epsilon)`` (epsilon
-    inside the root), ``acc`` filled with ``initial_accumulator_value`` (default 0.1) at
-    the first step, as Keras builds it then (a change made before it counts)."""
+    inside the root), ``acc`` starting at ``initial_accumulator_value`` (default 0.1); a
+    change of that value before the first step refills it then, as Keras builds the
+    accumulator at its first step."""
 
     initial_accumulator_value = _Hyperparameter()
     epsilon = _Hyperparameter()
 
     _hyperparameters: tuple[str, ...] = ("learning_rate", "initial_accumulator_value", "epsilon", "weight_decay")
     _all_state_names: tuple[str, ...] = ("accumulator",)
+    _filled_with: list[Any]  # each group's initial_accumulator_value when its part was filled
 
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001,
                  initial_accumulator_value: float = 0.1, epsilon: float = 1e-7,
@@ -455,13 +494,21 @@ class Adagrad(_KerasOptimizer):
     def _init_state(self, name: str, buffer: FloatArray) -> None:
         for (start, stop), group in zip(self._segments, self.param_groups):
             buffer[start:stop] = group["initial_accumulator_value"]
+        self._filled_with = [group["initial_accumulator_value"] for group in self.param_groups]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._filled_with = [group["initial_accumulator_value"] for group in self.param_groups]
 
     def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
-        if step == 1:  # Keras fills the accumulator when it builds, at the first step
+        value = group["initial_accumulator_value"]
+        if step == 1 and value != self._filled_with[gi]:
+            # Changed before the first step: Keras builds (fills) the accumulator then.
             start, stop = self._segments[gi]
-            self.state["accumulator"][start:stop] = group["initial_accumulator_value"]
+            self.state["accumulator"][start:stop] = value
+            self._filled_with[gi] = value
         kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
                               grad_scale, n_threads)
 
@@ -567,7 +614,7 @@ class Lion(_KerasOptimizer):
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         # Keras's range for beta_1: (0, 1] (0 would be SignSGD, 1 is the momentum alone).
         check_real(group["beta_1"], f"{where} beta_1", low=0.0, high=1.0, low_open=True)
-        _check_unit(group, "beta_2", where, high_open=True)
+        _check_unit(group, "beta_2", where)  # Keras checks none; 1 keeps the momentum at 0
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum",)
@@ -580,4 +627,5 @@ class Lion(_KerasOptimizer):
                      float(dt(group["beta_2"])), wd, False, grad_scale, n_threads)
 
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "Adamax", "Nadam", "Lion"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "Adagrad", "Adamax", "Nadam", "Lion",
+           "LearningRateSchedule"]

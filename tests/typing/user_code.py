@@ -90,6 +90,13 @@ def optimizers() -> None:
     assert all(np.isfinite(losses))
 
 
+class InverseTime(flatopt.keras.LearningRateSchedule):
+    """A step-dependent learning rate without Keras."""
+
+    def __call__(self, step: int) -> float:
+        return 0.1 / (1 + step)
+
+
 def more_optimizers() -> None:
     """The Adam variants, parameter groups, and the keras-style classes (with a schedule)."""
     w, b = make_params(2)
@@ -98,8 +105,9 @@ def more_optimizers() -> None:
         assert_type(opt.step(), bool)
     groups = flatopt.SGD([{"params": [w]}, {"params": [b], "lr": 0.01}], lr=0.1, momentum=0.9)
     assert groups.param_groups[1]["lr"] == 0.01
-    keras_sgd = flatopt.keras.SGD([w, b], learning_rate=lambda it: 0.1 / (1 + it))
+    keras_sgd = flatopt.keras.SGD([w, b], learning_rate=InverseTime())
     keras_sgd.step()
+    keras_sgd.learning_rate = lambda: 0.05  # Keras's attribute; a callable of no arguments
     assert_type(keras_sgd.iterations, int)
     keras_adam = flatopt.keras.Adam([w, b], learning_rate=1e-3, weight_decay=None)
     assert keras_adam.step(skip_if_nonfinite=True)
