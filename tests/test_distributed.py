@@ -23,6 +23,7 @@ import time
 import traceback
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -117,11 +118,11 @@ def assert_identical_on_all_ranks(model, group=None):
 
 
 def raises_on_every_rank(fn, exc_type, *fragments):
-    """``fn()`` must raise ``exc_type`` with every fragment in its message."""
+    """``fn()`` must raise ``exc_type`` with every fragment in its message (or notes)."""
     try:
         fn()
     except exc_type as exc:
-        message = str(exc)
+        message = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
         for fragment in fragments:
             assert fragment in message, f"{fragment!r} not in {message!r}"
         return message
@@ -613,6 +614,67 @@ def check_every_rank_agrees(rank, world):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+class EndOfData(Exception):
+    """A user's exception, raised by a closure."""
+
+
+def check_closures_torch_classes_and_values_agree(rank, world):
+    """A closure that clips and fails on one rank (it hung the others), its own exception
+    class kept; a torch.optim class's invalid hyperparameter in a group that lies in one
+    rank's slice (it hung the others); a tensor grad_scale; equal values of other types
+    (they raised a bare StopIteration) and tensors that differ beyond their repr (they were
+    not noticed); a consolidated checkpoint read after a scheduler's step."""
+    def backward(model):
+        model(torch.ones(2, 5, dtype=torch.float64), 2, 0).sum().backward()
+
+    def groups(model):
+        return [{"params": model.net.parameters()}, {"params": model.extra.parameters()}]
+
+    model = make_model()
+    opt = ShardedOptimizer(groups(model), ft.Adam, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        if rank == world - 1:
+            raise EndOfData("no more batches")
+        backward(model)
+        opt.clip_grad_norm_(1.0)
+        return 0.0
+    message = raises_on_every_rank(lambda: opt.step(closure), EndOfData if rank == world - 1 else RuntimeError,
+                                   *(() if rank == world - 1 else (f"rank {world - 1}", "no more batches")))
+    dist.barrier()  # the process group is in step
+    assert rank == world - 1 or "must be computed again" in message
+    raises_on_every_rank(lambda: opt.step(grad_scale=torch.tensor(1.0)), TypeError, "grad_scale")
+    opt.zero_grad()
+    backward(model)
+    opt.param_groups[0]["lr"] = 0.1 if rank else np.float64(0.1)  # equal: no error
+    opt.param_groups[1]["lr"] = torch.tensor(0.1 + 1e-7 * (rank == world - 1), dtype=torch.float64)
+    raises_on_every_rank(opt.step, ValueError, "hyperparameters differ", "param_groups[1]")
+    opt.param_groups[1]["lr"] = 0.1
+    opt.step()
+    assert_identical_on_all_ranks(model)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    model = make_model()
+    opt = ShardedOptimizer(groups(model), torch.optim.Adam, lr=0.1)
+    backward(model)
+    opt.param_groups[1]["lr"] = -1.0  # group 1 lies in the last rank's slice
+    raises_on_every_rank(opt.step, ValueError, "Adam param_groups[1]", "Invalid learning rate")
+    opt.param_groups[1]["lr"] = 0.1
+    opt.step()  # the gradients reduced once
+    twin = make_model()
+    twin_opt = torch.optim.Adam(groups(twin), lr=0.1)
+    backward(twin)
+    twin_opt.step()
+    assert_close(model, twin, 1e-15)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    opt.consolidate_state_dict(to=0)
+    sched.step()
+    if rank == 0:
+        assert [g["lr"] for g in opt.state_dict()["param_groups"]] == [pytest.approx(0.01)] * 2
+
+
 def check_world_larger_than_elements(rank, world):
     params = [torch.nn.Parameter(torch.zeros(world - 1, dtype=torch.float64))]
     raises_on_every_rank(lambda: ShardedOptimizer(params, ft.SGD, lr=0.1), ValueError,
@@ -655,6 +717,7 @@ def job_checks(world, tmp):
         ("world-larger-than-elements", check_world_larger_than_elements),
         ("bad-input", check_bad_input),
         ("every-rank-agrees", check_every_rank_agrees),
+        ("closures-torch-classes-and-values-agree", check_closures_torch_classes_and_values_agree),
     ]
     if world == 2:
         checks += [

@@ -77,11 +77,14 @@ Guarantees and agreement
   sparse gradient) makes every rank raise through the agreement of point 1, before any
   parameter or optimizer state changes (``p.grad`` may already hold reduced sums: the
   next ``step()`` raises until ``zero_grad()`` and the gradients are computed again; a
-  closure that raised on one rank counts alike); so do, on every ``step()``, retried or
-  after :meth:`clip_grad_norm_`, hyperparameters that differ between ranks (a checksum is
-  part of that exchange), an invalid hyperparameter (checked on every rank, whether or not
-  its slice holds parameters of that group) and an invalid ``grad_scale``; there the
-  reduced gradients are kept, and ``step()`` may be called again once mended.
+  closure that raised on one rank counts alike, and there raises its own exception, the
+  agreed message added as a note); so do, on every ``step()``, retried or after
+  :meth:`clip_grad_norm_`, hyperparameters that differ between ranks (a checksum of their
+  values is part of that exchange: equal numbers of other types agree, tensors are
+  compared by every value), an invalid hyperparameter (checked on every rank, whether or
+  not its slice holds parameters of that group: by flatopt.torch's rules, or by the
+  torch.optim class's constructor) and an invalid ``grad_scale``; there the reduced
+  gradients are kept, and ``step()`` may be called again once mended.
 * ``load_state_dict()`` is a collective too: each rank checks its pieces, and if any
   rank's fail, every rank raises the same error with its state unchanged.
 * Gradient clipping and ``skip_if_nonfinite`` agree across ranks: :meth:`grad_norm` and
@@ -98,7 +101,7 @@ holding 1-D pieces of the state tensors, plus a ``"shard"`` entry describing the
 after which ``state_dict()`` there returns the full, torch-format state dict (until the
 next ``step()``): it loads into a single-process ``flatopt.torch`` optimizer and into the
 ``torch.optim`` optimizer of the same name. Both carry the hyperparameters as they are
-now (an LR scheduler's last step included). ``load_state_dict(full)`` on every rank takes
+when ``state_dict()`` is called (an LR scheduler's last step included). ``load_state_dict(full)`` on every rank takes
 this rank's pieces, so a job can resume with another world size; a shard loads back into
 the same rank of the same layout.
 
@@ -126,6 +129,7 @@ parameters may be changed between steps).
 import copy
 import inspect
 import math
+import numbers
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -386,6 +390,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _consolidated: dict[str, Any] | None
     _reduced: tuple[list[bool], tuple[float, float, int] | None] | None
     _grads_spent: bool
+    _checked: list[list[tuple[str, Any]] | None]
+    _constructor_args: set[str]
     _params: list[torch.Tensor]
     _group_of: list[int]
     _buckets: list[_Bucket]
@@ -423,6 +429,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._consolidated = None
         self._reduced = None          # (mask, stats) once this step's gradients are reduced
         self._grads_spent = False     # combined with a failed rank's: compute them again
+        self._checked = []            # see _check_hyperparameters
         self._pending_grad_scale = 1.0
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -535,6 +542,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if key != "params":
                     mine[key] = value
         self._grad_scale_arg = "grad_scale" in inspect.signature(local.step).parameters
+        self._constructor_args = set(inspect.signature(type(local)).parameters) - {"params"}
+        self._checked = [None] * len(self.param_groups)
         for b in self._buckets:
             b.views = [b.flat_param[b.offset[k] + s:b.offset[k] + e] for _, k, s, e in b.pieces]
             b.grad_views = [b.slice_grad[o:o + (e - s)] for (_, k, s, e), o in
@@ -790,22 +799,40 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return mask
 
     def _check_hyperparameters(self) -> None:
-        """Check every group's hyperparameters by the local optimizer's rules (flatopt.torch
-        classes; torch.optim's check only in their constructors), on every rank, whether or
-        not this rank's slice holds parameters of the group: a rank that skipped the check
-        would go on to the parameter exchange while another raised."""
+        """Check every group's hyperparameters on every rank, whether or not this rank's
+        slice holds parameters of the group (a rank that skipped the check would go on to
+        the parameter exchange while another raised): by the flatopt.torch class's rules,
+        or by building the torch.optim class over a stand-in parameter (its constructor's
+        checks, all torch.optim makes). A group whose values are the very immutable
+        objects checked last time is not checked again."""
         local = self.local_optimizer
-        if not isinstance(local, _FlatOptimizer):
-            return
         for gi, group in enumerate(self.param_groups):
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            local._check_group(hyper, f"param_groups[{gi}]")
-            for dtype in {_NUMPY_DTYPES[p.dtype] for p in group["params"] if p.dtype in _NUMPY_DTYPES}:
-                check_fits(local._hyperparameters(hyper), dtype,
-                           f"{type(local).__name__} param_groups[{gi}]")
+            items = [(k, v) for k, v in group.items() if k != "params"]
+            seen = self._checked[gi]
+            if seen is not None and len(seen) == len(items) and all(
+                    k == j and v is w for (k, v), (j, w) in zip(items, seen)):
+                continue
+            hyper = dict(items)
+            where = f"param_groups[{gi}]"
+            if isinstance(local, _FlatOptimizer):
+                local._check_group(hyper, where)
+                for dtype in {_NUMPY_DTYPES[p.dtype] for p in group["params"] if p.dtype in _NUMPY_DTYPES}:
+                    check_fits(local._hyperparameters(hyper), dtype, f"{type(local).__name__} {where}")
+            else:
+                try:
+                    type(local)([torch.nn.Parameter(torch.zeros(1))],
+                                **{k: v for k, v in hyper.items() if k in self._constructor_args})
+                except Exception as exc:  # noqa: BLE001 - named and raised on every rank
+                    raise type(exc)(f"{type(local).__name__} {where}: {exc}") if type(exc) in (
+                        ValueError, TypeError) else exc
+            immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+                            for _, v in items)
+            self._checked[gi] = items if immutable else None
 
     def _hyperparameters(self) -> list[list[tuple[str, Any]]]:
-        return [[(k, group[k]) for k in sorted(group) if k != "params"] for group in self.param_groups]
+        """Each group's hyperparameters, as the ranks compare them (:func:`_canonical`)."""
+        return [[(k, _canonical(group[k])) for k in sorted(group) if k != "params"]
+                for group in self.param_groups]
 
     def _raise_hyperparameter_error(self) -> NoReturn:
         groups = cast(list[list[list[tuple[str, Any]]]], [None] * self.world_size)  # filled below
@@ -813,11 +840,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         r, (gi, (a, b)) = next((r, next((gi, (a, b)) for gi, (a, b) in enumerate(zip(groups[0], other))
                                         if a != b)) for r, other in enumerate(groups) if other != groups[0])
         diff = sorted({k for k, v in a} ^ {k for k, v in b} | {k for (k, v), (_, w) in zip(a, b) if v != w})
-        raise ValueError(
+        raise _mark_agreed(ValueError(
             f"ShardedOptimizer.step: the ranks' hyperparameters differ (an LR scheduler or an "
             f"edit of param_groups on some ranks only?): param_groups[{gi}] {dict(a)} on rank 0, "
             f"{dict(b)} on rank {r} (differing: {diff}); no rank changed its parameters or "
-            "optimizer state, and step() may be called again once they agree")
+            "optimizer state, and step() may be called again once they agree"))
 
     def _raise_step_error(self, failed: list[int], error: Exception | None) -> NoReturn:
         reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
@@ -957,23 +984,38 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         factor); with ``skip_if_nonfinite`` a gradient holding inf or NaN on any rank
         skips the step on every rank (:attr:`skipped_steps`, :attr:`last_step_skipped`).
         """
-        # This rank's checks; an error is raised on every rank by the exchange in _reduce.
+        # The closure (every rank runs it: it may clip, a collective), then this rank's
+        # checks; an error is raised on every rank by the exchange in _reduce.
         loss: float | None = None
         error: Exception | None = None
-        code = _FAILED_GRADIENTS  # a closure that failed left the gradients unfinished
-        try:
-            if closure is not None:
+        code = 0
+        if closure is not None:
+            try:
                 with torch.enable_grad():
                     loss = closure()
-            code = _FAILED_CHECK
-            if grad_scale != 1.0:
-                grad_scale = check_real(grad_scale, "grad_scale")
-            check_bool(skip_if_nonfinite, "skip_if_nonfinite")
-            self._check_hyperparameters()
-        except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
-            error = exc
+            except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
+                if _agreed(exc):  # from a clip_grad_norm_ in it: every rank has raised
+                    raise
+                error, code = exc, _FAILED_GRADIENTS  # the gradients are unfinished
+        if error is None:
+            try:
+                if type(grad_scale) is not float or grad_scale != 1.0:
+                    grad_scale = check_real(grad_scale, "grad_scale")
+                check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+                self._check_hyperparameters()
+            except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
+                error, code = exc, _FAILED_CHECK
         self._consolidated = None
-        mask = self._reduce(error, code if error is not None else 0)
+        try:
+            mask = self._reduce(error, code)
+        except Exception as agreed:
+            if code == _FAILED_GRADIENTS and error is not None:
+                # This rank's closure failed: its own exception (its class, for the caller's
+                # except clause), with what every rank was told.
+                if hasattr(error, "add_note"):
+                    error.add_note(str(agreed))
+                raise error from None
+            raise
         scale = grad_scale * self._pending_grad_scale
         if self.average_gradients:
             scale /= self.world_size
@@ -990,13 +1032,19 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if piece.grad is not grad or not mask[k]:
                     piece.grad = grad if mask[k] else None
             b.params_in()
-        if self._grad_scale_arg:   # its step() takes grad_scale (a flatopt.torch class)
-            cast(Any, local).step(grad_scale=scale)
-        else:
-            if scale != 1.0:
-                for b in self._buckets:
-                    b.reduced().mul_(scale)
-            local.step()
+        try:
+            if self._grad_scale_arg:   # its step() takes grad_scale (a flatopt.torch class)
+                cast(Any, local).step(grad_scale=scale)
+            else:
+                if scale != 1.0:
+                    for b in self._buckets:
+                        b.reduced().mul_(scale)
+                local.step()
+        except Exception:
+            # Checked alike on every rank first, so this fails on all of them (or the
+            # parameter exchange would hang); the gradients may be scaled: not reusable.
+            self._grads_spent = self.average_gradients
+            raise
         for b in self._buckets:
             self._refresh_params(b)
             b.locate()
@@ -1033,8 +1081,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (see the module docstring); after :meth:`consolidate_state_dict`
         on this rank and before the next step, the full torch-format state dict."""
-        if self._consolidated is not None:
-            return self._consolidated
+        if self._consolidated is not None:  # with the hyperparameters as they are now
+            groups = [{**saved, **{k: v for k, v in mine.items() if k != "params"}, "params": saved["params"]}
+                      for saved, mine in zip(self._consolidated["param_groups"], self.param_groups)]
+            return {**self._consolidated, "param_groups": groups}
         self._sync_local_groups()
         return self._local_to_shard(self.local_optimizer.state_dict())
 
@@ -1160,8 +1210,41 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 # The control byte of the step exchange: this rank failed a check (its gradients went in),
 # or failed while gathering its gradients (the sums are not the gradients').
 _FAILED_CHECK, _FAILED_GRADIENTS = 1, 2
+_IMMUTABLE = (float, int, bool, str, type(None))
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.float32),
                                                    torch.float64: np.dtype(np.float64)}
+
+
+def _canonical(value: Any) -> Any:
+    """A hyperparameter as the ranks compare it: equal numbers alike whatever their type
+    (0.1 and np.float64(0.1); a flag stays a flag), tensors and arrays by every value (their
+    repr rounds), sequences element by element, anything else by its repr."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:
+            return repr(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return (type(value).__name__, str(value.dtype), tuple(value.shape), value.tolist())
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, [_canonical(v) for v in value])
+    return repr(value)
+
+
+def _agreed(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised on every rank by an agreement exchange (not to be
+    exchanged again: a rank that raised it has no more collectives of this call to make)."""
+    return getattr(exc, _AGREED, False)
+
+
+_AGREED = "_flatopt_agreed_by_every_rank"
+
+
+def _mark_agreed(exc: Exception) -> Exception:
+    setattr(exc, _AGREED, True)
+    return exc
 
 
 def _own(view: torch.Tensor | None) -> torch.Tensor:
@@ -1189,6 +1272,7 @@ def _raise_agreed(where: str, failures: list[tuple[int, tuple[type[BaseException
         exc = RuntimeError(message)
     if not isinstance(exc, Exception):
         exc = RuntimeError(message)
+    setattr(exc, _AGREED, True)
     raise exc from own
 
 
