@@ -339,3 +339,16 @@ def test_a_torch_checkpoint_loaded_before_the_model_steps_from_the_model():
     for s, (x, y) in enumerate(batches[6:], start=6):
         step_pair(m16b, m32, resumed, ref, x, y, s)
     assert_matches(m16b, m32, resumed, half)
+
+
+def test_a_master_edited_before_the_first_step_is_kept():
+    """No 16-bit weight was written: an edit of the live master stands (the first step
+    took every master for stale and replaced it by the weights)."""
+    half = torch.bfloat16
+    m16 = models(half)[0]
+    opt = ft.SGD(m16.parameters(), lr=0.0, master_dtype=torch.float32)
+    new = torch.randn(m16.a.weight.shape)
+    opt.state[m16.a.weight]["master_param"].copy_(new)
+    step_alone(m16, opt, *data(1)[0], 1)
+    assert torch.equal(opt.state[m16.a.weight]["master_param"], new)
+    assert torch.equal(bits(m16.a.weight), bits(new.to(half)))

@@ -63,8 +63,9 @@ optimizer on the master followed by torch's cast. ``opt.state[p]`` has a live
 ``"master_param"`` entry for every 16-bit parameter, which ``state_dict()`` saves; a
 checkpoint without it (torch.optim's) loads with the 16-bit weights widened as the
 master. Weights written by other code (``model.load_state_dict()``, in-place edits under
-``no_grad``, seen through torch's version counters) are where the next step starts: the
-master is kept only where it still rounds to them. float32/float64 parameters in the same model are stepped as usual (no master).
+``no_grad``, seen through torch's version counters; not writes through ``p.data``, NumPy
+or collectives, which those do not count) are where the next step starts: the master is
+kept only where it still rounds to them. float32/float64 parameters in the same model are stepped as usual (no master).
 bfloat16 needs the ``ml_dtypes`` package; without ``master_dtype`` a 16-bit parameter is
 refused.
 

@@ -354,7 +354,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """Replace all state by torch-format ``entries`` ({parameter: entry}; ``loaded``:
         from a checkpoint); subclasses with state outside the flat buffers (NAdam's
         mu_product) extend this."""
-        _checkpoint.install_state(self, entries)
+        _checkpoint.install_state(self, entries, loaded)
 
     def _check_entry(self, pid: Any, entry: dict[str, Any]) -> None:
         """Raise if a parameter's entry (checked by ``_checkpoint.check_entry`` for the
@@ -533,7 +533,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             plan = bucket.usual
             if plan is None or bucket.steps._version != bucket.steps_version or not self._in_sync(bucket):
                 return False
-            if bucket.mixed and _packing.half_versions(bucket) != bucket.half_versions:
+            if bucket.mixed and not _packing.half_unchanged(bucket):
                 return False  # a 16-bit parameter was written: the general route reconciles
             table = _packing.usual_table(bucket)
             if table is None:
@@ -548,8 +548,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             opt._finish_step(table, runs, 1.0, False, n_threads)
             _runs.advance_counts(bucket, runs, advance)
             _increment_version(bucket.params)
-            if bucket.mixed:
-                bucket.half_versions = _packing.half_versions(bucket)
+            if bucket.mixed:  # every counter bumped once
+                bucket.half_bumps += 1
+                bucket.half_total += len(bucket.params)
         return True
 
     def _arm(self, bucket: _packing.Bucket) -> None:
@@ -582,7 +583,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             _checkpoint.refresh_entries(self, bucket, fresh)
         _increment_version(_runs.updated_params(bucket, taking_part))
         if bucket.mixed:
-            bucket.half_versions = _packing.half_versions(bucket)
+            _packing.note_versions(bucket)
 
     def grad_norm(self, norm_type: float = 2.0) -> float:
         """The global ``norm_type``-norm of every gradient, in one read-only pass per dtype.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._packing import Bucket
+from ._packing import Bucket, note_versions
 
 if TYPE_CHECKING:
     from ._base import _FlatOptimizer
@@ -350,10 +350,11 @@ def check_entry(opt: "_FlatOptimizer", p: torch.Tensor, pid: Any, entry: dict[st
     return entry
 
 
-def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
+def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any], loaded: bool = False) -> None:
     """Replace all state by ``entries`` (parameter -> torch-format entry; other keys are
     kept as they are): write the flat buffers and the step counts, rebuild ``opt.state``.
-    A parameter without an entry starts afresh, as a new parameter does."""
+    A parameter without an entry starts afresh, as a new parameter does. ``loaded``: from
+    a checkpoint, whose masters meet the 16-bit parameters at the next step."""
     for bucket in opt._buckets:
         opt._sync_groups(bucket)
         bucket.opt._begin_step(1.0, False)  # validated already: allocates needed state
@@ -394,7 +395,8 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any]) -> None:
                 state[p] = dict(entry)
         bucket.n_state = len(bucket.opt.state)
         bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
-        bucket.half_versions = None  # a loaded master meets the parameters at the next step
+        if bucket.mixed:  # a loaded master meets the parameters at the next step
+            note_versions(bucket, loaded)
         bucket.synced = None
         bucket.usual = None
     for key, value in entries.items():

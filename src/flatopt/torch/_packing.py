@@ -219,8 +219,12 @@ class Bucket:
         self.usual: list[tuple[int, int, int, int, tuple[int, int] | None]] | None = None
         self.n_state: int | None = None  # how many state entries opt.state's entries were made for
         # With master_dtype: the parameters' torch version counters when the float32 master
-        # last agreed with them (None: check them all at the next step); see reconcile_master.
+        # last agreed with them (None: check them all at the next step), the usual steps
+        # since (each bumps every counter by one), and the sum the counters should have
+        # now (counters only grow: an equal sum means none moved); see reconcile_master.
         self.half_versions: list[int] | None = None
+        self.half_bumps = 0
+        self.half_total = -1
 
     def state_view(self, name: str, i: int) -> torch.Tensor:
         a, b = self.starts[i], self.stops[i]
@@ -234,9 +238,21 @@ class Bucket:
         return torch.from_numpy(master[self.starts[i]:self.stops[i]]).view(self.shapes[i])
 
 
-def half_versions(bucket: Bucket) -> list[int]:
-    """The torch version counters of ``bucket``'s parameters (see :func:`reconcile_master`)."""
-    return list(map(_VERSION_OF, bucket.params))
+def note_versions(bucket: Bucket, loaded: bool = False) -> None:
+    """Record that the master agrees with the 16-bit parameters as they are now (see
+    :func:`reconcile_master`); ``loaded``: it came from a checkpoint, to be checked
+    against them at the next step (the model may be loaded after the optimizer)."""
+    versions = list(map(_VERSION_OF, bucket.params))
+    bucket.half_versions = None if loaded else versions
+    bucket.half_bumps = 0
+    bucket.half_total = -1 if loaded else sum(versions)
+
+
+def half_unchanged(bucket: Bucket) -> bool:
+    """Whether no 16-bit parameter was written since :func:`note_versions` (and the
+    usual steps since): one C-level pass summing the version counters."""
+    total: int = sum(map(_VERSION_OF, bucket.params))
+    return total == bucket.half_total
 
 
 def reconcile_master(bucket: Bucket) -> None:
@@ -247,19 +263,19 @@ def reconcile_master(bucket: Bucket) -> None:
     are the optimizer's, bit-exact resumption) and becomes the parameter, widened,
     elsewhere: the kernel writes the parameters from the master, so a stale master would
     silently undo such a write, where torch.optim would step from it."""
-    versions = half_versions(bucket)
-    known = bucket.half_versions
-    if versions == known:
+    if half_unchanged(bucket):
         return
+    versions = list(map(_VERSION_OF, bucket.params))
+    known, bumps = bucket.half_versions, bucket.half_bumps
     with torch.no_grad():
         for i, p in enumerate(bucket.params):
-            if known is None or versions[i] != known[i]:
+            if known is None or versions[i] != known[i] + bumps:
                 master, half = bucket.master_view(i), p.detach()
                 assert master is not None
                 stale = master.to(half.dtype).view(torch.int16) != half.view(torch.int16)
                 if bool(stale.any()):
                     master[stale] = half[stale].to(torch.float32)
-    bucket.half_versions = versions
+    note_versions(bucket)
 
 
 def check_param(p: torch.Tensor, where: str, name: str, master_dtype: torch.dtype | None = None) -> None:
