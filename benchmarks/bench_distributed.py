@@ -155,7 +155,7 @@ def main(argv=None):
     load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
     print(f"Adam float32, gloo on 127.0.0.1, {cores} cores{load}, torch {torch.__version__}; "
           "ms per iteration (zero_grad + backward + step, communication included), slowest rank")
-    print(f"{'case':<26} {'procs':>5} {'threads':>7}  {'variant':<24} {'ms/iter':>8} {'state MB/rank':>14}")
+    print(f"{'case':<26} {'procs':>5} {'threads':>7}  {'variant':<24} {'ms/iter':>8} {'state MiB/rank':>15}")
     import tempfile
     for world in args.worlds:
         threads = args.threads or max(1, cores // world)
@@ -163,7 +163,7 @@ def main(argv=None):
         mp.start_processes(child, args=(world, free_port(), cases, args.repeats, threads, out),
                            nprocs=world, start_method="spawn")
         for case, label, seconds, nbytes in torch.load(out):
-            print(f"{case:<26} {world:>5} {threads:>7}  {label:<24} {seconds * 1e3:8.2f} {nbytes / 2**20:14.1f}")
+            print(f"{case:<26} {world:>5} {threads:>7}  {label:<24} {seconds * 1e3:8.2f} {nbytes / 2**20:15.1f}")
         sys.stdout.flush()
 
 

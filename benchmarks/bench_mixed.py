@@ -8,8 +8,9 @@ steps its own data:
   ``torch.optim.Adam(fused=True)`` on float32 masters whose ``.grad`` is the 16-bit
   gradient upcast (``_foreach_copy_``), then the 16-bit params copied from the masters;
 * ``deepspeed``: the same with DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's host
-  optimizer) as the float32 step, when ``deepspeed`` is importable: 0.19 steps float32
-  only, so the upcast and the 16-bit copy are separate passes there too;
+  optimizer) as the float32 step, when ``deepspeed`` is importable (its own 16-bit path
+  keeps no float32 master: not this update), so the upcast and the 16-bit copy are
+  separate passes there too;
 * ``flatopt``: ``flatopt.Adam(params16, master_dtype=np.float32)``: one pass (the Adam
   kernel widens 1024 gradients at a time on its stack and narrows the updated master
   values into the 16-bit params in the same loop: ``kernels.HalfGrads``);
@@ -38,13 +39,17 @@ import statistics
 import sys
 import time
 
-import numpy as np
-import torch
+# Huge pages for torch's tensors too, as flatopt's buffers get them (see bench_large.py);
+# torch reads the variable at its first allocation, so it is set before the import.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import flatopt
-import flatopt.torch as ft
-from flatopt._threads import effective_n_threads
-from flatopt.bench import bandwidth_step, deepspeed_cpu_adam, transformer_shapes
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import flatopt  # noqa: E402
+import flatopt.torch as ft  # noqa: E402
+from flatopt._threads import effective_n_threads  # noqa: E402
+from flatopt.bench import _torch_label, bandwidth_step, deepspeed_cpu_adam, transformer_shapes
 
 try:
     import ml_dtypes
@@ -112,7 +117,8 @@ def make_impls(shapes, np16, t16, threads, use_deepspeed):
         view[...] = g
     impls["flatopt fp32"] = f32.step
 
-    # 28 bytes an element: two float32 arrays of 3.5 elements' worth each
+    # The same traffic, 28 bytes an element: a += b moves 3 x 4 bytes per element of its
+    # arrays, so two arrays of 28/12 elements per parameter element each
     m = sum(int(np.prod(s)) for s in shapes) * BYTES_MIXED // 12
     impls["a += b"] = bandwidth_step(2 * m, np.float32, threads)[0]
     return impls
@@ -141,7 +147,7 @@ def main():
     threads = effective_n_threads(args.threads)
     torch.set_num_threads(threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"threads={threads} torch={torch.__version__} isa={flatopt.build_info().get('isa')} "
+    print(f"threads={threads} {_torch_label(torch)} isa={flatopt.build_info().get('isa')} "
           f"rounds={args.rounds} per={args.per}s")
     print(f"{'case':>12} {'fmt':>4} {'impl':>13} {'ms/step':>9} {'GB/s@28B':>9} {'of a+=b':>8} "
           f"{'vs torch':>9}")

@@ -13,8 +13,9 @@ For each optimizer, dtype and case, the same step runs several ways on the same 
   same tensors (rebound to flat buffers, so its step is flatopt's plus the adapter's
   per-tensor bookkeeping);
 * ``bandwidth``:      an in-place streaming pass (``a += b``) over a working set of the same
-  size: what the memory system delivers, the ceiling for a one-pass update;
-* ``deepspeed``:      DeepSpeed's ``DeepSpeedCPUAdam`` (Adam/AdamW, float32) when
+  size: what the memory system delivers to two streams, a reference for a one-pass update
+  (not a bound: more streams can use the memory system better, so ``%bw`` can pass 100%);
+* ``deepspeed``:      DeepSpeed's ``DeepSpeedCPUAdam`` (Adam/AdamW, float32 rows) when
   ``deepspeed`` is importable (it is not a dependency; its CPU op compiles on first use,
   about two minutes; ``--no-deepspeed`` skips it).
 
@@ -28,7 +29,9 @@ report progress on stderr, so stdout stays the clean tables.
 
 Times are medians of repeated samples. ``GB/s`` counts the bytes a one-pass update must
 move (each of param, grad and state read once, param and state written once), so it is
-comparable across implementations and with the bandwidth line; ``%bw`` is that share.
+comparable across implementations and with the bandwidth line; ``%bw`` is its ratio to
+the ``a += b`` pass's GB/s. The NumPy baseline runs on one thread (NumPy's ufuncs do),
+flatopt and torch on the header's thread count: "vs numpy" includes that difference.
 torch's tensors get transparent huge pages as flatopt's buffers do (NumPy asks for them
 from 4 MiB up): ``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported, unless it is
 set already; the header says which.
@@ -494,7 +497,7 @@ def deepspeed_cpu_adam():
 def _deepspeed_impl(optim, torch, arrays, grads):
     """A step function of DeepSpeed CPU Adam for Adam/AdamW in float32, or None."""
     if optim.name not in ("adam", "adamw") or arrays[0].dtype != np.float32:
-        return None  # DeepSpeed 0.19's CPU Adam steps float32 parameters only
+        return None  # no float64 in DeepSpeed's CPU Adam (and its 16-bit path has no master)
     cls = deepspeed_cpu_adam()
     if cls is None:
         return None
@@ -632,7 +635,7 @@ def _torch_label(torch):
 def header(n_threads, torch=None, use_deepspeed=False):
     """One line naming what is measured: versions, kernels' ISA, threads, CPU model."""
     parts = [f"flatopt {flatopt.__version__} ({ISA} kernels, OpenMP "
-             f"{'on' if flatopt.openmp_enabled() else 'off'})", f"{n_threads} thread(s)",
+             f"{'on' if flatopt.openmp_enabled() else 'off'})", f"{n_threads} thread(s) (numpy baseline: 1)",
              f"CPU: {cpu_model()}", f"numpy {np.__version__}",
              _torch_label(torch)]
     if torch is not None and use_deepspeed:
@@ -864,16 +867,20 @@ def main(argv=None):
                                      description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
                         default=[n for n in ("sgd-momentum", "momentum", "adam") if n in OPTIMIZERS])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[2**16, 2**20, 2**23],
-                        help="flat buffer sizes (elements)")
-    parser.add_argument("--models", nargs="*", type=int, default=[128],
-                        help="transformer widths for 168-tensor model cases (768 is 85M elements)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="flat buffer sizes (elements; default 2**16 2**20 2**23, with --quick "
+                             "2**10 2**16)")
+    parser.add_argument("--models", nargs="*", type=int, default=None,
+                        help="transformer widths for 168-tensor model cases (768 is 85M elements; "
+                             "default 128, with --quick none)")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="default: flatopt.get_num_threads()")
-    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="seconds of timing per measurement (default 0.3, with --quick 0.02)")
     parser.add_argument("--large", action="store_true", help="add 2**25 elements and the width-768 model")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes and short timings (a smoke run; no DeepSpeed)")
+                        help="small sizes and short timings (a smoke run; no DeepSpeed); options "
+                             "given explicitly are kept")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip torch.optim, DeepSpeed and the end-to-end loop even if installed")
     parser.add_argument("--no-deepspeed", action="store_true",
@@ -881,12 +888,12 @@ def main(argv=None):
     parser.add_argument("--no-crossover", action="store_true", help="skip the small-size table")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training loop")
     parser.add_argument("--e2e-widths", nargs="+", type=int, default=None,
-                        help="hidden widths of the end-to-end MLP (default: 64 256 1024; "
-                             "256 is examples/torch_cpu_training.py's default)")
+                        help="hidden widths of the end-to-end MLP (default: 64 256 1024, with "
+                             "--quick 32; 256 is examples/torch_cpu_training.py's default)")
     parser.add_argument("--e2e-rounds", type=int, default=None,
                         help="rounds of the end-to-end loop, 50 steps of each optimizer a round "
-                             "(default 12, with --quick 1 of 5 steps; more tell small differences "
-                             "apart on a noisy machine)")
+                             "(5 with --quick; default 12 rounds, with --quick 1; more tell small "
+                             "differences apart on a noisy machine)")
     parser.add_argument("--plot", metavar="PNG", help="draw GB/s against size (needs matplotlib)")
     args = parser.parse_args(argv)
     # 12 rounds: with 5, the 3.2M-parameter loop's backward medians differed by up to 6%
@@ -895,8 +902,11 @@ def main(argv=None):
     # timed apart from any optimizer, agree within 1%).
     crossover_sizes, e2e = CROSSOVER_SIZES, dict(steps=50, rounds=12)
     if args.quick:
-        args.sizes, args.models, args.min_time = [2**10, 2**16], [], 0.02
         crossover_sizes, e2e = (1, 64, 1024, 4096), dict(steps=5, rounds=1, depth=2)
+    for name, normal, quick in (("sizes", [2**16, 2**20, 2**23], [2**10, 2**16]),
+                                ("models", [128], []), ("min_time", 0.3, 0.02)):
+        if getattr(args, name) is None:  # not given: the default of the kind of run
+            setattr(args, name, quick if args.quick else normal)
     if args.e2e_widths is None:
         args.e2e_widths = [32] if args.quick else [64, 256, 1024]
     if args.e2e_rounds is not None:

@@ -143,6 +143,7 @@ import torch.distributed as dist
 from .. import functional as _functional
 from .._layout import FlatLayout
 from .._norms import ClipGradNormMixin, check_norm_type
+from .._optimizer import _IMMUTABLE as _IMMUTABLE_NUMBERS
 from .._validation import check_bool, check_fits, check_real
 from ._packing import ParamList, check_params, check_still_bound, guard_params
 from ._base import _FlatOptimizer, hooked_step
@@ -1210,7 +1211,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
 # The control byte of the step exchange: this rank failed a check (its gradients went in),
 # or failed while gathering its gradients (the sums are not the gradients').
 _FAILED_CHECK, _FAILED_GRADIENTS = 1, 2
-_IMMUTABLE = (float, int, bool, str, type(None))
+_IMMUTABLE = _IMMUTABLE_NUMBERS | {str, type(None)}  # values that cannot change in place
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.float32),
                                                    torch.float64: np.dtype(np.float64)}
 
