@@ -352,3 +352,28 @@ def test_a_master_edited_before_the_first_step_is_kept():
     step_alone(m16, opt, *data(1)[0], 1)
     assert torch.equal(opt.state[m16.a.weight]["master_param"], new)
     assert torch.equal(bits(m16.a.weight), bits(new.to(half)))
+
+
+@pytest.mark.parametrize("action", ["state-entry", "state-pop", "add-param-group", "deepcopy", "pickle"])
+def test_a_write_survives_a_reinstall_of_the_state(action):
+    """Between a write to the 16-bit weights and the next step, every way the state is
+    installed again (an opt.state edit, add_param_group, a copy) keeps the write pending:
+    the next step starts from the written weights."""
+    half = torch.bfloat16
+    m16 = models(half)[0]
+    opt = ft.SGD(m16.parameters(), lr=0.0, momentum=0.9, master_dtype=torch.float32)
+    step_alone(m16, opt, *data(1)[0], 1)
+    with torch.no_grad():
+        m16.a.weight.fill_(0.5)
+    if action == "state-entry":
+        opt.state[m16.b.bias] = {"momentum_buffer": torch.zeros(3)}
+    elif action == "state-pop":
+        opt.state.pop(m16.b.bias)
+    elif action == "add-param-group":
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=half))]})
+    else:
+        m16, opt = (copy.deepcopy((m16, opt)) if action == "deepcopy"
+                    else pickle.loads(pickle.dumps((m16, opt))))
+    step_alone(m16, opt, *data(1)[0], 1)
+    assert bool((m16.a.weight == 0.5).all())
+    assert bool((opt.state[m16.a.weight]["master_param"] == 0.5).all())

@@ -93,13 +93,16 @@ def hooked_step(step: _Step) -> _Step:
 
 def _restore(cls: type["_FlatOptimizer"], param_groups: list[dict[str, Any]], defaults: dict[str, Any],
              n_threads: int | None, entries: dict[int, dict[str, Any]], extra: dict[str, Any],
-             master_dtype: torch.dtype | None = None, others: dict[Any, Any] | None = None) -> "_FlatOptimizer":
+             master_dtype: torch.dtype | None = None, others: dict[Any, Any] | None = None,
+             stale: list[int] | None = None) -> "_FlatOptimizer":
     """Rebuild a pickled or deep-copied optimizer (see ``_FlatOptimizer.__reduce_ex__``);
-    ``others``: the keys of ``opt.state`` that are not parameters."""
+    ``others``: the keys of ``opt.state`` that are not parameters; ``stale``: positions
+    of 16-bit parameters written since the original's last step (their masters are
+    reconciled at the copy's next step, as the original's would be)."""
     opt = cls.__new__(cls)
     _FlatOptimizer.__init__(opt, param_groups, defaults, n_threads=n_threads, master_dtype=master_dtype)
     params = [p for g in opt.param_groups for p in g["params"]]
-    opt._install_state({params[i]: e for i, e in entries.items()})
+    opt._install_state({params[i]: e for i, e in entries.items()}, known={params[i]: -1 for i in stale or ()})
     dict.update(opt._state_map, others or {})
     opt.__dict__.update(extra)
     return opt
@@ -321,6 +324,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._check_group(group, f"param_groups[{gi}]")
         buckets = _packing.make_buckets(self)  # raises before any parameter is touched
         carried, others = self._carried_state(), self._other_state()
+        known = _packing.half_known(getattr(self, "_buckets", []))  # of the carried masters
         # State given to a parameter before its group was added (opt.state[q] = {...}):
         # loaded now, as torch's next step would use it.
         for bucket in buckets:
@@ -340,7 +344,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._buckets = buckets
         for bucket in buckets:
             _packing.bind(bucket)
-        self._install_state(carried)
+        self._install_state(carried, known=known)
         dict.update(self._state_map, {k: v for k, v in others.items() if k not in self._state_map})
 
     def _carried_state(self) -> dict[torch.Tensor, dict[str, Any]]:
@@ -350,11 +354,12 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 for p, e in self.state.items() if isinstance(p, torch.Tensor) and p in params
                 and isinstance(e, dict)}
 
-    def _install_state(self, entries: dict[Any, Any], loaded: bool = False) -> None:
+    def _install_state(self, entries: dict[Any, Any], loaded: bool = False,
+                       known: dict[torch.Tensor, int] | None = None) -> None:
         """Replace all state by torch-format ``entries`` ({parameter: entry}; ``loaded``:
-        from a checkpoint); subclasses with state outside the flat buffers (NAdam's
-        mu_product) extend this."""
-        _checkpoint.install_state(self, entries, loaded)
+        from a checkpoint; ``known``: see ``_checkpoint.install_state``); subclasses with
+        state outside the flat buffers (NAdam's mu_product) extend this."""
+        _checkpoint.install_state(self, entries, loaded, known)
 
     def _check_entry(self, pid: Any, entry: dict[str, Any]) -> None:
         """Raise if a parameter's entry (checked by ``_checkpoint.check_entry`` for the
@@ -373,8 +378,11 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         extra = {k: v for k, v in self.__dict__.items() if k.startswith("_optimizer_")}
         extra.update(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
                      _pending_grad_scale=self._pending_grad_scale)
+        known = _packing.half_known(self._buckets)
+        stale = [i for i, p in enumerate(params) if first.get(p) == i and p in known
+                 and (known[p] < 0 or p._version != known[p])]
         return (_restore, (type(self), self.param_groups, self.defaults, self._n_threads, entries, extra,
-                           self._master_dtype, self._other_state()))
+                           self._master_dtype, self._other_state(), stale))
 
     def __copy__(self) -> "_FlatOptimizer":
         raise TypeError(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._packing import Bucket, note_versions
+from ._packing import Bucket, half_known, note_versions
 
 if TYPE_CHECKING:
     from ._base import _FlatOptimizer
@@ -350,18 +350,24 @@ def check_entry(opt: "_FlatOptimizer", p: torch.Tensor, pid: Any, entry: dict[st
     return entry
 
 
-def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any], loaded: bool = False) -> None:
+def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any], loaded: bool = False,
+                  known: dict[torch.Tensor, int] | None = None) -> None:
     """Replace all state by ``entries`` (parameter -> torch-format entry; other keys are
     kept as they are): write the flat buffers and the step counts, rebuild ``opt.state``.
     A parameter without an entry starts afresh, as a new parameter does. ``loaded``: from
-    a checkpoint, whose masters meet the 16-bit parameters at the next step."""
+    a checkpoint, whose masters meet the 16-bit parameters at the next step; ``known``:
+    what is known of the masters carried in ``entries`` (``_packing.half_known``; by
+    default that of the buckets being refilled), so that a 16-bit parameter written
+    since the last step is still reconciled at the next."""
+    if known is None:
+        known = half_known(opt._buckets)
     for bucket in opt._buckets:
         opt._sync_groups(bucket)
         bucket.opt._begin_step(1.0, False)  # validated already: allocates needed state
-    known = set(opt._numpy_class._all_state_names)
+    names = set(opt._numpy_class._all_state_names)
     state: defaultdict[Any, Any] = defaultdict(dict)
     for bucket in opt._buckets:
-        for key in {k for p in bucket.params for k in entries.get(p, ()) if k in known} - set(bucket.opt.state):
+        for key in {k for p in bucket.params for k in entries.get(p, ()) if k in names} - set(bucket.opt.state):
             bucket.opt._add_state(key)
         bucket.opt._forget_validation()
         bucket.opt._prepare()
@@ -387,16 +393,16 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any], loaded: bool =
                 step = (entry or {}).get("step", 0)
                 bucket.counts[i] = float(step.item() if isinstance(step, torch.Tensor) else step)
             else:
-                bucket.counts[i] = 1 if entry and any(k in entry for k in known) else 0
+                bucket.counts[i] = 1 if entry and any(k in entry for k in names) else 0
             if bucket.counts[i] > 0 or opt._eager_state or bucket.mixed:  # a master: always an entry
-                extras = {k: v for k, v in (entry or {}).items() if k not in known and k not in ("step", MASTER)}
+                extras = {k: v for k, v in (entry or {}).items() if k not in names and k not in ("step", MASTER)}
                 state[p] = make_entry(opt, bucket, i, extras, dict.get(opt._state_map, p))
             elif entry is not None:
                 state[p] = dict(entry)
         bucket.n_state = len(bucket.opt.state)
         bucket.uniform = False   # counts were rewritten: the next step plans its runs afresh
         if bucket.mixed:  # a loaded master meets the parameters at the next step
-            note_versions(bucket, loaded)
+            note_versions(bucket, loaded, known)
         bucket.synced = None
         bucket.usual = None
     for key, value in entries.items():

@@ -254,7 +254,8 @@ class NAdam(_FlatOptimizer):
         elif entry:
             raise ValueError(f"NAdam: state for parameter {pid} lacks 'mu_product'")
 
-    def _install_state(self, entries: dict[Any, Any], loaded: bool = False) -> None:
+    def _install_state(self, entries: dict[Any, Any], loaded: bool = False,
+                       known: dict[torch.Tensor, int] | None = None) -> None:
         """Carry each parameter's mu_product (a checkpoint's, add_param_group's repack,
         copies) into the new buffers' tensors; a parameter without one starts at 1."""
         mu: dict[Any, float] = {}
@@ -266,7 +267,7 @@ class NAdam(_FlatOptimizer):
                 if value is not None:
                     mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
             stripped[p] = entry
-        super()._install_state(stripped, loaded)
+        super()._install_state(stripped, loaded, known)
         if loaded:  # torch's load_state_dict casts it to the parameter's dtype from now on
             self._mu_loaded = True
         self._mu_pending = None

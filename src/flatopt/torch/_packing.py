@@ -219,8 +219,9 @@ class Bucket:
         self.usual: list[tuple[int, int, int, int, tuple[int, int] | None]] | None = None
         self.n_state: int | None = None  # how many state entries opt.state's entries were made for
         # With master_dtype: the parameters' torch version counters when the float32 master
-        # last agreed with them (None: check them all at the next step), the usual steps
-        # since (each bumps every counter by one), and the sum the counters should have
+        # last agreed with them (-1: to be checked at the next step), the usual steps since
+        # (each bumps every counter by one; parameters sharing a counter bump it more, which
+        # only sends the next step the general way), and the sum the counters should have
         # now (counters only grow: an equal sum means none moved); see reconcile_master.
         self.half_versions: list[int] | None = None
         self.half_bumps = 0
@@ -238,14 +239,31 @@ class Bucket:
         return torch.from_numpy(master[self.starts[i]:self.stops[i]]).view(self.shapes[i])
 
 
-def note_versions(bucket: Bucket, loaded: bool = False) -> None:
+def note_versions(bucket: Bucket, loaded: bool = False, known: dict[torch.Tensor, int] | None = None) -> None:
     """Record that the master agrees with the 16-bit parameters as they are now (see
-    :func:`reconcile_master`); ``loaded``: it came from a checkpoint, to be checked
-    against them at the next step (the model may be loaded after the optimizer)."""
+    :func:`reconcile_master`), except: with ``loaded`` (a checkpoint's masters, to be
+    checked at the next step, as the model may be loaded after the optimizer), and for
+    the parameters in ``known`` (:func:`half_known` of the buckets their masters came
+    from: still to be checked where they were written since)."""
     versions = list(map(_VERSION_OF, bucket.params))
-    bucket.half_versions = None if loaded else versions
+    if loaded:
+        versions = [-1] * len(versions)
+    elif known:
+        versions = [known.get(p, v) for p, v in zip(bucket.params, versions)]
+    bucket.half_versions = versions
     bucket.half_bumps = 0
-    bucket.half_total = -1 if loaded else sum(versions)
+    bucket.half_total = sum(versions)
+
+
+def half_known(buckets: list[Bucket]) -> dict[torch.Tensor, int]:
+    """Each 16-bit parameter of ``buckets``: the version counter its master agrees with
+    (-1: still to be checked), to carry over when its state is installed again."""
+    known: dict[torch.Tensor, int] = {}
+    for b in buckets:
+        if b.mixed and b.half_versions is not None:
+            for p, v in zip(b.params, b.half_versions):
+                known[p] = v + b.half_bumps if v >= 0 else -1
+    return known
 
 
 def half_unchanged(bucket: Bucket) -> bool:
@@ -269,7 +287,7 @@ def reconcile_master(bucket: Bucket) -> None:
     known, bumps = bucket.half_versions, bucket.half_bumps
     with torch.no_grad():
         for i, p in enumerate(bucket.params):
-            if known is None or versions[i] != known[i] + bumps:
+            if known is None or known[i] < 0 or versions[i] != known[i] + bumps:
                 master, half = bucket.master_view(i), p.detach()
                 assert master is not None
                 stale = master.to(half.dtype).view(torch.int16) != half.view(torch.int16)
