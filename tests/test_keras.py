@@ -406,12 +406,13 @@ def test_unsupported_keras_attributes_refuse_to_be_set():
     """clipnorm & co. as attributes: None (off), and setting one raises, as the constructor
     argument does (it used to create an attribute that changed nothing)."""
     opt = fk.Adam([np.ones(3)])
-    for name in ["clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
-                 "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps"]:
-        assert getattr(opt, name) is None
-        setattr(opt, name, None)
+    for name, off in [("clipnorm", None), ("clipvalue", None), ("global_clipnorm", None),
+                      ("use_ema", False), ("ema_momentum", 0.99), ("ema_overwrite_frequency", None),
+                      ("loss_scale_factor", None), ("gradient_accumulation_steps", None)]:
+        assert getattr(opt, name) == off  # Keras's default: off
+        setattr(opt, name, off)
         with pytest.raises(TypeError, match=f"Adam.{name}: not supported"):
-            setattr(opt, name, 1.0)
+            setattr(opt, name, 0.5)
         assert name not in vars(opt)
 
 
@@ -429,6 +430,13 @@ def test_adagrad_accumulator_is_filled_only_for_a_changed_value():
     opt.state["step"] = 0
     opt.step(g)
     np.testing.assert_array_equal(opt.state["accumulator"], 2.0 + 6 * 0.25)
+    changed = fk.Adagrad([np.ones(3)])
+    changed.initial_accumulator_value = 0.5  # before the first step: in the snapshot too
+    twin = fk.Adagrad([np.ones(3)])
+    twin.load_state_dict(changed.state_dict())
+    for o in (changed, twin):
+        o.step(g)
+        np.testing.assert_array_equal(o.state["accumulator"], 0.5 + 0.25)
     saved = fk.Adagrad([np.ones(3)])
     saved.state["accumulator"] = np.full(3, 3.0)
     loaded = fk.Adagrad([np.ones(3)])

@@ -152,20 +152,25 @@ class _Hyperparameter:
 
 class _Unsupported:
     """A Keras optimizer attribute flatopt.keras does not implement (``opt.clipnorm``): it
-    reads None (off), and setting it to anything else raises rather than doing nothing."""
+    reads Keras's default, ``off`` (None, or ``use_ema``'s False), and setting it to
+    anything else raises rather than doing nothing."""
 
     name: str
+
+    def __init__(self, off: Any = None) -> None:
+        self.off = off
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __get__(self, opt: object, owner: type | None = None) -> Any:
-        return self if opt is None else None
+        return self if opt is None else self.off
 
     def __set__(self, opt: object, value: Any) -> None:
-        if value is not None:
+        if value is not self.off and not (type(value) is type(self.off) and value == self.off):
             raise TypeError(f"{type(opt).__name__}.{self.name}: not supported by flatopt.keras "
-                            "(see the flatopt.keras documentation for what to use instead)")
+                            f"(only Keras's default, {self.off!r}; see the flatopt.keras "
+                            "documentation for what to use instead)")
 
 
 class _KerasOptimizer(Optimizer):
@@ -179,7 +184,7 @@ class _KerasOptimizer(Optimizer):
     weight_decay = _Hyperparameter()
     # Keras's attributes without an implementation here: None, and refused when set.
     clipnorm, clipvalue, global_clipnorm = _Unsupported(), _Unsupported(), _Unsupported()
-    use_ema, ema_momentum, ema_overwrite_frequency = _Unsupported(), _Unsupported(), _Unsupported()
+    use_ema, ema_momentum, ema_overwrite_frequency = _Unsupported(False), _Unsupported(0.99), _Unsupported()
     loss_scale_factor, gradient_accumulation_steps = _Unsupported(), _Unsupported()
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
@@ -496,19 +501,36 @@ class Adagrad(_KerasOptimizer):
             buffer[start:stop] = group["initial_accumulator_value"]
         self._filled_with = [group["initial_accumulator_value"] for group in self.param_groups]
 
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`flatopt.Optimizer.state_dict`; before the first step, an
+        ``initial_accumulator_value`` changed since construction fills the accumulator
+        first, so that the snapshot holds what the first step would use."""
+        if self.state["step"] == 0:
+            for gi, group in enumerate(self.param_groups):
+                value = group.get("initial_accumulator_value")
+                if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) >= 0:
+                    self._refill(gi, float(value))
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._filled_with = [group["initial_accumulator_value"] for group in self.param_groups]
 
+    def _refill(self, gi: int, value: float) -> None:
+        """Fill group ``gi``'s accumulator with ``value`` if it was filled with another
+        (Keras builds the accumulator at the first step, from the value then)."""
+        filled = self.__dict__.setdefault(  # (pickles made before it existed lack it)
+            "_filled_with", [group["initial_accumulator_value"] for group in self.param_groups])
+        if value != filled[gi]:
+            start, stop = self._segments[gi]
+            self.state["accumulator"][start:stop] = value
+            filled[gi] = value
+
     def _update(self, gi: int, group: dict[str, Any], seg: Segment, grad: KernelGrad,
                 step: int, grad_scale: float, n_threads: int) -> None:
         lr, wd = self._lr_wd(gi, group)
-        value = group["initial_accumulator_value"]
-        if step == 1 and value != self._filled_with[gi]:
-            # Changed before the first step: Keras builds (fills) the accumulator then.
-            start, stop = self._segments[gi]
-            self.state["accumulator"][start:stop] = value
-            self._filled_with[gi] = value
+        if step == 1:
+            self._refill(gi, group["initial_accumulator_value"])
         kernels.keras_adagrad(seg["param"], grad, seg["accumulator"], lr, group["epsilon"], wd,
                               grad_scale, n_threads)
 
