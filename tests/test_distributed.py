@@ -675,6 +675,73 @@ def check_closures_torch_classes_and_values_agree(rank, world):
         assert [g["lr"] for g in opt.state_dict()["param_groups"]] == [pytest.approx(0.01)] * 2
 
 
+class LoggingAdam(torch.optim.Adam):
+    """A torch.optim subclass forwarding its arguments as ``**kwargs``."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+
+
+def check_local_step_failures_agree(rank, world):
+    """torch.optim checks some values only in its step (amsgrad turned on mid-run: a
+    KeyError on the ranks holding that group), perhaps after updating other groups: every
+    rank raises and ends with the same parameters (it hung, or left them different). A
+    subclass forwarding **kwargs is checked as its base; -0.0 and 0.0 agree, True and 1
+    are told apart (both raised a bare StopIteration); a closure's exception keeps its
+    __cause__; OneCycleLR finds the betas in the defaults."""
+    def backward(model):
+        model(torch.ones(2, 5, dtype=torch.float64), 2, 0).sum().backward()
+
+    def groups(model):
+        return [{"params": model.net.parameters()}, {"params": model.extra.parameters()}]
+
+    model = make_model()
+    opt = ShardedOptimizer(groups(model), torch.optim.Adam, lr=0.1)
+    backward(model)
+    opt.step()
+    opt.param_groups[1]["amsgrad"] = True  # group 1 lies in the last rank's slice only
+    opt.zero_grad()
+    backward(model)
+    raises_on_every_rank(opt.step, KeyError, f"rank {world - 1}", "max_exp_avg_sq", "partly updated")
+    assert_identical_on_all_ranks(model)
+    raises_on_every_rank(opt.step, RuntimeError, "compute them again")
+
+    model = make_model()
+    opt = ShardedOptimizer(groups(model), LoggingAdam, lr=0.1)
+    backward(model)
+    opt.param_groups[1]["lr"] = "0.1"
+    raises_on_every_rank(opt.step, TypeError, "LoggingAdam param_groups[1]", "no rank changed")
+    opt.param_groups[1]["lr"] = 0.1
+    opt.param_groups[0]["weight_decay"] = -0.0 if rank else 0.0
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = 1 if rank else True
+    raises_on_every_rank(opt.step, ValueError, "hyperparameters differ", "'amsgrad'")
+    opt.param_groups[0]["amsgrad"] = False
+
+    class DataError(Exception):
+        pass
+
+    def closure():
+        opt.zero_grad()
+        if rank == 0:
+            raise DataError("no batch") from KeyError("batch_17")
+        backward(model)
+        return 0.0
+    try:
+        opt.step(closure)
+    except (DataError, RuntimeError) as exc:
+        assert isinstance(exc, DataError) == (rank == 0)
+        assert rank != 0 or isinstance(exc.__cause__, KeyError)
+    else:
+        raise AssertionError("no error")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    opt.zero_grad()
+    backward(model)
+    opt.step()
+    sched.step()
+    assert_identical_on_all_ranks(model)
+
+
 def check_world_larger_than_elements(rank, world):
     params = [torch.nn.Parameter(torch.zeros(world - 1, dtype=torch.float64))]
     raises_on_every_rank(lambda: ShardedOptimizer(params, ft.SGD, lr=0.1), ValueError,
@@ -718,6 +785,7 @@ def job_checks(world, tmp):
         ("bad-input", check_bad_input),
         ("every-rank-agrees", check_every_rank_agrees),
         ("closures-torch-classes-and-values-agree", check_closures_torch_classes_and_values_agree),
+        ("local-step-failures-agree", check_local_step_failures_agree),
     ]
     if world == 2:
         checks += [

@@ -84,7 +84,10 @@ Guarantees and agreement
   compared by every value), an invalid hyperparameter (checked on every rank, whether or
   not its slice holds parameters of that group: by flatopt.torch's rules, or by the
   torch.optim class's constructor) and an invalid ``grad_scale``; there the reduced
-  gradients are kept, and ``step()`` may be called again once mended.
+  gradients are kept, and ``step()`` may be called again once mended. torch.optim checks
+  some values only inside its step (``capturable``, ``amsgrad`` turned on mid-run), so
+  with a torch.optim class one more small exchange follows the local step: if it failed
+  on any rank, every rank raises, with the same (possibly partly updated) parameters.
 * ``load_state_dict()`` is a collective too: each rank checks its pieces, and if any
   rank's fail, every rank raises the same error with its state unchanged.
 * Gradient clipping and ``skip_if_nonfinite`` agree across ranks: :meth:`grad_norm` and
@@ -542,8 +545,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for key, value in theirs.items():   # fill in the local class's defaults
                 if key != "params":
                     mine[key] = value
+        for key, value in local.defaults.items():  # (schedulers look there: OneCycleLR's betas)
+            self.defaults.setdefault(key, value)
         self._grad_scale_arg = "grad_scale" in inspect.signature(local.step).parameters
-        self._constructor_args = set(inspect.signature(type(local)).parameters) - {"params"}
+        self._constructor_args = _constructor_args(type(local))
         self._checked = [None] * len(self.param_groups)
         for b in self._buckets:
             b.views = [b.flat_param[b.offset[k] + s:b.offset[k] + e] for _, k, s, e in b.pieces]
@@ -838,9 +843,13 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _raise_hyperparameter_error(self) -> NoReturn:
         groups = cast(list[list[list[tuple[str, Any]]]], [None] * self.world_size)  # filled below
         dist.all_gather_object(groups, self._hyperparameters(), group=self.process_group)
+        # Compared as the checksum compares them (by repr: NaN equals NaN there, True is
+        # not 1.0), so that the difference the checksum saw is found.
         r, (gi, (a, b)) = next((r, next((gi, (a, b)) for gi, (a, b) in enumerate(zip(groups[0], other))
-                                        if a != b)) for r, other in enumerate(groups) if other != groups[0])
-        diff = sorted({k for k, v in a} ^ {k for k, v in b} | {k for (k, v), (_, w) in zip(a, b) if v != w})
+                                        if repr(a) != repr(b))) for r, other in enumerate(groups)
+                               if repr(other) != repr(groups[0]))
+        diff = sorted({k for k, v in a} ^ {k for k, v in b}
+                      | {k for (k, v), (_, w) in zip(a, b) if repr(v) != repr(w)})
         raise _mark_agreed(ValueError(
             f"ShardedOptimizer.step: the ranks' hyperparameters differ (an LR scheduler or an "
             f"edit of param_groups on some ranks only?): param_groups[{gi}] {dict(a)} on rank 0, "
@@ -1015,7 +1024,9 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 # except clause), with what every rank was told.
                 if hasattr(error, "add_note"):
                     error.add_note(str(agreed))
-                raise error from None
+                else:  # Python 3.10: kept where 3.11's traceback would print it
+                    setattr(error, "__notes__", [*getattr(error, "__notes__", ()), str(agreed)])
+                raise error  # (its own __cause__ kept)
             raise
         scale = grad_scale * self._pending_grad_scale
         if self.average_gradients:
@@ -1033,19 +1044,41 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if piece.grad is not grad or not mask[k]:
                     piece.grad = grad if mask[k] else None
             b.params_in()
-        try:
-            if self._grad_scale_arg:   # its step() takes grad_scale (a flatopt.torch class)
+        if self._grad_scale_arg:   # its step() takes grad_scale (a flatopt.torch class)
+            try:
                 cast(Any, local).step(grad_scale=scale)
-            else:
+            except Exception:
+                # Its checks all ran above, alike on every rank, and it writes nothing
+                # before they pass: a failure here is everyone's. Refused until recomputed.
+                self._grads_spent = self.average_gradients
+                raise
+        else:
+            # torch.optim checks some values only in its step (capturable, amsgrad turned
+            # on mid-run), perhaps on some ranks only, and may fail half-way: one more small
+            # exchange says whether every rank's step ran.
+            failed: Exception | None = None
+            try:
                 if scale != 1.0:
                     for b in self._buckets:
                         b.reduced().mul_(scale)
                 local.step()
-        except Exception:
-            # Checked alike on every rank first, so this fails on all of them (or the
-            # parameter exchange would hang); the gradients may be scaled: not reusable.
-            self._grads_spent = self.average_gradients
-            raise
+            except Exception as exc:  # noqa: BLE001 - every rank raises below
+                failed = exc
+            self._control[self._n] = failed is not None
+            self._gather(self._control_out, self._control)
+            ranks = self._control_out.view(self.world_size, self._n + 5)[:, self._n].nonzero().flatten().tolist()
+            if ranks:
+                self._grads_spent = self.average_gradients
+                for b in self._buckets:  # every rank ends with the same (partly updated) values
+                    self._refresh_params(b)
+                    b.locate()
+                reports = cast(list[_Report], [None] * self.world_size)
+                dist.all_gather_object(reports, (self.rank, _describe_error(failed), None),
+                                       group=self.process_group)
+                _raise_agreed("ShardedOptimizer.step", [(r, e) for r, e, _ in reports if e is not None],
+                              failed, suffix=f"; {type(local).__name__}.step() failed on the ranks named: "
+                              "parameters may be partly updated (alike on every rank); the gradients must "
+                              "be computed again (zero_grad(), backward())")
         for b in self._buckets:
             self._refresh_params(b)
             b.locate()
@@ -1216,6 +1249,19 @@ _NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.fl
                                                    torch.float64: np.dtype(np.float64)}
 
 
+def _constructor_args(cls: type) -> set[str]:
+    """The hyperparameters ``cls``'s constructor names: those of the first class in its
+    MRO whose ``__init__`` does not pass ``**kwargs`` on (a subclass that forwards them
+    takes its base's)."""
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass).parameters.values()
+        if not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in parameters):
+            return {p.name for p in parameters} - {"params"}
+    return set()
+
+
 def _canonical(value: Any) -> Any:
     """A hyperparameter as the ranks compare it: equal numbers alike whatever their type
     (0.1 and np.float64(0.1); a flag stays a flag), tensors and arrays by every value (their
@@ -1224,7 +1270,7 @@ def _canonical(value: Any) -> Any:
         return bool(value)
     if isinstance(value, numbers.Real):
         try:
-            return float(value)
+            return float(value) + 0.0  # -0.0 as 0.0
         except OverflowError:
             return repr(value)
     if isinstance(value, (torch.Tensor, np.ndarray)):
