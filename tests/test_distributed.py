@@ -676,10 +676,14 @@ def check_closures_torch_classes_and_values_agree(rank, world):
 
 
 class LoggingAdam(torch.optim.Adam):
-    """A torch.optim subclass forwarding its arguments as ``**kwargs``."""
+    """A torch.optim subclass forwarding its arguments as ``**kwargs``, with one of its own."""
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, warmup, **kwargs):
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
         super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group["warmup"] = warmup
 
 
 def check_local_step_failures_agree(rank, world):
@@ -706,12 +710,25 @@ def check_local_step_failures_agree(rank, world):
     assert_identical_on_all_ranks(model)
     raises_on_every_rank(opt.step, RuntimeError, "compute them again")
 
-    model = make_model()
-    opt = ShardedOptimizer(groups(model), LoggingAdam, lr=0.1)
+    model = make_model()  # average_gradients=False: a partly applied step is not retried
+    opt = ShardedOptimizer(groups(model), torch.optim.Adam, lr=0.1, average_gradients=False)
+    backward(model)
+    opt.step()
+    opt.param_groups[1]["amsgrad"] = True
+    raises_on_every_rank(opt.step, KeyError, "partly updated")
+    opt.param_groups[1]["amsgrad"] = False
+    raises_on_every_rank(opt.step, RuntimeError, "compute them again")
+
+    model = make_model()  # weight_decay 0 and 0.0: equal at construction too
+    opt = ShardedOptimizer(groups(model), LoggingAdam, lr=0.1, warmup=2,
+                           weight_decay=0 if rank else 0.0)
     backward(model)
     opt.param_groups[1]["lr"] = "0.1"
     raises_on_every_rank(opt.step, TypeError, "LoggingAdam param_groups[1]", "no rank changed")
     opt.param_groups[1]["lr"] = 0.1
+    opt.param_groups[1]["warmup"] = -1  # the subclass's own check runs too
+    raises_on_every_rank(opt.step, ValueError, "warmup must be >= 0")
+    opt.param_groups[1]["warmup"] = 2
     opt.param_groups[0]["weight_decay"] = -0.0 if rank else 0.0
     opt.step()
     opt.param_groups[0]["amsgrad"] = 1 if rank else True
@@ -721,19 +738,26 @@ def check_local_step_failures_agree(rank, world):
     class DataError(Exception):
         pass
 
-    def closure():
+    def closure(explicit):
         opt.zero_grad()
         if rank == 0:
-            raise DataError("no batch") from KeyError("batch_17")
+            try:
+                {}["batch_17"]
+            except KeyError as exc:
+                if explicit:
+                    raise DataError("no batch") from exc
+                raise DataError("no batch")  # noqa: B904 - the implicit context is the point
         backward(model)
         return 0.0
-    try:
-        opt.step(closure)
-    except (DataError, RuntimeError) as exc:
-        assert isinstance(exc, DataError) == (rank == 0)
-        assert rank != 0 or isinstance(exc.__cause__, KeyError)
-    else:
-        raise AssertionError("no error")
+    for explicit in (True, False):
+        try:
+            opt.step(lambda: closure(explicit))
+        except (DataError, RuntimeError) as exc:
+            assert isinstance(exc, DataError) == (rank == 0)
+            chained = exc.__cause__ if explicit else exc.__context__
+            assert rank != 0 or isinstance(chained, KeyError)
+        else:
+            raise AssertionError("no error")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
     opt.zero_grad()
     backward(model)

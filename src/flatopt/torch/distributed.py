@@ -565,7 +565,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         """What every rank must have been given alike."""
         groups = []
         for group in self.param_groups:
-            hyper = {k: repr(v) for k, v in group.items() if k not in ("params", "initial_lr")}
+            hyper = {k: repr(_canonical(v)) for k, v in group.items() if k not in ("params", "initial_lr")}
             groups.append(([(str(p.dtype), tuple(p.shape)) for p in group["params"]], sorted(hyper.items())))
         return (type(self.local_optimizer).__module__, type(self.local_optimizer).__name__,
                 self.average_gradients, groups)
@@ -752,8 +752,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             try:
                 if self._grads_spent:
                     raise RuntimeError(
-                        "the gradients were combined with those of a rank that failed at the last "
-                        "step(); compute them again (zero_grad(), backward()) first")
+                        "the last step() failed after these gradients were combined with a failed "
+                        "rank's or partly applied; compute them again (zero_grad(), backward()) first")
                 self._collect()
             except Exception as exc:  # noqa: BLE001 - every rank raises below
                 error, code = error or exc, _FAILED_GRADIENTS
@@ -1016,18 +1016,21 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
                 error, code = exc, _FAILED_CHECK
         self._consolidated = None
+        agreed: Exception | None = None
         try:
             mask = self._reduce(error, code)
-        except Exception as agreed:
-            if code == _FAILED_GRADIENTS and error is not None:
-                # This rank's closure failed: its own exception (its class, for the caller's
-                # except clause), with what every rank was told.
-                if hasattr(error, "add_note"):
-                    error.add_note(str(agreed))
-                else:  # Python 3.10: kept where 3.11's traceback would print it
-                    setattr(error, "__notes__", [*getattr(error, "__notes__", ()), str(agreed)])
-                raise error  # (its own __cause__ kept)
-            raise
+        except Exception as exc:
+            if not (code == _FAILED_GRADIENTS and error is not None):
+                raise
+            agreed = exc
+        if agreed is not None and error is not None:
+            # This rank's closure failed: its own exception (its class, for the caller's
+            # except clause, its cause and context), with what every rank was told.
+            if hasattr(error, "add_note"):
+                error.add_note(str(agreed))
+            else:  # Python 3.10: kept where 3.11's traceback would print it
+                setattr(error, "__notes__", [*getattr(error, "__notes__", ()), str(agreed)])
+            raise error
         scale = grad_scale * self._pending_grad_scale
         if self.average_gradients:
             scale /= self.world_size
@@ -1068,7 +1071,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._gather(self._control_out, self._control)
             ranks = self._control_out.view(self.world_size, self._n + 5)[:, self._n].nonzero().flatten().tolist()
             if ranks:
-                self._grads_spent = self.average_gradients
+                self._grads_spent = True  # combined, or partly applied: not to be used again
                 for b in self._buckets:  # every rank ends with the same (partly updated) values
                     self._refresh_params(b)
                     b.locate()
@@ -1250,16 +1253,18 @@ _NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = {torch.float32: np.dtype(np.fl
 
 
 def _constructor_args(cls: type) -> set[str]:
-    """The hyperparameters ``cls``'s constructor names: those of the first class in its
-    MRO whose ``__init__`` does not pass ``**kwargs`` on (a subclass that forwards them
-    takes its base's)."""
+    """The hyperparameters ``cls``'s constructor takes: the named arguments of each class
+    in its MRO down to the first whose ``__init__`` does not pass ``**kwargs`` on (a
+    subclass that forwards them takes its own and its base's)."""
+    names: set[str] = set()
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         parameters = inspect.signature(klass).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         if not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in parameters):
-            return {p.name for p in parameters} - {"params"}
-    return set()
+            break
+    return names - {"params"}
 
 
 def _canonical(value: Any) -> Any:
