@@ -411,6 +411,8 @@ def test_unsupported_keras_attributes_refuse_to_be_set():
                       ("loss_scale_factor", None), ("gradient_accumulation_steps", None)]:
         assert getattr(opt, name) == off  # Keras's default: off
         setattr(opt, name, off)
+        if off is not None:  # NumPy's value of it too
+            setattr(opt, name, np.asarray(off)[()])
         with pytest.raises(TypeError, match=f"Adam.{name}: not supported"):
             setattr(opt, name, 0.5)
         assert name not in vars(opt)

@@ -377,3 +377,21 @@ def test_a_write_survives_a_reinstall_of_the_state(action):
     step_alone(m16, opt, *data(1)[0], 1)
     assert bool((m16.a.weight == 0.5).all())
     assert bool((opt.state[m16.a.weight]["master_param"] == 0.5).all())
+
+
+@pytest.mark.parametrize("action", ["add-param-group", "deepcopy"])
+def test_data_replaced_before_a_repack_is_stepped_from(action):
+    """``p.data`` replaced (no version counter sees it), then add_param_group or a copy,
+    which rebind the parameters: the new values are where the next step starts, as in
+    torch.optim (the master was carried over as if it still agreed with them)."""
+    half = torch.bfloat16
+    m16 = models(half)[0]
+    opt = ft.SGD(m16.parameters(), lr=0.0, master_dtype=torch.float32)
+    step_alone(m16, opt, *data(1)[0], 1)
+    m16.a.weight.data = torch.full_like(m16.a.weight, 0.5)
+    if action == "add-param-group":
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=half))]})
+    else:
+        m16, opt = copy.deepcopy((m16, opt))
+    step_alone(m16, opt, *data(1)[0], 1)
+    assert bool((m16.a.weight == 0.5).all())

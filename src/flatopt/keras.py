@@ -167,7 +167,12 @@ class _Unsupported:
         return self if opt is None else self.off
 
     def __set__(self, opt: object, value: Any) -> None:
-        if value is not self.off and not (type(value) is type(self.off) and value == self.off):
+        try:  # False and np.False_, 0.99 and np.float64(0.99); a flag only equals a flag
+            off = value is self.off or (self.off is not None and bool(value == self.off) and (
+                isinstance(value, (bool, np.bool_)) == isinstance(self.off, bool)))
+        except (TypeError, ValueError):
+            off = False
+        if not off:
             raise TypeError(f"{type(opt).__name__}.{self.name}: not supported by flatopt.keras "
                             f"(only Keras's default, {self.off!r}; see the flatopt.keras "
                             "documentation for what to use instead)")

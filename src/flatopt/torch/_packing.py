@@ -261,8 +261,9 @@ def half_known(buckets: list[Bucket]) -> dict[torch.Tensor, int]:
     known: dict[torch.Tensor, int] = {}
     for b in buckets:
         if b.mixed and b.half_versions is not None:
-            for p, v in zip(b.params, b.half_versions):
-                known[p] = v + b.half_bumps if v >= 0 else -1
+            for p, v, ptr in zip(b.params, b.half_versions, b.data_ptrs):
+                # (``p.data`` replaced, which no counter sees: its new values win too)
+                known[p] = v + b.half_bumps if v >= 0 and p.data_ptr() == ptr else -1
     return known
 
 
