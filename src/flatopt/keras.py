@@ -187,7 +187,8 @@ class _KerasOptimizer(Optimizer):
     learning_rate = _Hyperparameter()
     #: Decoupled weight decay (None: off); assignable.
     weight_decay = _Hyperparameter()
-    # Keras's attributes without an implementation here: None, and refused when set.
+    # Keras's attributes without an implementation here: Keras's default (off), and any
+    # other value refused.
     clipnorm, clipvalue, global_clipnorm = _Unsupported(), _Unsupported(), _Unsupported()
     use_ema, ema_momentum, ema_overwrite_frequency = _Unsupported(False), _Unsupported(0.99), _Unsupported()
     loss_scale_factor, gradient_accumulation_steps = _Unsupported(), _Unsupported()
@@ -210,7 +211,7 @@ class _KerasOptimizer(Optimizer):
         first = values[0]
         for value in values[1:]:
             try:  # 0 == 0.0 == np.float64(0.0); a flag only equals a flag
-                same = value is first or (isinstance(value, bool) == isinstance(first, bool)
+                same = value is first or (isinstance(value, (bool, np.bool_)) == isinstance(first, (bool, np.bool_))
                                           and bool(value == first))
             except (TypeError, ValueError):
                 same = False
