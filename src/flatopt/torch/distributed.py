@@ -461,14 +461,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._constructing = False
 
         # 2. The first collective: every rank reaches it, whatever happened above.
-        reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
-        dist.all_gather_object(reports, (self.rank, _describe_error(error), signature),
-                               group=self.process_group)
-        failures = [(r, e) for r, e, _ in reports if e is not None]
+        failures, signatures = self._exchange_errors(error, signature)
         if failures:
             _raise_agreed("ShardedOptimizer", failures, error)
-        first = reports[0][2]
-        for r, _, sig in reports:
+        first = signatures[0]
+        for r, sig in enumerate(signatures):
             if sig != first:   # described alike on every rank: rank 0 against the first other
                 raise ValueError(
                     "ShardedOptimizer: the ranks were given different parameters or "
@@ -541,10 +538,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self.local_optimizer = optimizer_class(local_params, **defaults)
         self._param_lists = guard_params(self.param_groups)  # (step() checks they stay)
         local = self.local_optimizer
-        for mine, theirs in zip(self.param_groups, local.param_groups):
-            for key, value in theirs.items():   # fill in the local class's defaults
-                if key != "params":
-                    mine[key] = value
+        _copy_hyperparameters(local.param_groups, self.param_groups)  # the local class's defaults
         for key, value in local.defaults.items():  # (schedulers look there: OneCycleLR's betas)
             self.defaults.setdefault(key, value)
         self._grad_scale_arg = "grad_scale" in inspect.signature(local.step).parameters
@@ -796,9 +790,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 self._grads_spent = self.average_gradients
             else:  # reduced for good: a step retried once the error is mended reuses them
                 self._reduced = (mask, None)
-        failed = codes.nonzero().flatten().tolist()
-        if failed:
-            self._raise_step_error(failed, error)
+        if bool(codes.any()):
+            kept = ("; the gradients were combined and are kept: step() may be called again once "
+                    "this is mended" if self._reduced is not None else
+                    "; the gradients must be computed again (zero_grad(), backward())" if self._grads_spent else "")
+            self._raise_step_error(error, "; no rank changed its parameters or optimizer state" + kept)
         if not bool((rows[:, self._n + 1:] == rows[0, self._n + 1:]).all()):
             # The reduced gradients are kept: set the hyperparameters alike and step again.
             self._raise_hyperparameter_error()
@@ -856,14 +852,17 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             f"{dict(b)} on rank {r} (differing: {diff}); no rank changed its parameters or "
             "optimizer state, and step() may be called again once they agree"))
 
-    def _raise_step_error(self, failed: list[int], error: Exception | None) -> NoReturn:
+    def _exchange_errors(self, error: Exception | None,
+                         extra: Any = None) -> tuple[list[tuple[int, tuple[type[BaseException], str]]], list[Any]]:
+        """Every rank's error and ``extra`` (a collective): the ranks that failed, each
+        with its error as :func:`_describe_error` gives it, and every rank's ``extra``."""
         reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
-        dist.all_gather_object(reports, (self.rank, _describe_error(error), None), group=self.process_group)
-        kept = ("; the gradients were combined and are kept: step() may be called again once "
-                "this is mended" if self._reduced is not None else
-                "; the gradients must be computed again (zero_grad(), backward())" if self._grads_spent else "")
-        _raise_agreed("ShardedOptimizer.step", [(r, e) for r, e, _ in reports if e is not None], error,
-                      suffix="; no rank changed its parameters or optimizer state" + kept)
+        dist.all_gather_object(reports, (self.rank, _describe_error(error), extra), group=self.process_group)
+        return [(r, e) for r, e, _ in reports if e is not None], [x for _, _, x in reports]
+
+    def _raise_step_error(self, error: Exception | None, suffix: str) -> NoReturn:
+        """Raise on every rank (a collective) the error naming each rank whose step failed."""
+        _raise_agreed("ShardedOptimizer.step", self._exchange_errors(error)[0], error, suffix=suffix)
 
     def _gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
         """All-gather a small tensor (every rank's ``inp`` into ``out``, in rank order)."""
@@ -1069,19 +1068,14 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 failed = exc
             self._control[self._n] = failed is not None
             self._gather(self._control_out, self._control)
-            ranks = self._control_out.view(self.world_size, self._n + 5)[:, self._n].nonzero().flatten().tolist()
-            if ranks:
+            if bool(self._control_out.view(self.world_size, self._n + 5)[:, self._n].any()):
                 self._grads_spent = True  # combined, or partly applied: not to be used again
                 for b in self._buckets:  # every rank ends with the same (partly updated) values
                     self._refresh_params(b)
                     b.locate()
-                reports = cast(list[_Report], [None] * self.world_size)
-                dist.all_gather_object(reports, (self.rank, _describe_error(failed), None),
-                                       group=self.process_group)
-                _raise_agreed("ShardedOptimizer.step", [(r, e) for r, e, _ in reports if e is not None],
-                              failed, suffix=f"; {type(local).__name__}.step() failed on the ranks named: "
-                              "parameters may be partly updated (alike on every rank); the gradients must "
-                              "be computed again (zero_grad(), backward())")
+                self._raise_step_error(failed, f"; {type(local).__name__}.step() failed on the ranks named: "
+                                       "parameters may be partly updated (alike on every rank); the gradients "
+                                       "must be computed again (zero_grad(), backward())")
         for b in self._buckets:
             self._refresh_params(b)
             b.locate()
@@ -1090,10 +1084,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _sync_local_groups(self) -> None:
         """Copy the hyperparameters (LR schedulers edit ``param_groups``) into the local
         optimizer's groups: before its step, and before its state dict is taken."""
-        for mine, theirs in zip(self.param_groups, self.local_optimizer.param_groups):
-            for key, value in mine.items():
-                if key != "params":
-                    theirs[key] = value
+        _copy_hyperparameters(self.param_groups, self.local_optimizer.param_groups)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _local_to_shard(self, local_sd: dict[str, Any]) -> dict[str, Any]:
@@ -1172,18 +1163,13 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             local.load_state_dict(local_sd)
         except Exception as exc:  # noqa: BLE001 - every rank raises below
             error = exc
-        reports = cast(list[_Report], [None] * self.world_size)   # filled by all_gather_object
-        dist.all_gather_object(reports, (self.rank, _describe_error(error), None), group=self.process_group)
-        failures = [(r, e) for r, e, _ in reports if e is not None]
+        failures = self._exchange_errors(error)[0]
         if failures:
             if error is None and backup is not None:  # another rank failed: undo this one's load
                 local.load_state_dict(backup)
             _raise_agreed("ShardedOptimizer.load_state_dict", failures, error,
                           suffix="; no rank changed its optimizer state")
-        for mine, theirs in zip(self.param_groups, local.param_groups):
-            for key, value in theirs.items():
-                if key != "params":
-                    mine[key] = value
+        _copy_hyperparameters(local.param_groups, self.param_groups)
         self._consolidated = None
         self._pending_grad_scale = 1.0  # (gradients already reduced stay reduced)
 
@@ -1297,6 +1283,12 @@ _AGREED = "_flatopt_agreed_by_every_rank"
 def _mark_agreed(exc: Exception) -> Exception:
     setattr(exc, _AGREED, True)
     return exc
+
+
+def _copy_hyperparameters(sources: list[dict[str, Any]], targets: list[dict[str, Any]]) -> None:
+    """Set each target group's hyperparameters (every key but ``"params"``) to its source's."""
+    for source, target in zip(sources, targets):
+        target.update((k, v) for k, v in source.items() if k != "params")
 
 
 def _own(view: torch.Tensor | None) -> torch.Tensor:
