@@ -446,8 +446,8 @@ CALLS = {
     "lion_": (1, lambda b, **kw: F.lion_(*b, **{**dict(lr=1e-4), **kw})),
 }
 BAD = [
-    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(beta1=1.0), "betas"),
-    (dict(beta2=-0.1), "betas"), (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(beta1=1.0), "beta1"),
+    (dict(beta2=-0.1), "beta2"), (dict(weight_decay=-1.0), "weight_decay"),
     (dict(maximize=1), "maximize"), (dict(grad_scale=float("inf")), "grad_scale"),
     (dict(n_threads=0), "n_threads"), ("overflow", "overflows"),
     ("overlap", "share memory"), ("readonly-param", "writable"), ("float32-state", "dtype"),

@@ -24,7 +24,13 @@ BAD_SGD = [
     (lambda p, g, b: (p.astype(np.float32), g, b), {}, TypeError, "grad must have dtype float32"),
     (lambda p, g, b: (p.astype(np.int64), g, b), {}, TypeError, "param must have dtype float32 or float64"),
     (lambda p, g, b: (p.astype(np.float16), g, b), {}, TypeError, "float16"),
-    (lambda p, g, b: (p, g[:-1], b), {}, ValueError, "grad must have length 8, got 7"),
+    (lambda p, g, b: (p, g[:-1], b), {}, ValueError, r"grad must have length 8 \(as param\), got 7"),
+    (lambda p, g, b: (p[:-1], g, b), {}, ValueError, r"grad must have length 7 \(as param\), got 8"),
+    (lambda p, g, b: (p, g.astype(np.float32), b), {}, TypeError, r"grad must have dtype float64 \(as param\)"),
+    (lambda p, g, b: (p.astype(">f8"), g, b), {}, TypeError, "param must have dtype float32 or float64, "
+     "got >f8 \\(not in this machine's byte order\\)"),
+    (lambda p, g, b: (p, np.ma.masked_greater(g, 0.0), b), {}, TypeError,
+     "grad must be a plain numpy array, got a masked array"),
     (lambda p, g, b: (p, g, b[:-1]), {}, ValueError, "momentum_buffer must have length 8"),
     (lambda p, g, b: (p.reshape(2, 4), g, b), {}, ValueError, "param must be 1-D"),
     (lambda p, g, b: (p, np.repeat(g, 2)[::2], b), {}, ValueError, "grad must be C-contiguous"),
@@ -81,3 +87,31 @@ def test_sgd_without_momentum_needs_no_buffer():
     expected = p - 0.1 * g
     F.sgd_(p, g, lr=0.1, step=1)
     np.testing.assert_array_equal(p, expected)
+
+
+ADAM_FAMILY = [  # (function, its state buffers, the other arguments it needs)
+    (F.adam_, 2, dict(step=1, lr=0.1, eps=1e-8)),
+    (F.nadam_, 2, dict(step=1, mu_product=1.0, lr=0.1, eps=1e-8)),
+    (F.radam_, 2, dict(step=1, lr=0.1, eps=1e-8)),
+    (F.adamax_, 2, dict(step=1, lr=0.1, eps=1e-8)),
+    (F.lion_, 1, dict(lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("fn, n_state, kwargs, bad, exc, match", [
+    (fn, n_state, kwargs, bad, exc, match) for fn, n_state, kwargs in ADAM_FAMILY
+    for bad, exc, match in [
+        (dict(beta1=1.5), ValueError, r"Invalid {} beta1: 1.5"),
+        (dict(beta2=-0.5), ValueError, r"Invalid {} beta2: -0.5"),
+        (dict(beta1="0.9"), TypeError, r"{} beta1 must be a real number"),
+        (dict(decoupled=1), TypeError, r"{} decoupled must be a bool, got int 1"),
+    ] if "decoupled" not in bad or fn in (F.adam_, F.nadam_, F.radam_)])
+def test_adam_family_errors_name_the_functions_arguments(fn, n_state, kwargs, bad, exc, match):
+    """The class's rules check them, but the error names ``beta1``/``decoupled``, the
+    arguments this function has, not the class's ``betas``/``decoupled_weight_decay``."""
+    p, g, _ = buffers()
+    state = [np.zeros_like(p) for _ in range(n_state)]
+    before = snapshot(p, g, *state)
+    with pytest.raises(exc, match=match.format(fn.__name__)):
+        fn(p, g, *state, **{"beta1": 0.9, "beta2": 0.99, **kwargs, **bad})
+    assert_unchanged([p, g, *state], before)

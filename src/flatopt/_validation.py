@@ -130,22 +130,29 @@ def check_step(step: object, name: str = "step", low: int = 1) -> int:
 
 
 def check_flat(array: object, name: str, *, dtype: npt.DTypeLike | None = None, size: int | None = None,
-               writable: bool = True) -> FloatArray:
+               writable: bool = True, like: str | None = None) -> FloatArray:
     """Check that ``array`` is a 1-D C-contiguous float32/float64 ndarray.
 
-    With ``dtype``/``size`` it must match them; with ``writable`` it must be writable.
+    With ``dtype``/``size`` it must match them (the errors say they are ``like``'s, when
+    given: the buffer they were taken from); with ``writable`` it must be writable.
     Returns the array unchanged.
     """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name} must be a 1-D numpy array, got {describe(array)}")
+    if isinstance(array, np.ma.MaskedArray):  # the kernels read the data, mask or not
+        raise TypeError(f"{name} must be a plain numpy array, got a masked array (its mask would "
+                        "be ignored: pass .filled(value))")
     if array.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {array.dtype}")
+        swapped = array.dtype.kind == "f" and not array.dtype.isnative
+        raise TypeError(f"{name} must have dtype float32 or float64, got "
+                        + (f"{array.dtype.str} (not in this machine's byte order)" if swapped else str(array.dtype)))
+    whose = f" (as {like})" if like else ""
     if dtype is not None and array.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {array.dtype}")
+        raise TypeError(f"{name} must have dtype {dtype}{whose}, got {array.dtype}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if size is not None and array.shape[0] != size:
-        raise ValueError(f"{name} must have length {size}, got {array.shape[0]}")
+        raise ValueError(f"{name} must have length {size}{whose}, got {array.shape[0]}")
     if not array.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {array.strides}")
     if writable and not array.flags.writeable:

@@ -6,22 +6,44 @@ kernel. ``grad`` is only read (it may be read-only or memory-mapped); ``grad_sca
 multiplies it on the fly. Nothing is written unless every check passes.
 """
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ._adam_variants import check_adamax, check_lion, check_nadam, check_radam
 from ._adaptive import check_adadelta, check_adagrad, check_adam, check_rmsprop
 from ._dispatch import kernels
 from ._momentum import check_momentum, check_sgd
 from ._norms import check_norm_type, flat_norm
 from ._threads import check_n_threads, effective_n_threads
-from ._validation import (FloatArray, check_fits, check_flat, check_no_overlap, check_real,
+from ._validation import (FloatArray, check_bool, check_fits, check_flat, check_no_overlap, check_real,
                           check_step)
 
 
 def _check_buffers(param: FloatArray, grad: FloatArray, **state: FloatArray) -> None:
     """Validate ``param`` (written), ``grad`` (read) and the state buffers (written)."""
     check_flat(param, "param")
-    check_flat(grad, "grad", dtype=param.dtype, size=param.shape[0], writable=False)
+    check_flat(grad, "grad", dtype=param.dtype, size=param.shape[0], writable=False, like="param")
     for name, buf in state.items():
-        check_flat(buf, name, dtype=param.dtype, size=param.shape[0])
+        check_flat(buf, name, dtype=param.dtype, size=param.shape[0], like="param")
     check_no_overlap({"param": param, "grad": grad, **state})
+
+
+def _check_adam_family(check: Callable[[Mapping[str, Any], str], None], where: str, *, beta1: float,
+                       beta2: float, decoupled: bool | None = None, **values: Any) -> None:
+    """``check`` (an optimizer class's rules, which name ``betas`` and
+    ``decoupled_weight_decay``) with the errors naming this function's arguments."""
+    values["betas"] = (beta1, beta2)
+    if decoupled is not None:
+        values["decoupled_weight_decay"] = decoupled
+    try:
+        check(values, where)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for theirs, ours in (("betas[0]", "beta1"), ("betas[1]", "beta2"), ("decoupled_weight_decay", "decoupled")):
+            message = message.replace(f"{where} {theirs}", f"{where} {ours}")
+        raise type(exc)(message) from None
 
 
 def _common(grad_scale: float, n_threads: int | None) -> tuple[float, int]:
@@ -73,8 +95,10 @@ def grad_norm(grad: FloatArray, norm_type: float = 2.0, *, grad_scale: float = 1
               n_threads: int | None = None) -> float:
     """The ``norm_type``-norm of ``grad_scale * grad`` in one read-only pass.
 
-    Accumulated in double over fixed blocks, so the result is bit-identical for any
-    thread count; ``inf`` or ``nan`` when any element is not finite.
+    Computed as ``abs(grad_scale)`` times the norm of ``grad``, accumulated in double over
+    fixed blocks, so the result is bit-identical for any thread count; ``inf`` or ``nan``
+    when any element is not finite, and ``inf`` when the double sum overflows (a float64
+    ``grad`` beyond about 1e154 for the 2-norm) whatever ``grad_scale`` is.
     """
     check_flat(grad, "grad", writable=False)
     norm_type = check_norm_type(norm_type)
@@ -98,9 +122,8 @@ def adam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: 
     ``step`` is the 1-based step number used for the bias corrections ``1 - beta**step``.
     ``max_exp_avg_sq`` is required when ``amsgrad`` and ignored otherwise.
     """
-    check_adam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                    amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled),
-               "adam_")
+    _check_adam_family(check_adam, "adam_", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
     step = check_step(step)
     grad_scale, n_threads = _common(grad_scale, n_threads)
     if amsgrad:
@@ -186,12 +209,6 @@ __all__ = ["sgd_", "momentum_", "adam_", "rmsprop_", "adadelta_", "adagrad_", "g
 
 # -- Adam's variants: NAdam, RAdam, Adamax, Lion ----------------------------------------------
 
-import numpy as np  # noqa: E402
-
-from ._adam_variants import check_adamax, check_lion, check_nadam, check_radam  # noqa: E402
-from ._validation import check_bool  # noqa: E402
-
-
 def _fits(param: FloatArray, where: str, **values: float) -> None:
     check_fits(values, param.dtype, where)
 
@@ -209,9 +226,9 @@ def nadam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq:
     returns). torch keeps it in its default dtype: it is rounded to float32 when
     ``mu_product_float32`` (default: when the buffers are float32).
     """
-    check_nadam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                     momentum_decay=momentum_decay, decoupled_weight_decay=decoupled,
-                     maximize=maximize), "nadam_")
+    _check_adam_family(check_nadam, "nadam_", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, momentum_decay=momentum_decay, decoupled=decoupled,
+                       maximize=maximize)
     step = check_step(step)
     mu_product = check_real(mu_product, "mu_product", low=0.0, high=1.0)
     grad_scale, n_threads = _common(grad_scale, n_threads)
@@ -236,8 +253,8 @@ def radam_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq:
     ``step`` is the 1-based step number. Returns True when the step was rectified
     (torch's ``rho_t > 5``), False when it was bias-corrected momentum SGD.
     """
-    check_radam(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                     decoupled_weight_decay=decoupled, maximize=maximize), "radam_")
+    _check_adam_family(check_radam, "radam_", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, decoupled=decoupled, maximize=maximize)
     step = check_step(step)
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
@@ -250,8 +267,8 @@ def adamax_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_inf: F
             beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
             maximize: bool = False, grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One torch.optim.Adamax step, in place on ``param``, ``exp_avg`` and ``exp_inf``."""
-    check_adamax(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                      maximize=maximize), "adamax_")
+    _check_adam_family(check_adamax, "adamax_", lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, maximize=maximize)
     step = check_step(step)
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, exp_avg=exp_avg, exp_inf=exp_inf)
@@ -264,8 +281,8 @@ def lion_(param: FloatArray, grad: FloatArray, exp_avg: FloatArray, *, lr: float
           beta2: float = 0.99, weight_decay: float = 0.0, maximize: bool = False,
           grad_scale: float = 1.0, n_threads: int | None = None) -> None:
     """One Lion step, in place on ``param`` and ``exp_avg`` (see :class:`flatopt.Lion`)."""
-    check_lion(dict(lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, maximize=maximize),
-               "lion_")
+    _check_adam_family(check_lion, "lion_", lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                       maximize=maximize)
     grad_scale, n_threads = _common(grad_scale, n_threads)
     _check_buffers(param, grad, exp_avg=exp_avg)
     _fits(param, "lion_", lr=lr, weight_decay=weight_decay, grad_scale=grad_scale)
