@@ -114,13 +114,38 @@ def test_state_assignment_copies_into_the_live_buffer():
     np.testing.assert_array_equal(opt.state_dict()["state"]["exp_avg"], twin.state["exp_avg"])
 
 
+def test_state_ior_copies_into_the_live_buffer_and_state_is_not_replaced():
+    opt = flatopt.Adam(arrays(), lr=0.1)
+    opt.step(grads_for(opt))
+    live = opt.state["exp_avg"]
+    state = opt.state
+    state |= {"exp_avg": np.full(live.shape, 0.25)}
+    opt.state |= {"exp_avg_sq": np.full(live.shape, 0.5), "step": 7}
+    assert opt.state is state and opt.state["exp_avg"] is live and (live == 0.25).all()
+    assert (opt.state["exp_avg_sq"] == 0.5).all() and opt.state["step"] == 7
+    twin = flatopt.Adam(arrays(), lr=0.1)
+    twin.step(grads_for(twin))
+    np.copyto(twin.state["exp_avg"], 0.25)
+    np.copyto(twin.state["exp_avg_sq"], 0.5)
+    twin.state["step"] = 7
+    for o in (opt, twin):
+        o.step(grads_for(o, seed=4))
+    np.testing.assert_array_equal(opt.flat_params, twin.flat_params, strict=True)
+    with pytest.raises(AttributeError, match="state cannot be replaced"):
+        opt.state = dict(opt.state)
+
+
 @pytest.mark.parametrize("edit, exc, match", [
     (lambda s: s.__setitem__("exp_avg", np.zeros(3)), ValueError, "shape"),
     (lambda s: s.__setitem__("new_buffer", np.zeros(10)), KeyError, "cannot be added"),
     (lambda s: s.__delitem__("exp_avg"), TypeError, "cannot be removed"),
     (lambda s: s.pop("exp_avg_sq"), TypeError, "cannot be removed"),
     (lambda s: s.__setitem__("step", -1), ValueError, "step"),
-], ids=["wrong-shape", "new-key", "del", "pop", "negative-step"])
+    (lambda s: s.__ior__({"exp_avg": np.zeros(3)}), ValueError, "shape"),
+    (lambda s: s.__ior__({"exp_avg": np.zeros(10), "step": -5}), ValueError, "step"),
+    (lambda s: s.__ior__({"new_buffer": np.zeros(10)}), KeyError, "cannot be added"),
+], ids=["wrong-shape", "new-key", "del", "pop", "negative-step", "ior-wrong-shape", "ior-negative-step",
+        "ior-new-key"])
 def test_state_rejects_desynchronising_edits(edit, exc, match):
     opt = flatopt.Adam(arrays(), lr=0.1)
     opt.step(grads_for(opt))

@@ -266,6 +266,36 @@ def test_step_rejects_bad_group_edit_without_writing(key, value, match):
     assert_unchanged(all_buffers(opt), before)
 
 
+@pytest.mark.parametrize("cls, key, value", [
+    (flatopt.Adam, "amsgrad", True), (flatopt.SGD, "momentum", 0.9), (flatopt.RMSprop, "centered", True),
+    (flatopt.RMSprop, "momentum", 0.5)])
+def test_failed_step_remembers_no_group_as_checked(cls, key, value):
+    """A valid change needing new state (group 1) next to an invalid one (group 2): the
+    step raises; once group 2 is mended, the next step makes group 1's state and matches
+    an optimizer that never saw the failed call (before the fix, group 0 was updated,
+    then the missing state raised KeyError, step after step)."""
+    def run(fail):
+        opt = cls([{"params": [np.ones(3)]} for _ in range(3)], lr=0.1)
+        grads = np.linspace(-1.0, 1.0, 9)
+        opt.step(grads)
+        opt.param_groups[1][key] = value
+        if fail:
+            lr = opt.param_groups[2]["lr"]
+            opt.param_groups[2]["lr"] = -1.0
+            before = snapshot(*all_buffers(opt))
+            with pytest.raises(ValueError, match=r"param_groups\[2\] lr"):
+                opt.step(grads)
+            assert_unchanged(all_buffers(opt), before)
+            opt.param_groups[2]["lr"] = lr
+        for _ in range(3):
+            opt.step(grads)
+        return opt
+
+    mended, straight = run(True), run(False)
+    np.testing.assert_array_equal(mended.flat_params, straight.flat_params, strict=True)
+    assert mended.state["step"] == straight.state["step"] == 4
+
+
 def test_step_rejects_bad_grad_scale():
     opt = _stepped_opt()
     before = snapshot(*all_buffers(opt))

@@ -279,12 +279,22 @@ class Optimizer(ClipGradNormMixin):
 
     @property
     def state(self) -> dict[str, Any]:
-        """The state: ``"step"`` plus flat arrays of the parameters' layout.
+        """The state: ``"step"``, flat arrays of the parameters' layout, and per-group
+        values where an optimizer needs them (SGD's ``momentum_buffer_initialized``,
+        NAdam's ``mu_product``: a list, one value per group).
 
         Assigning an array to an existing entry copies it into the live buffer (shape and
-        dtype checked); entries cannot be added or removed (use :meth:`load_state_dict`).
+        dtype checked), and so do ``update()`` and ``|=``; entries cannot be added or
+        removed (use :meth:`load_state_dict`).
         """
         return self._state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        # Only what ``opt.state |= {...}`` assigns back: the same dict, already updated.
+        if value is not self._state:
+            raise AttributeError("state cannot be replaced: set its entries (opt.state['exp_avg'] = "
+                                 "array copies into the live buffer) or use load_state_dict()")
 
     # -- copy and pickle: the views are rebuilt over the copied buffers --------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -384,6 +394,9 @@ class Optimizer(ClipGradNormMixin):
             raise ValueError(f"param_groups must keep its {len(self._segments)} groups; "
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
         getter = self._getter
+        # Remembered only once every group passed and its state exists: a group that
+        # passed before a later one raised is checked again, and its new state made, next time.
+        validated, seen = list(self._validated), list(self._seen)
         for gi, group in enumerate(self.param_groups):
             values: list[tuple[type, Any]] | None
             try:
@@ -396,7 +409,7 @@ class Optimizer(ClipGradNormMixin):
                 # (88 bytes a step, up to 2000 steps, seen by tracemalloc in test_safety.py).
                 values = [(type(v), v if type(v) in _IMMUTABLE else _content(v))
                           for v in [group[k] for k in self._hyperparameters]]
-                same = values == self._validated[gi]
+                same = values == validated[gi]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
             if not same:
@@ -413,11 +426,14 @@ class Optimizer(ClipGradNormMixin):
             objects = getter(group)
             immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
                             for v in objects)
-            self._validated[gi] = values
-            self._seen[gi] = objects if immutable else None
-        if not changed:
-            return
-        self._add_needed_state()
+            validated[gi] = values
+            seen[gi] = objects if immutable else None
+        if changed:
+            self._add_needed_state()
+            self._make_segment_views()
+        self._validated, self._seen = validated, seen
+
+    def _make_segment_views(self) -> None:
         # The kernels' own memoryviews (see kernels.as_view): a step passes them without
         # a buffer request. 16-bit gradients stay arrays (the step wraps them, HalfGrads).
         view = specialized(self.layout.dtype).as_view
@@ -937,6 +953,11 @@ class _State(dict[str, Any]):
         items = {k: self._checked(k, v) for k, v in dict(*args, **kwargs).items()}
         for k, v in self._opt._detached(items).items():
             self._assign(k, v)
+
+    def __ior__(self, other: Any) -> "_State":  # type: ignore[override,misc]  # dict's returns a dict
+        """``state |= {...}``: as :meth:`update` (dict's own would rebind the buffers)."""
+        self.update(other)
+        return self
 
     def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("state entries cannot be removed; use load_state_dict()")
