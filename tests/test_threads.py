@@ -46,6 +46,9 @@ def test_default_honours_omp_num_threads():
     code = "import flatopt; print(flatopt.get_num_threads())"
     assert run_python(code, OMP_NUM_THREADS="1") == "1"
     assert run_python(code, OMP_NUM_THREADS="3") == "3"
+    # beyond what set_num_threads takes: capped, so that set_num_threads(get_num_threads()) works
+    code = "import flatopt; n = flatopt.get_num_threads(); flatopt.set_num_threads(n); print(n)"
+    assert run_python(code, OMP_NUM_THREADS="3000") == "1024"
 
 
 @pytest.mark.skipif(not flatopt.openmp_enabled(), reason="serial build")

@@ -50,7 +50,8 @@ def effective_n_threads(n_threads: int | None = None) -> int:
 
     ``None`` means the default: the value of :func:`set_num_threads` if one was set,
     otherwise ``omp_get_max_threads()``, which honours ``OMP_NUM_THREADS`` and
-    threadpoolctl limits. A serial build always uses 1 thread. ``n_threads`` must already
+    threadpoolctl limits, up to :data:`MAX_THREADS` (so that the default is always a
+    count :func:`set_num_threads` takes back). A serial build always uses 1 thread. ``n_threads`` must already
     be validated (see :func:`check_n_threads`). In a child forked after a parallel
     region the answer is 1 (see ``_serial_after_fork``); results are the same for any
     thread count.
@@ -60,7 +61,8 @@ def effective_n_threads(n_threads: int | None = None) -> int:
     if n_threads is None:
         n_threads = _default_n_threads
         if n_threads is None:
-            return omp_max_threads()
+            n_threads = omp_max_threads()
+            return n_threads if n_threads <= MAX_THREADS else MAX_THREADS
     return n_threads
 
 
@@ -71,8 +73,9 @@ def get_num_threads() -> int:
     -------
     int
         The value set by :func:`set_num_threads`, else ``omp_get_max_threads()`` (which
-        honours ``OMP_NUM_THREADS`` and threadpoolctl); 1 for a serial build and in a
-        child process forked after a parallel step.
+        honours ``OMP_NUM_THREADS`` and threadpoolctl) up to 1024, the most
+        :func:`set_num_threads` takes; 1 for a serial build and in a child process forked
+        after a parallel step.
 
     Examples
     --------
