@@ -39,6 +39,7 @@ def test_flatten_dtype_conversion(dtype):
         ([np.ones(3, bool)], np.float64, TypeError, "bool"),
         ([np.ones(3)], np.int32, TypeError, "dtype must be float32 or float64"),
         (np.ones(3), None, TypeError, "sequence of arrays"),
+        ("ab", None, TypeError, "arrays must be a sequence of arrays, got str 'ab'"),
     ],
 )
 def test_flatten_rejects(arrays, dtype, exc, match):
@@ -81,6 +82,8 @@ def test_layout_split_and_pack_validate():
         layout.pack([np.zeros(3)])
     with pytest.raises(ValueError, match="non-negative"):
         flatopt.FlatLayout(((-1,),), np.float64)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got None"):
+        flatopt.FlatLayout(((3,),), None)  # NumPy would read None as float64
 
 
 def test_large_buffers_start_at_staggered_page_offsets():

@@ -362,11 +362,22 @@ def test_load_state_dict_checks_the_master_before_writing(name):
                      (sd["master_params"].astype(np.float64), TypeError)]:
         with pytest.raises(exc, match="master_params"):
             opt.load_state_dict({**sd, "master_params": bad})
-    plain = {k: v for k, v in sd.items() if k != "master_params"}
-    with pytest.raises(ValueError, match="master_params"):
+    plain = {k: v for k, v in sd.items() if k not in ("master_params", "params_dtype")}
+    with pytest.raises(ValueError, match="saved by an optimizer without master_dtype"):
         opt.load_state_dict(plain)
+    mine = half_dtype(name).name
+    other = "float16" if mine == "bfloat16" else "bfloat16"
+    # The other 16-bit format: the master would round to other values (1e6 is inf in float16).
+    with pytest.raises(ValueError, match=f"saved with '{other}' parameters; this optimizer's are {mine}"):
+        opt.load_state_dict({**sd, "params_dtype": other})
     np.testing.assert_array_equal(bits(opt.master_params), bits(before[0]))
     np.testing.assert_array_equal(bits(opt.flat_params), bits(before[1]))
+    # and a mixed optimizer's state dict refused by a float32 one, saying why
+    single = flatopt.Adam([np.zeros(10, np.float32)])
+    single.step([np.ones(10, np.float32)])
+    with pytest.raises(ValueError, match="saved by an optimizer with master_dtype"):
+        single.load_state_dict(sd)
+    assert sd["params_dtype"] == mine
 
 
 @pytest.mark.parametrize("name", HALF)
@@ -397,7 +408,7 @@ def _bad_cases():
     cases = [
         ([np.ones(4, np.int16)], dict(master_dtype=np.float32), TypeError, r"params\[0\].*int16"),
         ([np.ones(4, np.int16)], {}, TypeError, r"params\[0\].*int16"),
-        ([f16], {}, TypeError, "master_dtype=np.float32"),
+        ([f16], {}, TypeError, r"master_dtype=np.float32 \(or dtype=np.float32 to train float32 copies"),
         ([f16], dict(master_dtype=np.float16), TypeError, "master_dtype must be np.float32"),
         ([f16], dict(master_dtype=np.float64), TypeError, "master_dtype must be np.float32"),
         ([f16], dict(master_dtype="not a dtype"), TypeError, "master_dtype"),
@@ -421,6 +432,44 @@ def test_bad_construction_raises_naming_the_argument(params, kwargs, exc, match)
         flatopt.Adam(params, **kwargs)
     for p, c in zip(params, copies):
         np.testing.assert_array_equal(p.view(np.uint8), c.view(np.uint8))
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_dtype_converts_16_bit_params_as_any_real_arrays(name):
+    """dtype=np.float32 trains float32 copies (as it converts int32 or float64 arrays);
+    flatten converts them too. The values are the 16-bit ones, exactly widened."""
+    rng = np.random.default_rng(12)
+    params = make_params(rng, [(3, 2), (5,)], name)
+    opt = flatopt.Adam(params, dtype=np.float32)
+    assert opt.master_params is None and opt.flat_params.dtype == np.float32
+    widened = np.concatenate([p.astype(np.float32).ravel() for p in params])
+    np.testing.assert_array_equal(bits(opt.flat_params), bits(widened))
+    flat, _ = flatopt.flatten(params, dtype=np.float64)
+    np.testing.assert_array_equal(flat, widened.astype(np.float64), strict=True)
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_grads_list_of_the_other_16_bit_format_is_converted(name):
+    """A list of gradients is copied into the 16-bit flat_grads, converted (rounded) to
+    its dtype as NumPy casts, bfloat16 included."""
+    other = "bf16" if name == "fp16" else "fp16"
+    if BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    rng = np.random.default_rng(13)
+    opt = flatopt.Adam(make_params(rng, [(6,)], name), master_dtype=np.float32)
+    twin = copy.deepcopy(opt)
+    g = make_grads(rng, [(6,)], other)[0]
+    opt.step([g])
+    twin.step(g.astype(np.float32).astype(half_dtype(name)))
+    np.testing.assert_array_equal(bits(opt.master_params), bits(twin.master_params))
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_adopting_16_bit_params_explains_without_pointing_at_flatten(name):
+    rng = np.random.default_rng(14)
+    params = make_params(rng, [(3,), (4,)], name)
+    with pytest.raises(ValueError, match="not back-to-back views of one flat buffer, in order. Pass adopt=False"):
+        flatopt.Adam(params, master_dtype=np.float32, adopt=True)
 
 
 @pytest.mark.parametrize("name", HALF)

@@ -118,6 +118,31 @@ def test_param_groups_and_lr_changes():
     np.testing.assert_array_equal(opt.params[1], expected[1], strict=True)
 
 
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_group_params_cannot_be_replaced_or_changed(n_groups):
+    """A group's "params" are its views of the flat buffer: a list assigned in its place
+    (which the step would silently not update) is refused by the next step, before any
+    write, and the list itself is read-only; restoring it makes the step work again."""
+    opt = flatopt.SGD([{"params": [np.zeros(3)]} for _ in range(n_groups)], lr=0.1, momentum=0.9)
+    group = opt.param_groups[-1]
+    views = group["params"]
+    assert views[0] is opt.params[-1]
+    with pytest.raises(TypeError, match="read-only"):
+        views.append(np.zeros(3))
+    opt.step()
+    group["params"] = [np.ones(3)]
+    before = snapshot(*all_buffers(opt))
+    with pytest.raises(ValueError, match=rf"param_groups\[{n_groups - 1}\]\['params'\] was replaced"):
+        opt.step()
+    assert_unchanged(all_buffers(opt), before)
+    group["params"] = views
+    opt.step()
+    assert opt.state["step"] == 2
+    copied = pickle.loads(pickle.dumps(opt))
+    copied.step()  # the copy's groups hold its own views
+    assert copied.param_groups[-1]["params"][0] is copied.params[-1]
+
+
 def test_momentum_switched_on_later_starts_from_gradient():
     """torch initialises the buffer the first time momentum is used, not at step 1."""
     p = np.zeros(4)
@@ -233,7 +258,7 @@ def _stepped_opt():
 @pytest.mark.parametrize("make_grads, exc, match", [
     (lambda o: [np.ones(p.shape) for p in o.params][:-1], ValueError, "5 arrays"),
     (lambda o: [np.ones((5, 5))] + [np.ones(p.shape) for p in o.params][1:], ValueError, r"grads\[0\] must have shape"),
-    (lambda o: [np.ones(p.shape, complex) for p in o.params], TypeError, "real dtype"),
+    (lambda o: [np.ones(p.shape, complex) for p in o.params], TypeError, r"real \(float or integer\) dtype"),
     (lambda o: [p.shape for p in o.params], TypeError, r"grads\[0\] must be a numpy array"),
     (lambda o: np.ones(o.layout.size + 1), ValueError, "length 24"),
     (lambda o: np.ones(o.layout.size, np.float32), TypeError, "dtype float64"),
@@ -346,3 +371,28 @@ def test_load_state_dict_of_other_layout_rejected():
         opt.load_state_dict(other.state_dict())
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         opt.load_state_dict([1, 2])
+    # the same totals, other shapes: the first shape that differs is named
+    square = flatopt.SGD([np.zeros((2, 3)), np.zeros(3)], lr=0.1).state_dict()
+    with pytest.raises(ValueError, match=r"layout \(array 0 of shape \(2, 3\)\) does not match "
+                                         r"this optimizer's \(of shape \(3, 2\)\)"):
+        flatopt.SGD([np.zeros((3, 2)), np.zeros(3)], lr=0.1).load_state_dict(square)
+    with pytest.raises(ValueError, match=r"segments \[\[0, 9\]\] do not match this optimizer's "
+                                         r"parameter groups, \[\[0, 6\], \[6, 9\]\]"):
+        flatopt.SGD([{"params": [np.zeros((2, 3))]}, {"params": [np.zeros(3)]}], lr=0.1).load_state_dict(square)
+
+
+def test_state_dict_names_the_class_as_imported():
+    """flatopt.keras.Adam and flatopt.Adam share a class name but not their rules: a state
+    dict names the class as users import it, and a namesake's is refused by that name."""
+    import flatopt.keras
+
+    opt = flatopt.Adam([np.zeros(3)])
+    keras_sd = flatopt.keras.Adam([np.zeros(3)]).state_dict()
+    assert (opt.state_dict()["optimizer"], keras_sd["optimizer"]) == ("flatopt.Adam", "flatopt.keras.Adam")
+    with pytest.raises(ValueError, match="is for optimizer 'flatopt.keras.Adam', not 'flatopt.Adam'"):
+        opt.load_state_dict(keras_sd)
+    opt.step([np.ones(3)])
+    bare = {**opt.state_dict(), "optimizer": "Adam"}   # as saved before names were qualified
+    twin = flatopt.Adam([np.zeros(3)])
+    twin.load_state_dict(bare)
+    np.testing.assert_array_equal(twin.state["exp_avg"], opt.state["exp_avg"])

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ._validation import FLOAT_DTYPES, FloatArray, check_flat, check_float_dtype, describe
+from ._validation import FLOAT_DTYPES, FloatArray, check_flat, check_float_dtype, describe, is_real
 
 #: A shape: a tuple of non-negative ints.
 Shape = tuple[int, ...]
@@ -77,7 +77,7 @@ def resolve_dtype(arrays: Sequence[npt.NDArray[Any]], dtype: npt.DTypeLike | Non
     """The dtype of a packing: ``dtype`` if given, else the one floating dtype of all."""
     for i, a in enumerate(arrays):
         kind = a.dtype.kind
-        ok = kind == "f" if dtype is None else kind in "fiu"
+        ok = kind == "f" if dtype is None else is_real(a.dtype)
         if not ok or (dtype is None and a.dtype not in FLOAT_DTYPES):
             expected = "float32 or float64" if dtype is None else "a real (float or integer)"
             raise TypeError(f"{name}[{i}] must have {expected} dtype, got {a.dtype}")
@@ -128,6 +128,8 @@ class FlatLayout:
 
     def __post_init__(self) -> None:
         shapes = _check_shapes(self.shapes)
+        if self.dtype is None:  # (NumPy reads None as float64)
+            raise TypeError("dtype must be float32 or float64, got None")
         dtype = check_float_dtype(self.dtype)
         offsets, total = [], 0
         for s in shapes:
@@ -180,19 +182,21 @@ class FlatLayout:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FlatLayout":
+        """The layout that :meth:`to_dict` described (checked as the constructor checks)."""
         if not isinstance(d, dict) or set(d) != {"shapes", "dtype"}:
             raise ValueError(f"layout must be a dict with keys 'shapes' and 'dtype', got {describe(d)}")
         return cls(d["shapes"], d["dtype"])
 
 
 def check_copy(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[Any]],
-               out: npt.NDArray[Any], name: str = "arrays") -> set[int]:
+               out: npt.NDArray[Any], name: str = "arrays", out_name: str = "out") -> set[int]:
     """Raise if :func:`copy_into` could not copy ``arrays`` into ``views`` of ``out``;
     return the indices of the arrays that already are their own destination.
 
     Copying one array at a time, an input that views ``out`` at another place (swapped
     views, say) would be overwritten before it is read. The common case (no input inside
-    ``out``) costs one ``np.may_share_memory`` per array.
+    ``out``) costs one ``np.may_share_memory`` per array. ``name`` and ``out_name`` are
+    what the error calls the arrays and ``out``.
     """
     in_place = set()
     for i, a in enumerate(arrays):
@@ -200,7 +204,8 @@ def check_copy(views: Sequence[npt.NDArray[Any]], arrays: Sequence[npt.NDArray[A
             if _same_view(a, views[i]):
                 in_place.add(i)
             elif np.shares_memory(a, out):
-                raise ValueError(f"{name}[{i}] shares memory with out at another place")
+                raise ValueError(f"{name}[{i}] shares memory with {out_name} at another place than "
+                                 f"its own (views given in another order?); nothing was copied")
     return in_place
 
 
@@ -230,7 +235,7 @@ def flatten(arrays: Iterable[npt.ArrayLike],
     inputs that view ``flat``, in order and without gaps. Without ``dtype`` all inputs
     must share one dtype, float32 or float64; ``dtype`` converts real inputs.
     """
-    if isinstance(arrays, np.ndarray) or not hasattr(arrays, "__iter__"):
+    if isinstance(arrays, (np.ndarray, str, bytes)) or not hasattr(arrays, "__iter__"):
         raise TypeError(f"arrays must be a sequence of arrays, got {describe(arrays)}")
     checked = [_as_array(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     layout = FlatLayout.from_arrays(checked, dtype)

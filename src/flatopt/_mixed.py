@@ -50,16 +50,19 @@ def _kind_of(dtype: np.dtype[Any]) -> int | None:
 def half_kind(arrays: Sequence[npt.NDArray[Any]], master_dtype: npt.DTypeLike | None,
               dtype: npt.DTypeLike | None) -> tuple[np.dtype[Any], int | None] | None:
     """``(dtype, kind)`` of 16-bit ``arrays`` with ``master_dtype``, or None for ordinary
-    (float32/float64) params. Raises, before anything is written, for 16-bit params
-    without ``master_dtype``, ``master_dtype`` without 16-bit params, a mix of 16-bit
-    kinds, or arrays that are not 16-bit floats."""
+    (float32/float64) params, or params that ``dtype`` converts (16-bit ones too). Raises,
+    before anything is written, for 16-bit params with neither, ``master_dtype`` without
+    16-bit params, a mix of 16-bit kinds, or arrays that are not 16-bit floats."""
     kinds = [_kind_of(a.dtype) for a in arrays]
+    if master_dtype is None and dtype is not None:  # converted, as any real arrays
+        return None
     if master_dtype is None:
         for i, (a, k) in enumerate(zip(arrays, kinds)):
             if k is not None:
                 raise TypeError(
                     f"params[{i}] has dtype {a.dtype}: 16-bit parameters need float32 master "
-                    "weights, pass master_dtype=np.float32")
+                    "weights, pass master_dtype=np.float32 (or dtype=np.float32 to train float32 "
+                    "copies of them)")
         return None
     if dtype is not None:
         raise TypeError("pass either dtype= or master_dtype=, not both (with master_dtype the "

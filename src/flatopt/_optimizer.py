@@ -24,7 +24,7 @@ from ._norms import (ClipGradNormMixin, check_norm_type, combine_partials, flat_
                      norm_partials_buffer)
 from ._threads import check_n_threads, effective_n_threads
 from ._validation import (FloatArray, KernelGrad, Segment, check_bool, check_fits, check_flat, check_real,
-                          check_step, describe)
+                          check_step, describe, is_real)
 
 #: What an optimizer is constructed from: arrays, or parameter-group dicts (each with a
 #: ``"params"`` sequence of arrays and hyperparameter overrides); not a mix of both (that
@@ -165,9 +165,11 @@ class Optimizer(ClipGradNormMixin):
     _segment_views: list[Segment]  # each group's "param", "grad", state buffers (kernel views)
     _state: "_State"
     _norm_partials: npt.NDArray[np.float64] | None
-    _getter: _Getter
+    _getter: _Getter                         # a group's hyperparameters, as a tuple
+    _seen_getter: _Getter                    # and its "params" last (_prepare's identity check)
     _validated: list[list[tuple[type, Any]] | None]  # see _prepare_groups
     _seen: list[tuple[Any, ...] | None]               # see _prepare
+    _param_lists: list["_Views"]                        # each group's "params", as attached
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
@@ -216,12 +218,12 @@ class Optimizer(ClipGradNormMixin):
         self._make_views()
 
         self._group_sizes = [len(group_arrays) for group_arrays, _ in groups]
-        self._segments, first, start = [], 0, 0
-        for group, (group_arrays, _) in zip(self.param_groups, groups):
-            group["params"] = list(self._params[first:first + len(group_arrays)])
+        self._segments, start = [], 0
+        for group_arrays, _ in groups:
             stop = start + sum(a.size for a in group_arrays)
             self._segments.append((start, stop))
-            first, start = first + len(group_arrays), stop
+            start = stop
+        self._attach_group_params()
 
         self._state = _State(self)
         dict.__setitem__(self._state, "step", 0)
@@ -229,6 +231,7 @@ class Optimizer(ClipGradNormMixin):
         self._pending_grad_scale = 1.0    # set by clip_grad_norm_, used by the next step
         self._norm_partials = None        # scratch for grad_norm, allocated once
         self._getter = _tuple_getter(self._hyperparameters)
+        self._seen_getter = _tuple_getter((*self._hyperparameters, "params"))  # see _prepare
         self._forget_validation()
         self._prepare()
 
@@ -240,6 +243,15 @@ class Optimizer(ClipGradNormMixin):
         else:
             self._params = _Views(self.layout.split(self._flat_params))
             self._grads = _Views(self.layout.split(self._flat_grads))
+
+    def _attach_group_params(self) -> None:
+        """Give each group its ``"params"``: its views of :attr:`params`, read-only, and
+        kept (``_param_lists``) so that a step refuses a group whose list was replaced."""
+        first = 0
+        for group, n in zip(self.param_groups, self._group_sizes):
+            group["params"] = _Views(list(self._params[first:first + n]))
+            first += n
+        self._param_lists = [group["params"] for group in self.param_groups]
 
     # -- the buffers: read-only attributes (the kernel caches views of them) ---------------
     @property
@@ -308,11 +320,10 @@ class Optimizer(ClipGradNormMixin):
         d.setdefault("_half", None)
         d.setdefault("_flat_half", None)
         self.__dict__.update(d)
+        if "_seen_getter" not in d:  # pickled before it existed
+            self._seen_getter = _tuple_getter((*self._hyperparameters, "params"))
         self._make_views()
-        first = 0
-        for group, n in zip(self.param_groups, self._group_sizes):
-            group["params"] = list(self._params[first:first + n])
-            first += n
+        self._attach_group_params()
         self._forget_validation()
         self._prepare()
 
@@ -360,13 +371,14 @@ class Optimizer(ClipGradNormMixin):
         """Validate groups whose hyperparameters changed and allocate missing state.
 
         Runs before any write. When nothing changed it costs one C-level identity check
-        per group: the hyperparameter objects are the very ones validated last time (an
-        immutable object that is still there cannot have changed). Anything else (a new
-        float from a scheduler, a list of betas, a deleted key, a group added) takes the
-        full comparison of :meth:`_prepare_groups`.
+        per group: the hyperparameter objects, and the group's read-only ``"params"`` list,
+        are the very ones validated last time (an immutable object that is still there
+        cannot have changed). Anything else (a new float from a scheduler, a list of betas,
+        a deleted key, a group added, a ``"params"`` replaced) takes the full comparison of
+        :meth:`_prepare_groups`.
         """
         groups, seen = self.param_groups, self._seen
-        getter, same = self._getter, operator.is_
+        getter, same = self._seen_getter, operator.is_
         try:
             if len(seen) == 1 == len(groups):  # one group, the usual case: no loop (-180 ns)
                 objects = seen[0]
@@ -375,7 +387,7 @@ class Optimizer(ClipGradNormMixin):
             elif len(groups) == len(seen):
                 for group, objects in zip(groups, seen):
                     if objects is None or not all(map(same, getter(group), objects)):
-                        break  # not seen (validated in full, or mutable), or changed
+                        break  # not seen (validated in full, or mutable), changed, or replaced
                 else:
                     return
         except (KeyError, TypeError, IndexError):  # a key deleted, not a dict
@@ -393,7 +405,7 @@ class Optimizer(ClipGradNormMixin):
         if len(self.param_groups) != len(self._segments):
             raise ValueError(f"param_groups must keep its {len(self._segments)} groups; "
                              f"got {len(self.param_groups)} (groups cannot be added or removed)")
-        getter = self._getter
+        getter = self._seen_getter
         # Remembered only once every group passed and its state exists: a group that
         # passed before a later one raised is checked again, and its new state made, next time.
         validated, seen = list(self._validated), list(self._seen)
@@ -412,10 +424,14 @@ class Optimizer(ClipGradNormMixin):
                 same = values == validated[gi]
             except (KeyError, TypeError, ValueError):  # a key deleted, an array assigned
                 values, same = None, False
+            where = f"param_groups[{gi if self._group_index is None else self._group_index[gi]}]"
+            if not isinstance(group, dict):
+                raise TypeError(f"{where} must be a dict, got {describe(group)}")
+            if group.get("params") is not self._param_lists[gi]:
+                raise ValueError(
+                    f"{where}['params'] was replaced: the optimizer steps the arrays it was built "
+                    "with (its flat buffer's views, opt.params); build a new optimizer for others")
             if not same:
-                where = f"param_groups[{gi if self._group_index is None else self._group_index[gi]}]"
-                if not isinstance(group, dict):
-                    raise TypeError(f"{where} must be a dict, got {describe(group)}")
                 missing = [k for k in self._hyperparameters if k not in group]
                 if missing:
                     raise ValueError(f"{where} lacks {missing}")
@@ -423,9 +439,10 @@ class Optimizer(ClipGradNormMixin):
                 changed = True
             # The objects themselves, for the identity check of the next _prepare, unless
             # one of them can change in place (a list, an array): then always compare.
+            # (The last is the group's "params", a read-only _Views: its identity is enough.)
             objects = getter(group)
             immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
-                            for v in objects)
+                            for v in objects[:-1])
             validated[gi] = values
             seen[gi] = objects if immutable else None
         if changed:
@@ -476,12 +493,12 @@ class Optimizer(ClipGradNormMixin):
         for i, (g, shape) in enumerate(zip(grads, self.layout.shapes)):
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"grads[{i}] must be a numpy array, got {describe(g)}")
-            if g.dtype.kind not in "fiu" and not (self._half and g.dtype == self._half[0]):
-                raise TypeError(f"grads[{i}] must have a real dtype, got {g.dtype}")
+            if not is_real(g.dtype):  # (copied into flat_grads: converted to its dtype)
+                raise TypeError(f"grads[{i}] must have a real (float or integer) dtype, got {g.dtype}")
             if g.shape != shape:
                 raise ValueError(f"grads[{i}] must have shape {shape}, got {g.shape}")
         # A view of flat_grads at another parameter's place (swapped views) is refused.
-        return None, check_copy(self.grads, grads, self.flat_grads, "grads")
+        return None, check_copy(self.grads, grads, self.flat_grads, "grads", "flat_grads")
 
     def _buffers(self) -> dict[str, npt.NDArray[Any]]:
         return {"params": self.flat_params, "master_params": self._flat_params,
@@ -689,7 +706,8 @@ class Optimizer(ClipGradNormMixin):
         """A complete, picklable snapshot: hyperparameters, step count, state buffers, layout.
 
         With ``master_dtype`` it also carries the float32 master weights
-        (``"master_params"``); the 16-bit parameters are derived from them on loading.
+        (``"master_params"``) and the 16-bit parameters' dtype (``"params_dtype"``: it
+        must match on loading); the 16-bit parameters are derived from the master then.
         A buffer that a flag turned on since the last step needs (``amsgrad``, say) is
         allocated first, as the next step would, so that the snapshot loads back."""
         try:
@@ -697,7 +715,7 @@ class Optimizer(ClipGradNormMixin):
         except (KeyError, TypeError, ValueError):  # a malformed group: step() will say so
             pass
         d: dict[str, Any] = {
-            "optimizer": type(self).__name__,
+            "optimizer": self._public_name(),
             "version": STATE_DICT_VERSION,
             "layout": self.layout.to_dict(),
             "segments": [list(s) for s in self._segments],
@@ -707,7 +725,17 @@ class Optimizer(ClipGradNormMixin):
         }
         if self._half:
             d["master_params"] = self._flat_params.copy()
+            d["params_dtype"] = self._half[0].name
         return d
+
+    @classmethod
+    def _public_name(cls) -> str:
+        """The class as users import it (``flatopt.Adam``, ``flatopt.keras.Adam``): what a
+        state dict names, so that one is not loaded into a namesake with other rules."""
+        module = cls.__module__
+        if module == "flatopt" or module.startswith("flatopt."):
+            module = "flatopt.keras" if module == "flatopt.keras" else "flatopt"
+        return f"{module}.{cls.__qualname__}"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Everything is checked before anything changes."""
@@ -715,12 +743,22 @@ class Optimizer(ClipGradNormMixin):
         if not isinstance(d, dict):
             raise TypeError(f"state_dict must be a dict, got {describe(d)}")
         expected = {"optimizer", "version", "layout", "segments", "param_groups", "state"}
+        mixed = {"master_params", "params_dtype"}
         if self._half:
-            expected.add("master_params")
+            expected |= mixed
         if set(d) != expected:
+            if set(d) ^ expected <= mixed:  # all else there: saved with the other precision
+                raise ValueError(
+                    "state_dict was saved by an optimizer " + ("without" if self._half else "with")
+                    + " master_dtype (16-bit parameters with float32 master weights); this one "
+                    + ("has 16-bit parameters" if self._half else "has none") + ": create it alike")
             raise ValueError(f"state_dict must have keys {sorted(expected)}, got {sorted(d)}")
-        if not isinstance(d["optimizer"], str) or d["optimizer"] != type(self).__name__:
-            raise ValueError(f"state_dict is for optimizer {d['optimizer']!r}, not {type(self).__name__!r}")
+        if self._half and d["params_dtype"] != self._half[0].name:
+            raise ValueError(f"state_dict was saved with {d['params_dtype']!r} parameters; this optimizer's "
+                             f"are {self._half[0].name} (its master rounds to other values)")
+        # (the bare class name: saved before names were qualified, and ambiguous then)
+        if not isinstance(d["optimizer"], str) or d["optimizer"] not in (self._public_name(), type(self).__name__):
+            raise ValueError(f"state_dict is for optimizer {d['optimizer']!r}, not {self._public_name()!r}")
         version = d["version"]
         if type(version) is not int or version != STATE_DICT_VERSION:
             raise ValueError(f"state_dict version must be {STATE_DICT_VERSION}, got {version!r}")
@@ -729,17 +767,20 @@ class Optimizer(ClipGradNormMixin):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"state_dict layout is invalid: {exc}") from None
         if layout != self.layout:
-            raise ValueError(
-                f"state_dict layout ({layout.dtype}, {len(layout)} arrays, {layout.size} elements) "
-                f"does not match this optimizer's ({self.layout.dtype}, {len(self.layout)} arrays, "
-                f"{self.layout.size} elements)")
+            summary = [(f"{x.dtype}, {len(x)} arrays, {x.size} elements") for x in (layout, self.layout)]
+            if summary[0] == summary[1]:  # the same totals: name the first shape that differs
+                i, theirs, mine = next((i, a, b) for i, (a, b) in enumerate(zip(layout.shapes, self.layout.shapes))
+                                       if a != b)
+                summary = [f"array {i} of shape {theirs}", f"of shape {mine}"]
+            raise ValueError(f"state_dict layout ({summary[0]}) does not match this optimizer's ({summary[1]})")
         segments = d["segments"]
         try:
             same = [tuple(operator.index(x) for x in s) for s in segments] == self._segments
         except (TypeError, ValueError):  # not a list of pairs of ints
             same = False
         if not isinstance(segments, list) or not same:
-            raise ValueError(f"state_dict segments {d['segments']} do not match this optimizer's parameter groups")
+            raise ValueError(f"state_dict segments {d['segments']!r} do not match this optimizer's parameter "
+                             f"groups, {[list(x) for x in self._segments]}")
         groups = d["param_groups"]
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict must have {len(self.param_groups)} param_groups, got {describe(groups)}")
@@ -884,9 +925,9 @@ def _adopt_or_explain(arrays: Sequence[npt.NDArray[Any]], layout: FlatLayout | _
             break
     else:
         reason = "they are not back-to-back views of one flat buffer, in order"
-    raise ValueError(
-        f"params cannot be adopted (adopt=True): {reason}. Pass the views returned by "
-        "flatopt.flatten (in order), or adopt=False to copy them and use opt.params")
+    source = "" if isinstance(layout, _HalfLayout) else "Pass the views returned by flatopt.flatten (in order), or "
+    raise ValueError(f"params cannot be adopted (adopt=True): {reason}. {source or 'Pass '}adopt=False to copy "
+                     "them and use opt.params")
 
 
 class _Views(list[FloatArray]):

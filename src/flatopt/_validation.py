@@ -38,6 +38,12 @@ def describe(x: object) -> str:
     return f"{type(x).__name__} {x!r}" if np.isscalar(x) else type(x).__name__
 
 
+def is_real(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` holds real numbers NumPy casts to float32/float64: a float or
+    integer dtype, or ``ml_dtypes.bfloat16`` (a NumPy "void" kind, but a float)."""
+    return dtype.kind in "fiu" or (dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2)
+
+
 def check_float_dtype(dtype: npt.DTypeLike, name: str = "dtype") -> np.dtype[Any]:
     """Return ``dtype`` as np.float32 or np.float64, or raise."""
     try:

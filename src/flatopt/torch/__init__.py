@@ -37,7 +37,8 @@ Why not attach flat-buffer views as ``p.grad``: with a view attached, autograd m
 backward pass) where, with ``grad`` None, it hands the fresh tensor over without a copy;
 views also need a gradient hook per parameter to come back after ``zero_grad()``. The
 gradients are copied into a flat buffer only where something reads one:
-``step(skip_if_nonfinite=True)``'s check, ``grad_norm()``, and 16-bit models.
+``step(skip_if_nonfinite=True)``'s check, ``grad_norm()`` and ``clip_grad_norm_()``;
+16-bit gradients are read in place too.
 
 Gradients that are None
 -----------------------
