@@ -134,9 +134,8 @@ def main(argv=None):
     threads = effective_n_threads(args.threads)
     torch.set_num_threads(threads)
     use_ds = not args.no_deepspeed
-    print(bench.header(threads, torch, use_ds))
-    load = f"; load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
-    print(f"Adam float32, one buffer; median of {args.rounds} interleaved rounds{load}")
+    print(bench.header(threads, torch, use_ds))  # (with the load at the start)
+    print(f"Adam float32, one buffer; median of {args.rounds} interleaved rounds")
     results = []
     for n in args.sizes:
         impls, ref_bytes = make_impls(n, threads, use_ds)
@@ -160,8 +159,11 @@ def main(argv=None):
             best_cpu = min(cpu[k] for k in ("torch fused", "deepspeed") if k in cpu)
             print(f"  {'cpu':<6}" + "".join(f"{cpu[k] * 1e3:>15.3f}" for k in names)
                   + f"{cpu['flatopt'] / best_cpu:>8.2f}x", flush=True)
-    if hasattr(os, "getloadavg"):
-        print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    load = bench.machine_load()
+    if load is not None:
+        print(f"\nload average {load[0]:.2f} at the end")
+        if bench.busy_note(load):
+            print(bench.busy_note(load))
     return results
 
 

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import flatopt  # noqa: E402
 import flatopt.torch as ft  # noqa: E402
 from flatopt._threads import effective_n_threads  # noqa: E402
-from flatopt.bench import _torch_label, bandwidth_step, deepspeed_cpu_adam, transformer_shapes
+from flatopt.bench import bandwidth_step, busy_note, deepspeed_cpu_adam, header, transformer_shapes
 
 try:
     import ml_dtypes
@@ -78,7 +78,9 @@ def _float32_path(opt, masters, params16, grads16):
 
 def make_impls(shapes, np16, t16, threads, use_deepspeed):
     rng = np.random.default_rng(0)
-    p32 = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    # Values the 16-bit format holds: every path's masters start from the same numbers.
+    p32 = [torch.from_numpy(rng.standard_normal(s, dtype=np.float32)).to(t16).float().numpy()
+           for s in shapes]
     g32 = [rng.standard_normal(s, dtype=np.float32) * 1e-3 for s in shapes]
     grads16 = [torch.from_numpy(g).to(t16) for g in g32]
     impls = {}
@@ -147,8 +149,9 @@ def main():
     threads = effective_n_threads(args.threads)
     torch.set_num_threads(threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"threads={threads} {_torch_label(torch)} isa={flatopt.build_info().get('isa')} "
-          f"rounds={args.rounds} per={args.per}s")
+    print(header(threads, torch, not args.no_deepspeed, numpy_baseline=False))
+    print(f"Adam, 16-bit parameters with float32 masters; median of {args.rounds} interleaved "
+          f"rounds of {args.per}s")
     print(f"{'case':>12} {'fmt':>4} {'impl':>13} {'ms/step':>9} {'GB/s@28B':>9} {'of a+=b':>8} "
           f"{'vs torch':>9}")
     cases = [(f"{n}", [(n,)]) for n in args.sizes]
@@ -166,6 +169,8 @@ def main():
                 print(f"{label:>12} {name:>4} {k:>13} {t * 1e3:9.3f} "
                       f"{n * BYTES_MIXED / t / 1e9:9.2f} {med['a += b'] / t:8.2f} "
                       f"{med['torch'] / t:8.2f}x", flush=True)
+    if busy_note():
+        print(busy_note())
 
 
 if __name__ == "__main__":

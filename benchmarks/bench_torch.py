@@ -94,7 +94,7 @@ def main(argv=None):
         params, grads = make_params(shapes, dtype)
         opts[label] = make(params)
         for p, g in zip(params, grads):
-            p.grad = g  # flatopt.torch copies these in at its first step, then uses its views
+            p.grad = g  # read where they are by every implementation (flatopt.torch too)
     results = time_steps(opts, args.repeats)
     fused = results["torch fused"]
     for label, t in results.items():

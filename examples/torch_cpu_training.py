@@ -129,12 +129,13 @@ def main(argv=None):
         fused: lambda m: getattr(torch.optim, name)(m.parameters(), **kwargs, fused=True),
         flat: lambda m: getattr(ft, name)(m.parameters(), **kwargs, n_threads=threads),
     }
-    warm = copy.deepcopy(model)  # first-use costs (thread pools, allocator) out of the timings
-    train(warm, torch.optim.SGD(warm.parameters(), lr=0.0), train_data, 1, args.batch_size)
+    for make in makers.values():  # first-use costs (thread pools, allocator, torch's fused
+        warm = copy.deepcopy(model)  # kernel: 2 ms its first step) out of the timings
+        train(warm, make(warm), train_data, 1, args.batch_size)
     results = {label: {"train_s": [], "step_s": []} for label in makers}
-    labels = list(makers)
     for r in range(args.repeats):
-        for label in labels[r % 3:] + labels[:r % 3]:
+        # fused and flatopt.torch side by side in every repeat, each first in every other one
+        for label in ([loop, fused, flat] if r % 2 == 0 else [flat, fused, loop]):
             m = copy.deepcopy(model)
             losses, step_times, wall = train(m, makers[label](m), train_data, args.epochs, args.batch_size)
             results[label]["train_s"].append(wall)

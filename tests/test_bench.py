@@ -126,6 +126,19 @@ def test_header_names_isa_and_cpu():
     assert bench.cpu_model().strip()
 
 
+def test_header_names_torchs_cpu_kernels_and_the_load():
+    torch = pytest.importorskip("torch")
+    line = bench.header(1, torch)
+    assert f"torch's CPU kernels: {torch.backends.cpu.get_cpu_capability()}" in line
+    assert f"on {len(os.sched_getaffinity(0))} CPUs" in line
+
+
+def test_busy_note_only_when_more_runs_than_there_are_cpus():
+    assert bench.busy_note((2.4, 2)) == ""
+    note = bench.busy_note((3.3, 2))
+    assert "busy (1-minute load 3.3 on 2 CPUs)" in note and "measure again" in note
+
+
 ZEN1 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
 ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n\nHardware\t: Some SoC\n"
@@ -239,6 +252,48 @@ def test_main_quick_without_torch_keeps_stdout_clean(capsys):
     assert "end to end" not in captured.out  # needs torch
     assert "[1/" not in captured.out  # progress goes to stderr, if anywhere
     assert {r["case"] for r in rows} == {"flat 2**10", "flat 2**16", "crossover"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, o in bench.OPTIMIZERS.items() if o.torch is not None))
+def test_every_torch_arm_computes_the_same_step(name):
+    """The rows compared are the same computation: every torch variant the benchmark
+    times, flatopt.torch and flatopt (built by the benchmark's own functions) end with
+    the same parameters as torch's for-loop after a few steps (float64: any difference
+    in hyperparameters or skipped work would show far above rounding). torch's default
+    dtype float64: NAdam's mu_product is kept in it, and in double by flatopt's float64
+    NumPy class."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("flatopt.torch")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _check_arms_agree(torch, bench.OPTIMIZERS[name])
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _check_arms_agree(torch, optim):
+    rng = np.random.default_rng(1)
+    shapes = [(7, 5), (5,), (300,)]
+    arrays = [rng.standard_normal(s) for s in shapes]
+    grads = [rng.standard_normal(s) * 1e-1 for s in shapes]
+    impls = bench._torch_impls(optim, torch, arrays, grads, 1)
+    assert "torch-forloop" in impls and "flatopt-torch" in impls
+    impls["flatopt-torch"]()   # the torch variants took one step when they were built
+    numpy_opt = optim.flatopt([a.copy() for a in arrays], 1)
+    for view, g in zip(numpy_opt.grads, grads):
+        view[...] = g
+    numpy_opt.step()
+    for _ in range(4):
+        for step in impls.values():
+            step()
+        numpy_opt.step()
+    expected = np.concatenate([p.detach().numpy().ravel()
+                               for p in impls["torch-forloop"].__self__.param_groups[0]["params"]])
+    for impl, step in impls.items():
+        got = np.concatenate([p.detach().numpy().ravel() for p in step.__self__.param_groups[0]["params"]])
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14, err_msg=impl)
+    np.testing.assert_allclose(numpy_opt.flat_params, expected, rtol=1e-12, atol=1e-14, err_msg="flatopt")
 
 
 def test_deepspeed_is_optional(monkeypatch):

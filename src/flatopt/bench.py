@@ -139,11 +139,11 @@ def numpy_adam(p, g, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupl
         if weight_decay and decoupled:
             np.multiply(p, 1 - LR * weight_decay, out=p)
         _numpy_moments(m, v, g, tmp, beta1, beta2)
+        # m/(sqrt(v)/sqrt(bc2) + eps) as m/(sqrt(v) + eps*sqrt(bc2)) * sqrt(bc2): one pass fewer
         np.sqrt(v, out=tmp)
-        np.divide(tmp, math.sqrt(bc2), out=tmp)
-        np.add(tmp, eps, out=tmp)
+        np.add(tmp, eps * math.sqrt(bc2), out=tmp)
         np.divide(m, tmp, out=tmp)
-        np.multiply(tmp, LR / bc1, out=tmp)
+        np.multiply(tmp, LR * math.sqrt(bc2) / bc1, out=tmp)
         np.subtract(p, tmp, out=p)
     return step
 
@@ -632,12 +632,39 @@ def _torch_label(torch):
     return f"torch {torch.__version__} ({pages}, THP_MEM_ALLOC_ENABLE)"
 
 
-def header(n_threads, torch=None, use_deepspeed=False):
-    """One line naming what is measured: versions, kernels' ISA, threads, CPU model."""
+def machine_load():
+    """(1-minute load average, CPUs this process may run on), or None where unknown."""
+    try:
+        return os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(load=None):
+    """A warning when the machine ran more than it has CPUs for (other processes took
+    turns with the benchmark: timings then include waits of a scheduler time slice,
+    milliseconds, and mean nothing), else ``""``."""
+    load = machine_load() if load is None else load
+    if load is None or load[0] <= load[1] + 0.5:
+        return ""
+    return (f"note: the machine was busy (1-minute load {load[0]:.1f} on {load[1]} CPUs): the "
+            "timings include waits for a CPU; measure again when it is idle")
+
+
+def header(n_threads, torch=None, use_deepspeed=False, numpy_baseline=True):
+    """One line naming what is measured: versions, kernels' ISA, threads, CPU model, and
+    the load when it starts."""
     parts = [f"flatopt {flatopt.__version__} ({ISA} kernels, OpenMP "
-             f"{'on' if flatopt.openmp_enabled() else 'off'})", f"{n_threads} thread(s) (numpy baseline: 1)",
+             f"{'on' if flatopt.openmp_enabled() else 'off'})",
+             f"{n_threads} thread(s)" + (" (numpy baseline: 1)" if numpy_baseline else ""),
              f"CPU: {cpu_model()}", f"numpy {np.__version__}",
              _torch_label(torch)]
+    capability = getattr(getattr(getattr(torch, "backends", None), "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        parts.append(f"torch's CPU kernels: {capability()}")
+    load = machine_load()
+    if load is not None:
+        parts.append(f"load {load[0]:.1f} on {load[1]} CPUs")
     if torch is not None and use_deepspeed:
         cls = deepspeed_cpu_adam()
         if cls is not None:
@@ -941,6 +968,9 @@ def main(argv=None):
         for width in args.e2e_widths:
             rows += end_to_end(torch, args.threads, progress=progress, width=width, **e2e)
     progress.finish()
+    note = busy_note()
+    if note:
+        print(f"\n{note}")
     if args.plot:
         plot([r for r in rows if str(r["case"]).startswith("flat")], args.plot)
         print(f"\nplot written to {args.plot}")
