@@ -202,6 +202,32 @@ def test_deepcopy_alone_and_pickle():
     assert_state_dicts_close(loaded.state_dict(), opt.state_dict())
 
 
+@pytest.mark.parametrize("cls", [torch.optim.Adam, ft.Adam], ids=["torch", "flatopt"])
+def test_copies_and_pickles_leave_the_hooks_behind(cls):
+    """As torch.optim's __getstate__: a copy has no hooks (the original's would run on
+    it), and an optimizer with a lambda hook pickles."""
+    model = net()
+    opt = cls(model.parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load"))
+    train(model, opt, data(), 1)
+    assert calls == ["pre", "post"]
+    loaded = pickle.loads(pickle.dumps(opt))
+    model2, copied = copy.deepcopy((model, opt))
+    for other in (loaded, copied):
+        calls.clear()
+        other.load_state_dict(other.state_dict())
+        if other is copied:
+            train(model2, copied, data(), 1)
+        assert calls == []
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_load_state_dict_pre_hooks"):
+            assert len(getattr(other, name)) == 0
+
+
 # -- 6. param_names, duplicates, validation order -------------------------------------------------
 def test_param_names_survive_loading_an_unnamed_state_dict():
     m_ref, m = net(), net()

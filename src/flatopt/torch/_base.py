@@ -375,8 +375,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for i, p in enumerate(params):
             first.setdefault(p, i)
         entries = {first[p]: e for p, e in self._carried_state().items()}
-        extra = {k: v for k, v in self.__dict__.items() if k.startswith("_optimizer_")}
-        extra.update(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
+        # Not the hooks (torch.optim's __getstate__ leaves them out: a copy has none, and
+        # an optimizer with a lambda hook pickles).
+        extra = dict(skipped_steps=self.skipped_steps, last_step_skipped=self.last_step_skipped,
                      _pending_grad_scale=self._pending_grad_scale)
         known = _packing.half_known(self._buckets)
         stale = [i for i, p in enumerate(params) if first.get(p) == i and p in known
