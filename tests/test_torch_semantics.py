@@ -228,6 +228,22 @@ def test_copies_and_pickles_leave_the_hooks_behind(cls):
             assert len(getattr(other, name)) == 0
 
 
+@pytest.mark.parametrize("name", TWIN_NAMES)
+def test_param_groups_hold_torchs_keys_in_torchs_order_and_types(name):
+    """The dicts a script or a state dict sees: the same keys in the same order, the same
+    value types (torch stores betas given as a list as a tuple, for Adam and AdamW)."""
+    kwargs = dict(TWINS[name])
+    if name in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax"):
+        kwargs["betas"] = [0.8, 0.99]
+    ref = getattr(torch.optim, name)(net().parameters(), **kwargs)
+    ours = getattr(ft, name)(net().parameters(), **kwargs)
+    for theirs, mine in ((ref.param_groups[0], ours.param_groups[0]), (ref.defaults, ours.defaults)):
+        assert list(mine) == list(theirs)
+        assert {k: type(v) for k, v in mine.items() if k != "params"} == \
+            {k: type(v) for k, v in theirs.items() if k != "params"}
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
 # -- 6. param_names, duplicates, validation order -------------------------------------------------
 def test_param_names_survive_loading_an_unnamed_state_dict():
     m_ref, m = net(), net()

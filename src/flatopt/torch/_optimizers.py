@@ -61,6 +61,14 @@ class Momentum(_FlatOptimizer):
                          n_threads=n_threads, master_dtype=master_dtype)
 
 
+def _torch_betas(betas: Any) -> Any:
+    """``betas`` as torch.optim.Adam/AdamW store them: a tuple, a 1-element tensor as a
+    0-d one (anything else is left for the checks to refuse)."""
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        return betas
+    return tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+
+
 class Adam(_FlatOptimizer):
     __doc__ = f"""torch.optim.Adam on flat buffers: same arguments, results and state dict, plus
     keyword-only ``n_threads`` and ``master_dtype``. {_SEE.format("Adam")}
@@ -76,7 +84,7 @@ class Adam(_FlatOptimizer):
                  n_threads: int | None = None,
                  master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            lr=lr, betas=_torch_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay), n_threads=n_threads, master_dtype=master_dtype)
 
@@ -96,7 +104,7 @@ class AdamW(_FlatOptimizer):
                  fused: bool | None = None, n_threads: int | None = None,
                  master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            lr=lr, betas=_torch_betas(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused),
             n_threads=n_threads, master_dtype=master_dtype)
 
@@ -177,7 +185,7 @@ class NAdam(_FlatOptimizer):
                  master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
     # torch keeps NAdam's mu_product per parameter: the product of the mu_t of the steps it
@@ -288,9 +296,9 @@ class RAdam(_FlatOptimizer):
                  differentiable: bool = False, n_threads: int | None = None,
                  master_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
-            capturable=capturable, differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+            capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
+            differentiable=differentiable), n_threads=n_threads, master_dtype=master_dtype)
 
 
 class Adamax(_FlatOptimizer):
