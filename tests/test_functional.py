@@ -29,6 +29,7 @@ BAD_SGD = [
     (lambda p, g, b: (p, g.astype(np.float32), b), {}, TypeError, r"grad must have dtype float64 \(as param\)"),
     (lambda p, g, b: (p.astype(">f8"), g, b), {}, TypeError, "param must have dtype float32 or float64, "
      "got >f8 \\(not in this machine's byte order\\)"),
+    (lambda p, g, b: (p.astype(">f2"), g, b), {}, TypeError, "param must have dtype float32 or float64, got >f2$"),
     (lambda p, g, b: (p, np.ma.masked_greater(g, 0.0), b), {}, TypeError,
      "grad must be a plain numpy array, got a masked array"),
     (lambda p, g, b: (p, g, b[:-1]), {}, ValueError, "momentum_buffer must have length 8"),
@@ -105,6 +106,10 @@ ADAM_FAMILY = [  # (function, its state buffers, the other arguments it needs)
         (dict(beta2=-0.5), ValueError, r"Invalid {} beta2: -0.5"),
         (dict(beta1="0.9"), TypeError, r"{} beta1 must be a real number"),
         (dict(decoupled=1), TypeError, r"{} decoupled must be a bool, got int 1"),
+        (dict(decoupled=None), TypeError, r"{} decoupled must be a bool, got NoneType"),
+        # only the name the message opens with is renamed, not the value shown
+        (dict(weight_decay="{} betas[1]"), TypeError,
+         r"{0} weight_decay must be a real number, got str '{0} betas\[1\]'"),
     ] if "decoupled" not in bad or fn in (F.adam_, F.nadam_, F.radam_)])
 def test_adam_family_errors_name_the_functions_arguments(fn, n_state, kwargs, bad, exc, match):
     """The class's rules check them, but the error names ``beta1``/``decoupled``, the
@@ -112,6 +117,7 @@ def test_adam_family_errors_name_the_functions_arguments(fn, n_state, kwargs, ba
     p, g, _ = buffers()
     state = [np.zeros_like(p) for _ in range(n_state)]
     before = snapshot(p, g, *state)
+    bad = {k: v.format(fn.__name__) if isinstance(v, str) else v for k, v in bad.items()}
     with pytest.raises(exc, match=match.format(fn.__name__)):
         fn(p, g, *state, **{"beta1": 0.9, "beta2": 0.99, **kwargs, **bad})
     assert_unchanged([p, g, *state], before)

@@ -396,3 +396,18 @@ def test_state_dict_names_the_class_as_imported():
     twin = flatopt.Adam([np.zeros(3)])
     twin.load_state_dict(bare)
     np.testing.assert_array_equal(twin.state["exp_avg"], opt.state["exp_avg"])
+    # a user's subclass is named bare: its checkpoints survive a moved or renamed module
+    mine = type("MyAdam", (flatopt.Adam,), {"__module__": "__main__"})
+    moved = type("MyAdam", (flatopt.Adam,), {"__module__": "my_package.optim"})
+    sd = mine([np.zeros(3)]).state_dict()
+    assert sd["optimizer"] == "MyAdam"
+    moved([np.zeros(3)]).load_state_dict(sd)
+
+
+def test_pickle_holds_each_buffer_once():
+    """A copy or a pickle carries the flat buffers, not also the views into them that the
+    optimizer keeps (each would be a copy of its own)."""
+    opt = flatopt.SGD([np.zeros(100_000), np.zeros(50_000)], lr=0.1)
+    opt.step()
+    buffers = opt.flat_params.nbytes + opt.flat_grads.nbytes
+    assert len(pickle.dumps(opt)) < 1.05 * buffers

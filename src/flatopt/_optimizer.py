@@ -311,7 +311,8 @@ class Optimizer(ClipGradNormMixin):
     # -- copy and pickle: the views are rebuilt over the copied buffers --------------------
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        for key in ("_params", "_grads", "_segment_views"):
+        # (rebuilt by __setstate__: the views, and what holds them, would pickle copies)
+        for key in ("_params", "_grads", "_segment_views", "_param_lists", "_seen"):
             d.pop(key, None)
         d["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return d
@@ -429,7 +430,7 @@ class Optimizer(ClipGradNormMixin):
                 raise TypeError(f"{where} must be a dict, got {describe(group)}")
             if group.get("params") is not self._param_lists[gi]:
                 raise ValueError(
-                    f"{where}['params'] was replaced: the optimizer steps the arrays it was built "
+                    f"{where}['params'] was replaced or removed: the optimizer steps the arrays it was built "
                     "with (its flat buffer's views, opt.params); build a new optimizer for others")
             if not same:
                 missing = [k for k in self._hyperparameters if k not in group]
@@ -730,12 +731,13 @@ class Optimizer(ClipGradNormMixin):
 
     @classmethod
     def _public_name(cls) -> str:
-        """The class as users import it (``flatopt.Adam``, ``flatopt.keras.Adam``): what a
-        state dict names, so that one is not loaded into a namesake with other rules."""
+        """What a state dict names: flatopt's own classes as users import them
+        (``flatopt.Adam``, ``flatopt.keras.Adam``: namesakes with other rules), other
+        classes (a user's subclass) by their bare name, which a moved module keeps."""
         module = cls.__module__
         if module == "flatopt" or module.startswith("flatopt."):
-            module = "flatopt.keras" if module == "flatopt.keras" else "flatopt"
-        return f"{module}.{cls.__qualname__}"
+            return f"{'flatopt.keras' if module == 'flatopt.keras' else 'flatopt'}.{cls.__qualname__}"
+        return cls.__qualname__
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. Everything is checked before anything changes."""
@@ -744,16 +746,19 @@ class Optimizer(ClipGradNormMixin):
             raise TypeError(f"state_dict must be a dict, got {describe(d)}")
         expected = {"optimizer", "version", "layout", "segments", "param_groups", "state"}
         mixed = {"master_params", "params_dtype"}
+        # (without "params_dtype": saved before it was recorded, and then not checked)
+        allowed = expected | mixed if self._half else expected
         if self._half:
-            expected |= mixed
-        if set(d) != expected:
-            if set(d) ^ expected <= mixed:  # all else there: saved with the other precision
-                raise ValueError(
+            expected.add("master_params")
+        keys = set(d)
+        if not expected <= keys <= allowed:
+            if keys ^ expected <= mixed and ("master_params" in keys) != bool(self._half):
+                raise ValueError(  # all else there: saved with the other precision
                     "state_dict was saved by an optimizer " + ("without" if self._half else "with")
                     + " master_dtype (16-bit parameters with float32 master weights); this one "
                     + ("has 16-bit parameters" if self._half else "has none") + ": create it alike")
             raise ValueError(f"state_dict must have keys {sorted(expected)}, got {sorted(d)}")
-        if self._half and d["params_dtype"] != self._half[0].name:
+        if self._half and d.get("params_dtype", self._half[0].name) != self._half[0].name:
             raise ValueError(f"state_dict was saved with {d['params_dtype']!r} parameters; this optimizer's "
                              f"are {self._half[0].name} (its master rounds to other values)")
         # (the bare class name: saved before names were qualified, and ambiguous then)

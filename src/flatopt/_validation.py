@@ -149,7 +149,7 @@ def check_flat(array: object, name: str, *, dtype: npt.DTypeLike | None = None, 
         raise TypeError(f"{name} must be a plain numpy array, got a masked array (its mask would "
                         "be ignored: pass .filled(value))")
     if array.dtype not in FLOAT_DTYPES:
-        swapped = array.dtype.kind == "f" and not array.dtype.isnative
+        swapped = not array.dtype.isnative and array.dtype.newbyteorder("=") in FLOAT_DTYPES
         raise TypeError(f"{name} must have dtype float32 or float64, got "
                         + (f"{array.dtype.str} (not in this machine's byte order)" if swapped else str(array.dtype)))
     whose = f" (as {like})" if like else ""

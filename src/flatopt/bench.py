@@ -635,9 +635,11 @@ def _torch_label(torch):
 def machine_load():
     """(1-minute load average, CPUs this process may run on), or None where unknown."""
     try:
-        return os.getloadavg()[0], len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return load, cpus or 1
 
 
 def busy_note(load=None):

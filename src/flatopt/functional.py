@@ -31,18 +31,21 @@ def _check_buffers(param: FloatArray, grad: FloatArray, **state: FloatArray) -> 
 
 
 def _check_adam_family(check: Callable[[Mapping[str, Any], str], None], where: str, *, beta1: float,
-                       beta2: float, decoupled: bool | None = None, **values: Any) -> None:
+                       beta2: float, **values: Any) -> None:
     """``check`` (an optimizer class's rules, which name ``betas`` and
-    ``decoupled_weight_decay``) with the errors naming this function's arguments."""
+    ``decoupled_weight_decay``) on this function's arguments (``decoupled`` among
+    ``values`` when it has one), with the errors naming them as the function does."""
     values["betas"] = (beta1, beta2)
-    if decoupled is not None:
-        values["decoupled_weight_decay"] = decoupled
+    if "decoupled" in values:
+        values["decoupled_weight_decay"] = values.pop("decoupled")
     try:
         check(values, where)
     except (TypeError, ValueError) as exc:
         message = str(exc)
         for theirs, ours in (("betas[0]", "beta1"), ("betas[1]", "beta2"), ("decoupled_weight_decay", "decoupled")):
-            message = message.replace(f"{where} {theirs}", f"{where} {ours}")
+            for start in (f"{where} ", f"Invalid {where} "):  # the name the message opens with only
+                if message.startswith(start + theirs):
+                    message = start + ours + message[len(start + theirs):]
         raise type(exc)(message) from None
 
 
