@@ -45,12 +45,21 @@ def python_calls(fn, below=None):
     return count
 
 
+def _keras_adam(params, **kwargs):
+    import flatopt.keras  # (no Keras import: the formulas only)
+
+    return flatopt.keras.Adam(params, **kwargs)
+
+
 @pytest.mark.parametrize("cls, kwargs", [(flatopt.SGD, dict(lr=0.1, momentum=0.9)),
                                          (flatopt.Adam, dict(lr=1e-3)),
-                                         (flatopt.Adagrad, dict(lr=1e-2))])
+                                         (flatopt.Adagrad, dict(lr=1e-2)),
+                                         (_keras_adam, dict(learning_rate=1e-3))],  # weight_decay None
+                         ids=["SGD", "Adam", "Adagrad", "keras.Adam"])
 def test_unchanged_hyperparameters_skip_the_full_check_and_changes_are_still_validated(
         cls, kwargs, monkeypatch):
     opt = cls([np.ones(8), np.ones(3)], **kwargs)
+    lr = "learning_rate" if "learning_rate" in opt.param_groups[0] else "lr"
     opt.step()
     full = []
     original = flatopt.Optimizer._prepare_groups
@@ -59,15 +68,16 @@ def test_unchanged_hyperparameters_skip_the_full_check_and_changes_are_still_val
     opt.step()
     opt.step()
     assert full == []
-    opt.param_groups[0]["lr"] = 0.5 * opt.param_groups[0]["lr"]  # a new float: checked
+    opt.param_groups[0][lr] = 0.5 * opt.param_groups[0][lr]  # a new float: checked
     opt.step()
     assert full == [1]
-    opt.param_groups[0]["lr"] = -1.0
-    with pytest.raises(ValueError, match="lr"):
+    opt.param_groups[0][lr] = -1.0
+    with pytest.raises(ValueError, match=lr):
         opt.step()
-    opt.param_groups[0]["lr"] = 1e-3
-    opt.param_groups[0]["maximize"] = 1  # equal to True, but not a bool: still caught
-    with pytest.raises(TypeError, match="maximize"):
+    opt.param_groups[0][lr] = 1e-3
+    flag = "maximize" if "maximize" in opt.param_groups[0] else "amsgrad"
+    opt.param_groups[0][flag] = 1  # equal to True, but not a bool: still caught
+    with pytest.raises(TypeError, match=flag):
         opt.step()
 
 

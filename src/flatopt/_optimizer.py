@@ -40,8 +40,9 @@ _Half = tuple[np.dtype[Any], int | None]  # (16-bit dtype, kernel kind): see _mi
 
 STATE_DICT_VERSION = 1
 
-# Hyperparameter types whose objects cannot change in place (see Optimizer._prepare).
-_IMMUTABLE = frozenset({float, int, bool, np.float64, np.float32, np.int64, np.bool_})
+# Hyperparameter types whose objects cannot change in place (see Optimizer._prepare); None
+# is Keras's "not set" (flatopt.keras's weight_decay), which took the full check every step.
+_IMMUTABLE = frozenset({float, int, bool, np.float64, np.float32, np.int64, np.bool_, type(None)})
 
 
 def _normalize_groups(params: Params) -> list[tuple[list[npt.NDArray[Any]], dict[str, Any]]]:
