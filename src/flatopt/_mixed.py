@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._dispatch import kernels
+from ._validation import looks_bfloat16
 
 if TYPE_CHECKING:
     from ._layout import FlatLayout
@@ -40,7 +41,7 @@ def _kind_of(dtype: np.dtype[Any]) -> int | None:
     if dtype == np.float16:
         fp16: int = kernels.KIND_FP16
         return fp16
-    if dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2:
+    if looks_bfloat16(dtype):
         if dtype == _bfloat16():
             bf16: int = kernels.KIND_BF16
             return bf16

@@ -38,10 +38,16 @@ def describe(x: object) -> str:
     return f"{type(x).__name__} {x!r}" if np.isscalar(x) else type(x).__name__
 
 
+def looks_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """Whether ``dtype`` is named and sized as ``ml_dtypes.bfloat16`` (a NumPy "void"
+    kind, but a float), without importing ml_dtypes."""
+    return dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
 def is_real(dtype: np.dtype[Any]) -> bool:
     """Whether ``dtype`` holds real numbers NumPy casts to float32/float64: a float or
-    integer dtype, or ``ml_dtypes.bfloat16`` (a NumPy "void" kind, but a float)."""
-    return dtype.kind in "fiu" or (dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2)
+    integer dtype, or bfloat16."""
+    return dtype.kind in "fiu" or looks_bfloat16(dtype)
 
 
 def check_float_dtype(dtype: npt.DTypeLike, name: str = "dtype") -> np.dtype[Any]:
