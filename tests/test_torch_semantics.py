@@ -570,6 +570,54 @@ def test_nadam_mu_product_goes_through_the_load_hooks():
     assert results[0] == results[1] == ([0.25], [0.25, 0.25], {"decay": 0.5})
 
 
+def _nadam_resumed(cls, how, **kw):
+    """Float64 parameters a, b, c under ``cls`` (torch's NAdam or ours) through 3 steps, a
+    change ``how``, then 30 more steps of every parameter; the parameters and optimizer."""
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(3))
+
+    def steps(opt, ps, n, start=0):
+        for k in range(start, start + n):
+            for i, p in enumerate(ps):
+                p.grad = None if (how == "absent" and p is b and k < 3) else \
+                    torch.full((3,), 1.0 + k + i, dtype=torch.float64)
+            opt.step()
+
+    opt = cls([a, b], lr=0.1, **kw)
+    steps(opt, [a, b], 3)
+    if how == "written":  # a whole entry (a key of a live entry is copied into, in its dtype)
+        opt.state[b] = {**opt.state[b], "mu_product": torch.tensor(0.5, dtype=torch.float64)}
+    else:
+        resumed = cls([a, b], lr=0.1, **kw)
+        resumed.load_state_dict(opt.state_dict())  # torch casts mu_product to float64
+        opt = resumed
+    if how == "added":
+        opt.add_param_group({"params": [c]})
+    if how == "copied":
+        (a, b), opt = copy.deepcopy(([a, b], opt))
+    ps = [a, b, c] if how == "added" else [a, b]
+    steps(opt, ps, 30, start=3)
+    return ps, opt
+
+
+@pytest.mark.parametrize("how", ["added", "absent", "copied", "written"])
+def test_nadam_mu_product_rounds_in_torchs_dtype_for_each_parameter(how):
+    """Each parameter's mu_product is a scalar of its own dtype in torch, which decides how
+    the running product rounds: a loaded one is cast to the parameter's dtype (float64
+    here), one made by a parameter's first step has torch's default dtype (float32), also
+    after a load (a parameter added then, or without state in the checkpoint), an entry
+    assigned keeps its tensor's dtype, and a deep copy keeps each. flatopt.torch follows each
+    parameter's: the products are torch's exactly, the parameters to 1e-12 (a product
+    rounded in the other dtype moves them by about 6e-11 after 30 steps)."""
+    ours, opt = _nadam_resumed(ft.NAdam, how)
+    theirs, ref = _nadam_resumed(torch.optim.NAdam, how, foreach=False)
+    for p, q in zip(ours, theirs):
+        assert float(opt.state[p]["mu_product"]) == float(ref.state[q]["mu_product"])
+        assert_close(p.detach(), q.detach())
+    saved, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert [e["mu_product"].dtype for e in saved.values()] == [e["mu_product"].dtype for e in expected.values()]
+
+
 def test_state_entries_stay_the_objects_code_holds():
     """An entry held by the caller stays opt.state[p] through edits of other entries and
     add_param_group's repack (torch's entries change only when replaced); state given to

@@ -152,15 +152,12 @@ Differences from torch.optim
 * ``Adagrad``: a parameter added by ``add_param_group``, loaded without state or whose
   ``opt.state`` entry was removed, gets a fresh ``sum`` (the constructor's ``initial_accumulator_value``) where torch fails at
   its first step.
-* ``NAdam``: torch's ``load_state_dict`` casts ``mu_product`` to the parameter's dtype,
-  so a resumed torch NAdam keeps it in float64 for float64 parameters from then on;
-  flatopt.torch does the same after ``load_state_dict``, but a deep copy of such a resumed
-  optimizer goes back to torch's default scalar dtype (about 1e-11 relative in float64), and parameters
-  that first get state after the load (none in the checkpoint, or added by
-  ``add_param_group``) keep it in float64 too, where torch starts theirs in its default
-  scalar dtype (6e-11 relative after 50 steps).
-  ``opt.state[p]["mu_product"]`` is a live float64 view (torch's is a scalar of its
-  dtype, whose values a double holds exactly); ``state_dict()`` saves torch's dtype.
+* ``NAdam``: each parameter's ``mu_product`` is a scalar tensor of torch's dtype for it
+  (the default scalar dtype where a first step made it, the parameter's dtype after
+  ``load_state_dict``, an assigned entry's own), and the product rounds in that dtype,
+  as in torch; but assigning a tensor to the key of a live entry
+  (``opt.state[p]["mu_product"] = t``) copies ``t`` into it, in the entry's dtype, where
+  torch replaces the tensor (assign the whole entry to change its dtype).
 
 Importing this module imports torch; ``import flatopt`` never does.
 """

@@ -20,9 +20,6 @@ from ._packing import Bucket, _get_scalar_dtype
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
 
-# The buffers' dtype (the master's, with master_dtype): what torch would keep state in.
-_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
 _SEE = """See :class:`flatopt.{0}` for the update and :mod:`flatopt.torch` for how parameters,
     gradients and checkpoints are handled, and for the remaining differences from torch.optim."""
 
@@ -190,68 +187,66 @@ class NAdam(_FlatOptimizer):
 
     # torch keeps NAdam's mu_product per parameter: the product of the mu_t of the steps it
     # took, under the beta1 and momentum_decay of then, so parameters of one group with the
-    # same step count can differ (some skipped steps while a scheduler moved beta1).
-    # flatopt.torch.NAdam keeps it so, in a float64 tensor per bucket (``bucket.scalars``,
-    # whose 0-d views are the state entries' "mu_product"); the runs of a step are split where
-    # it differs (``_run_keys``), so one value serves each kernel call: it is handed to
+    # same step count can differ (some skipped steps while a scheduler moved beta1). It is
+    # a scalar tensor whose dtype decides how the product rounds: torch's default scalar
+    # dtype (float32 unless float64 is set) where a first step made it, the parameter's
+    # dtype once load_state_dict cast it, a written tensor's own dtype.
+    # flatopt.torch.NAdam keeps them in three tensors per bucket (``bucket.scalars``):
+    # whether each parameter's is float32, and its value in a float32 and a float64 tensor,
+    # the one of its dtype (whose 0-d view is its state entry's "mu_product", so that copies
+    # of it have torch's dtype). The runs of a step are split where the values or dtypes
+    # differ (``_run_keys``), so one value serves each kernel call: it is handed to
     # flatopt.NAdam (whose state holds one value per group) before the call, and the value
-    # the call leaves there is given to the run's parameters after it (``_file_mu``). The
-    # values are torch's exactly: float32 ones (torch's default scalar dtype) are held
-    # exactly by a double.
+    # the call leaves there is given to the run's parameters after it (``_file_mu``).
 
     _mu_pending: tuple[Bucket, int, tuple[int, int]] | None = None
-    _mu_loaded: bool = False
 
     @staticmethod
-    def _mu(bucket: Bucket) -> torch.Tensor:
-        mu = bucket.scalars.get("mu_product")
-        if mu is None:
-            mu = bucket.scalars["mu_product"] = torch.ones(len(bucket.params), dtype=torch.float64)
-        return mu
+    def _mu(bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whether each parameter's mu_product is float32; the float32 and float64 values."""
+        if "mu_product" not in bucket.scalars:
+            n = len(bucket.params)
+            bucket.scalars["mu_product_is_float32"] = torch.full((n,), _get_scalar_dtype() == torch.float32)
+            bucket.scalars["mu_product_float32"] = torch.ones(n, dtype=torch.float32)
+            bucket.scalars["mu_product"] = torch.ones(n, dtype=torch.float64)
+        scalars = bucket.scalars
+        return scalars["mu_product_is_float32"], scalars["mu_product_float32"], scalars["mu_product"]
 
     def _run_keys(self, bucket: Bucket) -> npt.NDArray[Any]:
         # Called as a step plans its runs: a value still pending here is from a step that
         # raised during a kernel call, and is dropped.
         self._mu_pending = None
-        return self._mu(bucket).numpy()
+        single, mu32, mu64 = (t.numpy() for t in self._mu(bucket))
+        return np.where(single, mu32, mu64) + 1j * single  # a run shares both: a complex key
 
     def _live_extras(self, bucket: Bucket, i: int) -> dict[str, torch.Tensor]:
-        return {"mu_product": self._mu(bucket)[i]}
+        single, mu32, mu64 = self._mu(bucket)
+        return {"mu_product": (mu32 if single[i] else mu64)[i]}
 
     def _file_mu(self) -> None:
         """Give the last kernel call's mu_product to the parameters of its run."""
         if self._mu_pending is not None:
             bucket, gi, (a, b) = self._mu_pending
-            self._mu(bucket)[a:b] = bucket.opt.state["mu_product"][gi]
+            single, mu32, mu64 = self._mu(bucket)
+            (mu32 if single[a] else mu64)[a:b] = bucket.opt.state["mu_product"][gi]
             self._mu_pending = None
 
     def _before_update(self, bucket: Bucket, gi: int, group: dict[str, Any], count: int,
                        span: tuple[int, int] | None) -> None:
-        # torch's mu_product is a scalar of its default dtype (float32 unless float64 is set);
-        # torch's load_state_dict casts it to the parameter's dtype, as every state tensor.
+        assert span is not None  # NAdam's groups always keep state
+        self._file_mu()
+        single, mu32, mu64 = self._mu(bucket)
+        rounded = bool(single[span[0]])
         # flatopt.NAdam declares _mu_product_float32 as a bare ``= None`` (so mypy infers
         # the type None); it is None or a bool (see _adam_variants.NAdam).
         nadam = cast(_adam_variants.NAdam, bucket.opt)
-        if self._mu_loaded:
-            nadam._mu_product_float32 = nadam.layout.dtype == np.float32  # type: ignore[assignment]
-        else:
-            nadam._mu_product_float32 = _get_scalar_dtype() == torch.float32  # type: ignore[assignment]
-        assert span is not None  # NAdam's groups always keep state
-        self._file_mu()
-        nadam.state["mu_product"][gi] = float(self._mu(bucket)[span[0]])
+        nadam._mu_product_float32 = rounded  # type: ignore[assignment]
+        nadam.state["mu_product"][gi] = float((mu32 if rounded else mu64)[span[0]])
         self._mu_pending = (bucket, gi, span)
 
     def _after_update(self, bucket: Bucket, *args: Any, **kwargs: Any) -> None:
         self._file_mu()
         super()._after_update(bucket, *args, **kwargs)
-
-    def _param_state(self, bucket: Bucket, i: int, copy: bool) -> dict[str, Any] | None:
-        entry = super()._param_state(bucket, i, copy)
-        if entry is not None and copy:  # saved as torch saves it: a scalar of its dtype
-            entry["mu_product"] = torch.tensor(
-                float(self._mu(bucket)[i]),
-                dtype=_TORCH_DTYPE[bucket.opt.layout.dtype] if self._mu_loaded else _get_scalar_dtype())
-        return entry
 
     def _check_entry(self, pid: Any, entry: dict[str, Any]) -> None:
         if "mu_product" in entry:
@@ -265,22 +260,35 @@ class NAdam(_FlatOptimizer):
     def _install_state(self, entries: dict[Any, Any], loaded: bool = False,
                        known: dict[torch.Tensor, int] | None = None) -> None:
         """Carry each parameter's mu_product (a checkpoint's, add_param_group's repack,
-        copies) into the new buffers' tensors; a parameter without one starts at 1."""
-        mu: dict[Any, float] = {}
+        copies, written entries) into the new buffers' tensors, in its dtype: a
+        checkpoint's cast to the parameter's (the master's, for 16-bit parameters), as
+        torch's load_state_dict does; a parameter without one starts at 1, in torch's
+        default scalar dtype."""
+        values: dict[Any, Any] = {}
         stripped: dict[Any, Any] = {}
         for p, entry in entries.items():
             if isinstance(p, torch.Tensor) and isinstance(entry, dict):
                 entry = dict(entry)
                 value = entry.pop("mu_product", None)
                 if value is not None:
-                    mu[p] = float(value.item() if isinstance(value, torch.Tensor) else value)
+                    values[p] = value
             stripped[p] = entry
-        super()._install_state(stripped, loaded, known)
-        if loaded:  # torch's load_state_dict casts it to the parameter's dtype from now on
-            self._mu_loaded = True
         self._mu_pending = None
+        fresh = _get_scalar_dtype() == torch.float32
         for bucket in self._buckets:
-            self._mu(bucket).copy_(torch.tensor([mu.get(p, 1.0) for p in bucket.params], dtype=torch.float64))
+            in_float32 = []
+            for p in bucket.params:
+                value = values.get(p)
+                if isinstance(value, torch.Tensor):
+                    in_float32.append(bucket.opt.layout.dtype == np.float32 if loaded
+                                      else value.dtype != torch.float64)
+                else:
+                    in_float32.append(fresh)
+            single, mu32, mu64 = self._mu(bucket)
+            single.copy_(torch.tensor(in_float32))
+            for mu in (mu32, mu64):
+                mu.copy_(torch.tensor([float(values.get(p, 1.0)) for p in bucket.params], dtype=torch.float64))
+        super()._install_state(stripped, loaded, known)  # makes the entries, of these views
 
 
 class RAdam(_FlatOptimizer):
