@@ -382,6 +382,33 @@ def check_zero(rank, world):
     assert_close(model, reference("Adam", kwargs))
 
 
+def check_zero_master(rank, world):
+    """torch's ZeroRedundancyOptimizer over a bfloat16 model, flatopt.torch.Adam with
+    float32 masters as its local optimizer (ZeRO gives every local group its defaults,
+    master_dtype among them): each rank keeps the masters of its partition and ZeRO
+    broadcasts the 16-bit results. The parameters are, bit for bit, those of
+    flatopt.torch.Adam(master_dtype) stepping the whole model under the same DDP."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    kwargs = dict(lr=1e-2, master_dtype=torch.float32)
+    models = [make_model().to(torch.bfloat16) for _ in range(2)]
+    ddps = [torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True) for m in models]
+    opts = [ZeroRedundancyOptimizer(ddps[0].parameters(), optimizer_class=ft.Adam, **kwargs),
+            ft.Adam(ddps[1].parameters(), **kwargs)]
+    local = sum(p.numel() for g in opts[0].optim.param_groups for p in g["params"])
+    assert 0 < local < sum(p.numel() for p in models[0].parameters())  # a partition
+    x, y = (t.to(torch.bfloat16) for t in data())
+    b = BATCH // world
+    for s in range(20):
+        for model, ddp, opt in zip(models, ddps, opts):
+            model.zero_grad()
+            ((ddp(x[s, rank * b:(rank + 1) * b], s, rank * b) - y[s, rank * b:(rank + 1) * b]) ** 2).mean().backward()
+            opt.step()
+    assert_identical_on_all_ranks(models[0])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q)
+    assert not torch.equal(next(models[0].parameters()), make_model().to(torch.bfloat16).net[0].weight)
+
+
 def check_zero_bucket_view(rank, world):
     """ZeroRedundancyOptimizer(parameters_as_bucket_view=True) rebinds every parameter to
     its own buckets after building the local optimizer: flatopt.torch must either train
@@ -485,6 +512,11 @@ def check_bad_input(rank, world):
     # Not an elementwise optimizer.
     raises_on_every_rank(lambda: ShardedOptimizer(model.parameters(), torch.optim.LBFGS), TypeError,
                          "elementwise")
+    # 16-bit parameters (not supported yet), with or without a master: one clear error.
+    half = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+    for kwargs in ({}, {"master_dtype": torch.float32}):
+        raises_on_every_rank(lambda: ShardedOptimizer(half, ft.Adam, **kwargs), TypeError,
+                             "does not support 16-bit parameters", "ZeroRedundancyOptimizer")
     # At step time: one rank's parameter was replaced.
     before = [p.detach().clone() for p in model.parameters()]
     opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=0.1)
@@ -831,6 +863,7 @@ def job_checks(world, tmp):
             ("ddp-sharded", check_ddp_sharded),
             ("mixed-dtypes", check_mixed_dtypes),
             ("zero-flatopt-adam", check_zero),
+            ("zero-flatopt-adam-bfloat16-master", check_zero_master),
             ("zero-flatopt-adam-bucket-view", check_zero_bucket_view),
             ("zero-flatopt-adam-add-param-group", check_zero_add_param_group),
         ]

@@ -395,3 +395,81 @@ def test_data_replaced_before_a_repack_is_stepped_from(action):
         m16, opt = copy.deepcopy((m16, opt))
     step_alone(m16, opt, *data(1)[0], 1)
     assert bool((m16.a.weight == 0.5).all())
+
+
+# Edits of a parameter's whole entry (resetting a layer's optimizer history). The master
+# is the parameter's weights, not its history: torch, with no master, keeps the weights.
+ENTRY_EDITS = {
+    "del": lambda opt, p, saved: opt.state.__delitem__(p),
+    "assign-empty": lambda opt, p, saved: opt.state.__setitem__(p, {}),
+    "clear": lambda opt, p, saved: opt.state.clear(),
+    "assign-saved": lambda opt, p, saved: opt.state.__setitem__(
+        p, {k: v for k, v in saved.items() if k != "master_param"}),
+}
+
+
+@pytest.mark.parametrize("edit", ENTRY_EDITS)
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_an_entry_edit_restarts_the_history_and_keeps_the_master(half, edit):
+    """The same edit on the float32 reference's entry: the 16-bit weights and masters stay
+    bit for bit the reference's (an edit used to round the master to the 16-bit weights)."""
+    m16, m32, flat, ref, batches = adam_pair(half, 16, 3)
+    saved = [{k: v.clone() for k, v in o.state[m.a.weight].items()} for o, m in ((flat, m16), (ref, m32))]
+    for s, (x, y) in enumerate(batches[3:8], start=3):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    for o, m, kept in ((flat, m16, saved[0]), (ref, m32, saved[1])):
+        ENTRY_EDITS[edit](o, m.a.weight, kept)
+    assert_matches(m16, m32, flat, half)
+    for s, (x, y) in enumerate(batches[8:], start=8):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    assert_matches(m16, m32, flat, half)
+
+
+@pytest.mark.parametrize("half", HALF, ids=["bf16", "fp16"])
+def test_an_assigned_master_meets_the_weights_as_a_loaded_one(half):
+    """An entry assigned with its own master (a layer's entry rewound, weights not): as a
+    checkpoint's, the master is kept where it rounds to today's weights and is the weights
+    elsewhere; the state is the entry's."""
+    m16, m32, flat, ref, batches = adam_pair(half, 16, 3)
+    saved = {k: v.clone() for k, v in flat.state[m16.a.weight].items()}
+    saved_ref = {k: v.clone() for k, v in ref.state[m32.a.weight].items()}
+    for s, (x, y) in enumerate(batches[3:8], start=3):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    flat.state[m16.a.weight] = saved
+    ref.state[m32.a.weight] = saved_ref
+    with torch.no_grad():
+        m32.a.weight.copy_(reconciled(saved["master_param"], m16.a.weight.detach()))
+    assert not torch.equal(m32.a.weight, saved["master_param"])  # both rules matter here
+    for s, (x, y) in enumerate(batches[8:], start=8):
+        step_pair(m16, m32, flat, ref, x, y, s)
+    assert_matches(m16, m32, flat, half)
+
+
+def test_a_mixed_checkpoint_keeps_its_master_in_an_optimizer_without_one():
+    """Loaded into float32 parameters, a mixed checkpoint's "master_param" is kept as an
+    entry's other keys are, as torch.optim keeps it, and saved again."""
+    m16 = models(torch.bfloat16)[0]
+    opt = ft.Adam(m16.parameters(), lr=1e-2, master_dtype=torch.float32)
+    step_alone(m16, opt, *data(1)[0], 1)
+    saved = opt.state_dict()
+    for cls in (ft.Adam, torch.optim.Adam):
+        m32 = copy.deepcopy(m16).float()
+        other = cls(m32.parameters(), lr=1e-2)
+        other.load_state_dict(copy.deepcopy(saved))
+        resaved = other.state_dict()["state"]
+        assert all("master_param" in e for e in resaved.values()), cls
+        assert torch.equal(resaved[0]["master_param"], saved["state"][0]["master_param"])
+
+
+def test_a_group_may_repeat_the_optimizers_master_dtype():
+    """torch's ZeroRedundancyOptimizer gives each local group its defaults, master_dtype
+    among them: a group's master_dtype equal to the optimizer's is accepted (in the
+    constructor and add_param_group), another is refused by name, nothing changed."""
+    a, b = (torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)) for _ in range(2))
+    opt = ft.Adam([{"params": [a], "master_dtype": torch.float32}], master_dtype=torch.float32)
+    opt.add_param_group({"params": [b], "master_dtype": torch.float32})
+    with pytest.raises(ValueError, match=r"param_groups\[2\]: master_dtype=None differs from the optimizer's"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "master_dtype": None})
+    assert len(opt.param_groups) == 2
+    with pytest.raises(ValueError, match="master_dtype=torch.float32 differs"):
+        ft.Adam([{"params": [torch.nn.Parameter(torch.ones(2))], "master_dtype": torch.float32}])

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
 # torch.optim arguments that select an implementation, not the update. foreach and fused
 # are kept (they are part of torch's state dict) but ignored; the others must be False.
 _IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
+#: Constructor arguments that are not per group (a group may only repeat the optimizer's).
+_OPTIMIZER_WIDE = ("n_threads", "master_dtype")
 
 #: A hook called before the kernel runs over a run of parameters (see ``_before_update``).
 BeforeUpdate = Callable[["_packing.Bucket", int, dict[str, Any], int, "_runs.Advance"], None]
@@ -144,7 +146,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             raise TypeError(f"{cls.__name__}.__init__ lacks argument(s) {missing} of flatopt.{numpy_class.__name__}")
         cls._unsupported_defaults = {
             p.name: p.default for p in list(own.values())[2:]
-            if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name != "n_threads"}
+            if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name not in _OPTIMIZER_WIDE}
 
     def __init__(self, params: "ParamsT", defaults: dict[str, Any], *, n_threads: int | None = None,
                  master_dtype: torch.dtype | None = None) -> None:
@@ -234,6 +236,9 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             emptied = []
             for key in ours:
                 value = changes[key]
+                # A 16-bit parameter's float32 master is its weights, not optimizer history:
+                # it stays unless the new entry brings one (torch keeps the weights too).
+                master = entries.get(key, {}).get(_checkpoint.MASTER)
                 if value is _checkpoint.REMOVE or (isinstance(value, dict) and not value):
                     entries.pop(key, None)
                     if value is not _checkpoint.REMOVE:
@@ -244,12 +249,19 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 else:
                     raise TypeError(f"{type(self).__name__}.state[p] must be a dict (a parameter's "
                                     f"state entry), got {type(value).__name__}")
+                if master is not None:
+                    entries.setdefault(key, {}).setdefault(_checkpoint.MASTER, master)
+            # Masters meet the 16-bit parameters at the next step where those were written
+            # since the last, and where an assigned entry brought its own (as a load's do).
+            known = _packing.half_known(self._buckets)
+            known.update({key: -1 for key in ours
+                          if isinstance(changes[key], dict) and _checkpoint.MASTER in changes[key]})
             for key in ours:  # a holder of the old entry keeps its values, as in torch
                 old = dict.get(state, key)
                 if isinstance(old, _checkpoint.ParamState):
                     old.detach()
             others = self._other_state()
-            self._install_state(entries)
+            self._install_state(entries, known=known)
             dict.update(state, others)
             for key in emptied:  # torch keeps the {} it was given until the next step fills it
                 if key not in state:
@@ -273,7 +285,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _constructor_defaults(self) -> dict[str, Any]:
         sig = inspect.signature(type(self).__init__).parameters
         return {k: p.default for k, p in sig.items()
-                if p.default is not inspect.Parameter.empty and k != "n_threads"}
+                if p.default is not inspect.Parameter.empty and k not in _OPTIMIZER_WIDE}
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: _packing.as_python(group[k], k) for k in self._numpy_class._hyperparameters}
@@ -285,6 +297,12 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for key, required in _IMPLEMENTATION_FLAGS.items():
             if key in group and required is not None and bool(group[key]) != required:
                 raise ValueError(f"{name} {where}: {key}={group[key]!r} is not supported by flatopt.torch")
+        # torch's ZeroRedundancyOptimizer passes its defaults on to each group of its local
+        # optimizer, master_dtype among them: a group may repeat the optimizer's own.
+        if "master_dtype" in group and group["master_dtype"] != self._master_dtype:
+            raise ValueError(
+                f"{name} {where}: master_dtype={group['master_dtype']!r} differs from the optimizer's "
+                f"({self._master_dtype!r}); master_dtype is one for the whole optimizer, set by its constructor")
         for key, default in self._unsupported_defaults.items():
             if key in group and group[key] != default:
                 raise NotImplementedError(

@@ -395,7 +395,9 @@ def install_state(opt: "_FlatOptimizer", entries: dict[Any, Any], loaded: bool =
             else:
                 bucket.counts[i] = 1 if entry and any(k in entry for k in names) else 0
             if bucket.counts[i] > 0 or opt._eager_state or bucket.mixed:  # a master: always an entry
-                extras = {k: v for k, v in (entry or {}).items() if k not in names and k not in ("step", MASTER)}
+                # (a master where the parameter has none is kept as given, as torch keeps it)
+                own = ("step", MASTER) if bucket.mixed else ("step",)
+                extras = {k: v for k, v in (entry or {}).items() if k not in names and k not in own}
                 state[p] = make_entry(opt, bucket, i, extras, dict.get(opt._state_map, p))
             elif entry is not None:
                 state[p] = dict(entry)

@@ -510,6 +510,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 raise ValueError(f"{where} has layout {p.layout}; only dense tensors are supported")
             if not p.is_floating_point():
                 raise TypeError(f"{where} has dtype {p.dtype}; parameters must be floating point")
+            if p.dtype in (torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"{where} has dtype {p.dtype}; ShardedOptimizer does not support 16-bit parameters "
+                    "(float32 master weights) yet: use float32 parameters, or torch's "
+                    "ZeroRedundancyOptimizer with a flatopt.torch class and master_dtype=torch.float32")
             by_dtype.setdefault(p.dtype, []).append(k)
         self._buckets = [
             _Bucket(dtype, ks, [self._params[k].numel() for k in ks], self.world_size, self.rank,
