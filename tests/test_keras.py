@@ -320,7 +320,7 @@ def test_defaults_are_keras(name, keras):
     import inspect
     ours = inspect.signature(getattr(fk, name)).parameters
     theirs = inspect.signature(getattr(keras.optimizers, name)).parameters
-    shared = [k for k in ours if k not in ("params", "n_threads", "dtype", "adopt", "master_dtype")]
+    shared = [k for k in ours if k not in ("params", "n_threads", "dtype", "adopt", "master_dtype", "unsupported")]
     assert shared == [k for k in theirs if k in shared]  # same order
     for k in shared:
         assert ours[k].default == theirs[k].default, k
@@ -402,20 +402,50 @@ def test_flatopt_schedule_gets_the_iteration_count_and_survives_copies():
     assert opt.learning_rate == 0.1 / 5
 
 
+UNSUPPORTED = [("clipnorm", None, "clip_grad_norm_"), ("clipvalue", None, "np.clip"),
+               ("global_clipnorm", None, "clip_grad_norm_"), ("use_ema", False, "moving average"),
+               ("ema_momentum", 0.99, "moving average"), ("ema_overwrite_frequency", None, "moving average"),
+               ("loss_scale_factor", None, "grad_scale"), ("gradient_accumulation_steps", None, "grad_scale")]
+
+
 def test_unsupported_keras_attributes_refuse_to_be_set():
-    """clipnorm & co. as attributes: None (off), and setting one raises, as the constructor
-    argument does (it used to create an attribute that changed nothing)."""
+    """clipnorm & co. as attributes: None (off), and setting one raises, naming it, showing
+    the value and saying what to use instead (it used to create an attribute that changed
+    nothing)."""
     opt = fk.Adam([np.ones(3)])
-    for name, off in [("clipnorm", None), ("clipvalue", None), ("global_clipnorm", None),
-                      ("use_ema", False), ("ema_momentum", 0.99), ("ema_overwrite_frequency", None),
-                      ("loss_scale_factor", None), ("gradient_accumulation_steps", None)]:
+    for name, off, instead in UNSUPPORTED:
         assert getattr(opt, name) == off  # Keras's default: off
         setattr(opt, name, off)
         if off is not None:  # NumPy's value of it too
             setattr(opt, name, np.asarray(off)[()])
-        with pytest.raises(TypeError, match=f"Adam.{name}: not supported"):
+        with pytest.raises(TypeError, match=f"Adam.{name}: not supported") as info:
             setattr(opt, name, 0.5)
+        assert "got float 0.5" in str(info.value) and instead in str(info.value)
         assert name not in vars(opt)
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_unsupported_keras_arguments_accept_only_keras_defaults(name):
+    """Keras's clipnorm=None, use_ema=False, ... spelled out in a ported call are accepted
+    (they used to be "unexpected keyword argument"); any other value is a TypeError naming
+    the argument and the value, before anything is made; an unknown name is refused as
+    Python refuses one. Every class takes the same ones (``**unsupported``, typed by
+    ``KerasUnsupported`` for type checkers)."""
+    import inspect
+    cls = getattr(fk, name)
+    last = list(inspect.signature(cls).parameters.values())[-1]
+    assert (last.name, last.kind) == ("unsupported", inspect.Parameter.VAR_KEYWORD)
+    assert list(fk.KerasUnsupported.__annotations__) == [k for k, _, _ in UNSUPPORTED]
+    with pytest.raises(TypeError, match=rf"{name}\(\) got an unexpected keyword argument 'clip_norm'"):
+        cls([np.ones(3)], clip_norm=None)
+    opt = cls([np.ones(3)], **{k: off for k, off, _ in UNSUPPORTED})
+    assert all(getattr(opt, k) == off for k, off, _ in UNSUPPORTED)
+    cls([np.ones(3)], use_ema=np.False_, ema_momentum=np.float64(0.99))
+    for k, off, instead in UNSUPPORTED:
+        for bad in (1.0, True) if off is None else (True, 0.9):
+            with pytest.raises(TypeError, match=rf"^{name} {k}: not supported by flatopt.keras") as info:
+                cls([np.ones(3)], **{k: bad})
+            assert f"got {type(bad).__name__} {bad!r}" in str(info.value) and instead in str(info.value)
 
 
 def test_adagrad_accumulator_is_filled_only_for_a_changed_value():
@@ -445,15 +475,90 @@ def test_adagrad_accumulator_is_filled_only_for_a_changed_value():
     loaded.load_state_dict(saved.state_dict())  # a step-0 checkpoint: kept as loaded
     loaded.step(g)
     np.testing.assert_array_equal(loaded.state["accumulator"], 3.0 + 0.25)
+    by_hand = fk.Adagrad([np.ones(3)])
+    by_hand.initial_accumulator_value = 0.5
+    by_hand.state["accumulator"] = np.full(3, 7.0)
+    by_hand.step(g)  # the changed value refills it, over the hand-set one (documented)
+    np.testing.assert_array_equal(by_hand.state["accumulator"], 0.5 + 0.25)
 
 
-def test_a_refused_step_consumes_no_scheduled_rate():
+def test_adagrad_state_dict_does_not_refill_with_a_value_that_overflows():
+    """state_dict() refills before the first step only with a value that passes step()'s
+    checks: 1e39 overflows float32 and used to write inf into the accumulator."""
+    opt = fk.Adagrad([np.ones(3, np.float32)])
+    opt.param_groups[0]["initial_accumulator_value"] = 1e39  # unchecked, in the group
+    with np.errstate(over="raise"):
+        snapshot = opt.state_dict()
+    for accumulator in (opt.state["accumulator"], snapshot["state"]["accumulator"]):
+        assert_bits_equal(accumulator, np.full(3, 0.1, np.float32))
+    with pytest.raises(ValueError, match=r"param_groups\[0\] initial_accumulator_value: 1e\+39 \(overflows float32"):
+        opt.step(np.ones(3, np.float32))
+    assert_bits_equal(opt.state["accumulator"], np.full(3, 0.1, np.float32))
+
+
+def test_which_refused_or_skipped_steps_use_up_a_callable_rate():
+    """As step() documents: a step refused by the first checks calls no rate; one refused
+    for a later group's value has called the earlier groups', and a skipped step every
+    group's, so a stateful callable's values are used up; a schedule, called with the
+    iteration count (which does not advance), gives the same rate again."""
     rates = iter([0.1, 0.05, 0.01])
     opt = fk.SGD([np.zeros(3)], learning_rate=rates.__next__)
     with pytest.raises(ValueError):
         opt.step(np.ones(4))  # the wrong shape: refused before the rate is asked for
     opt.step(np.ones(3))
     np.testing.assert_array_equal(opt.params[0], -0.1)
+
+    rates = iter([0.1, 0.05, 0.01])
+    second = {"rate": -1.0}
+    opt = fk.SGD([{"params": [np.zeros(3)], "learning_rate": rates.__next__},
+                  {"params": [np.zeros(2)], "learning_rate": lambda: second["rate"]}])
+    with pytest.raises(ValueError, match=r"param_groups\[1\] learning_rate"):
+        opt.step([np.ones(3), np.ones(2)])
+    assert_bits_equal(opt.flat_params, np.zeros(5))
+    assert opt.iterations == 0
+    second["rate"] = 0.5
+    opt.step([np.ones(3), np.ones(2)])  # group 0's 0.1 was used up by the refused step
+    np.testing.assert_array_equal(opt.params[0], -0.05)
+
+    rates = iter([0.1, 0.05, 0.01])
+    stateful = fk.SGD([np.zeros(3)], learning_rate=rates.__next__)
+    scheduled = fk.SGD([np.zeros(3)], learning_rate=_InverseTime())
+    for opt in (stateful, scheduled):
+        assert not opt.step(np.array([np.nan, 0.0, 0.0]), skip_if_nonfinite=True)
+        assert opt.iterations == 0
+        opt.step(np.ones(3))
+    np.testing.assert_array_equal(stateful.params[0], -0.05)  # 0.1 used up by the skip
+    np.testing.assert_array_equal(scheduled.params[0], -0.1)  # 0.1/(1 + 0) again
+
+
+def test_a_callable_rate_is_called_once_per_step_for_update_and_weight_decay():
+    """One value per step and group, for both the weight decay and the update (Keras
+    calls the callable again for the weight decay; see test_keras_calls_a_callable_rate_twice)."""
+    calls = []
+
+    def rate():
+        calls.append(None)
+        return 0.1 * len(calls)  # another value at each call
+
+    opt = fk.SGD([np.ones(3)], learning_rate=rate, weight_decay=0.5)
+    p = 1.0
+    for t in range(1, 4):
+        opt.step(np.ones(3))
+        lr = 0.1 * t
+        p = p - p * (0.5 * lr) - lr  # p *= 1 - wd*lr, then p -= lr*g, with the same lr
+    assert len(calls) == 3
+    np.testing.assert_allclose(opt.params[0], p, rtol=1e-15)
+
+
+def test_keras_calls_a_callable_rate_twice(keras):
+    """What the docs say of Keras: with weight decay it calls a callable learning rate a
+    second time per step, so a rate that changes at each call gives other numbers there."""
+    calls = []
+    theirs = keras.optimizers.SGD(learning_rate=lambda: calls.append(None) or 0.1, weight_decay=0.5)
+    variable = keras.Variable(np.ones(3, np.float32))
+    for _ in range(3):
+        theirs.apply([keras.ops.convert_to_tensor(np.ones(3, np.float32))], [variable])
+    assert len(calls) == 6
 
 
 def test_attributes_read_equal_values_of_other_types_and_flags_checkpoint():
@@ -470,6 +575,35 @@ def test_attributes_read_equal_values_of_other_types_and_flags_checkpoint():
     for o in (opt, twin):
         o.step(np.full(3, 0.25))
     assert_bits_equal(opt.flat_params, twin.flat_params)
+
+
+def test_sgd_checkpoint_lacking_the_momentum_buffer_is_refused():
+    """A checkpoint at step > 0 whose groups have momentum but whose state lacks the buffer
+    (state_dict() always has it) would silently restart momentum from zero: refused,
+    with nothing changed."""
+    g = np.ones(3)
+    saved = fk.SGD([np.zeros(3)], momentum=0.9)
+    for _ in range(5):
+        saved.step(g)
+    truncated = saved.state_dict()
+    del truncated["state"]["momentum"]
+    opt = fk.SGD([np.zeros(3)], momentum=0.5, learning_rate=0.1)
+    for _ in range(2):
+        opt.step(g)
+    before = (opt.flat_params.copy(), opt.state["momentum"].copy(), opt.state["step"],
+              [dict(group, params=None) for group in opt.param_groups])
+    with pytest.raises(ValueError, match=r"lacks \['momentum'\], needed by param_groups\[0\] at step 5"):
+        opt.load_state_dict(truncated)
+    assert_bits_equal(opt.flat_params, before[0])
+    assert_bits_equal(opt.state["momentum"], before[1])
+    assert opt.state["step"] == before[2] == 2
+    assert [dict(group, params=None) for group in opt.param_groups] == before[3]
+    # A momentum turned on after the last step: state_dict() makes its buffer, so it loads.
+    later = fk.SGD([np.zeros(3)])
+    later.step(g)
+    later.momentum = 0.9
+    opt.load_state_dict(later.state_dict())
+    assert_bits_equal(opt.state["momentum"], np.zeros(3))
 
 
 def test_a_callable_learning_rate_that_needs_arguments_is_refused():
@@ -496,6 +630,25 @@ def test_bad_attribute_values_are_refused_and_groups_must_agree():
     assert [g["learning_rate"] for g in opt.param_groups] == [0.2, 0.2]
     with pytest.raises(ValueError, match=r"Lion beta_1"):
         fk.Lion([np.ones(3)], beta_1=0.0)  # Keras: "degenerates to SignSGD"
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "Nadam"])
+@pytest.mark.parametrize("beta", ["beta_1", "beta_2"])
+def test_a_bad_beta_is_named_alone(name, beta):
+    """Each beta is checked by its own name, in [0, 1) (torch's rule for betas): the message
+    names the wrong one, not the other, nor torch's ``betas[i]``."""
+    other = {"beta_1": "beta_2", "beta_2": "beta_1"}[beta]
+    cls = getattr(fk, name)
+    for bad, exc in [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), ("0.9", TypeError)]:
+        with pytest.raises(exc, match=rf"\b{name} {beta}\b") as info:
+            cls([np.ones(3)], **{beta: bad})
+        assert other not in str(info.value) and "betas" not in str(info.value)
+    opt = cls([np.ones(3)])
+    with pytest.raises(ValueError, match=rf"param_groups\[0\] {beta}: 1.5 \(must be in \[0.0, 1.0\)\)") as info:
+        setattr(opt, beta, 1.5)
+    assert other not in str(info.value)
+    assert getattr(opt, beta) == {"beta_1": 0.9, "beta_2": 0.999}[beta]
+    cls([np.ones(3)], **{beta: 0.0})  # 0 is allowed, as in torch
 
 
 # -- 3. shared checks ----------------------------------------------------------------------------

@@ -27,12 +27,15 @@ Learning rate and other hyperparameters
 ``learning_rate`` is a float, a ``keras.optimizers.schedules.LearningRateSchedule``
 (called with the iteration count, the steps taken so far: Keras's
 ``optimizer.iterations``), or any other callable, called with no arguments, as Keras
-calls them: once per step and group, before anything is written, so the same schedule
-object gives the same rates. As in Keras, ``opt.learning_rate = 0.5`` (or ``opt.beta_1``,
-``opt.momentum``, ... any constructor hyperparameter) changes it for the next step,
-validated at once, and reading ``opt.learning_rate`` gives the current rate. Each
-hyperparameter may also differ per group (``opt.param_groups[i]["learning_rate"]``);
-the attribute is then readable only where the groups agree.
+calls them. flatopt.keras calls it once per step and group, before anything is written,
+and uses that one value for the update and for the weight decay. Keras calls it a second
+time for the weight decay: a schedule gives the same value both times, so the results
+agree, but a callable that returns another value at each call gives other numbers. As in
+Keras, ``opt.learning_rate = 0.5`` (or ``opt.beta_1``, ``opt.momentum``, ... any
+constructor hyperparameter) changes it for the next step, validated at once, and reading
+``opt.learning_rate`` gives the current rate. Each hyperparameter may also differ per
+group (``opt.param_groups[i]["learning_rate"]``); the attribute is then readable only
+where the groups agree.
 
 Precision
 ---------
@@ -46,25 +49,28 @@ default; ``keras.config.set_floatx("float64")`` for float64 ones).
 
 Not supported: ``clipnorm``, ``clipvalue``, ``global_clipnorm`` (``opt.clip_grad_norm_``
 clips by the global norm, with torch's ``+ 1e-6``; clip per variable or per element on
-``opt.grads`` with NumPy), ``use_ema``, ``loss_scale_factor`` (use ``step(grad_scale=...)``),
-``gradient_accumulation_steps``, ``exclude_from_weight_decay`` (put those parameters in a
-group with ``weight_decay=None``, or ``0.0`` for AdamW, which requires a number as Keras's
-does).
+``opt.grads`` with NumPy), ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``,
+``loss_scale_factor`` (use ``step(grad_scale=...)``), ``gradient_accumulation_steps``: as
+keyword arguments and attributes they accept Keras's default (off) and raise a TypeError
+for any other value. Nor ``exclude_from_weight_decay`` (put those parameters in a group
+with ``weight_decay=None``, or ``0.0`` for AdamW, which requires a number as Keras's does).
 """
 
 import inspect
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypedDict, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _adam_variants
-from ._adaptive import check_betas
 from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
 from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_real, describe
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11's
+    from typing_extensions import Unpack
 
 
 class LearningRateSchedule:
@@ -128,7 +134,9 @@ def _check_epsilon(group: Mapping[str, Any], where: str) -> None:
 
 
 def _check_betas(group: Mapping[str, Any], where: str) -> None:
-    check_betas((group["beta_1"], group["beta_2"]), f"{where} (beta_1, beta_2)")
+    """beta_1 and beta_2 each in [0, 1), torch's rule for ``betas``, each checked by its name."""
+    _check_unit(group, "beta_1", where, high_open=True)
+    _check_unit(group, "beta_2", where, high_open=True)
 
 
 class _Hyperparameter:
@@ -151,14 +159,15 @@ class _Hyperparameter:
 
 
 class _Unsupported:
-    """A Keras optimizer attribute flatopt.keras does not implement (``opt.clipnorm``): it
-    reads Keras's default, ``off`` (None, or ``use_ema``'s False), and setting it to
-    anything else raises rather than doing nothing."""
+    """A Keras optimizer argument flatopt.keras does not implement (``clipnorm``), as a
+    constructor argument and an attribute: it reads Keras's default, ``off`` (None, or
+    ``use_ema``'s False, ``ema_momentum``'s 0.99), and any other value raises a TypeError
+    that says what to do ``instead``, rather than doing nothing."""
 
     name: str
 
-    def __init__(self, off: Any = None) -> None:
-        self.off = off
+    def __init__(self, instead: str, off: Any = None) -> None:
+        self.instead, self.off = instead, off
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -167,15 +176,36 @@ class _Unsupported:
         return self if opt is None else self.off
 
     def __set__(self, opt: object, value: Any) -> None:
+        self.check(value, f"{type(opt).__name__}.{self.name}")
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise unless ``value`` is Keras's default; ``where`` names the argument."""
         try:  # False and np.False_, 0.99 and np.float64(0.99); a flag only equals a flag
             off = value is self.off or (self.off is not None and bool(value == self.off) and (
                 isinstance(value, (bool, np.bool_)) == isinstance(self.off, bool)))
         except (TypeError, ValueError):
             off = False
         if not off:
-            raise TypeError(f"{type(opt).__name__}.{self.name}: not supported by flatopt.keras "
-                            f"(only Keras's default, {self.off!r}; see the flatopt.keras "
-                            "documentation for what to use instead)")
+            raise TypeError(f"{where}: not supported by flatopt.keras (only Keras's default, "
+                            f"{self.off!r}), got {describe(value)}; instead, {self.instead}")
+
+
+_EMA_INSTEAD = "keep a moving average of opt.params with NumPy after each step()"
+
+
+class KerasUnsupported(TypedDict, total=False):
+    """Keras's optimizer arguments flatopt.keras takes only at Keras's defaults (off), as
+    keyword-only arguments of every constructor (``**unsupported``), so that a call
+    ported from Keras that spells them out works; any other value raises a TypeError."""
+
+    clipnorm: float | None
+    clipvalue: float | None
+    global_clipnorm: float | None
+    use_ema: bool
+    ema_momentum: float
+    ema_overwrite_frequency: int | None
+    loss_scale_factor: float | None
+    gradient_accumulation_steps: int | None
 
 
 class _KerasOptimizer(Optimizer):
@@ -187,15 +217,27 @@ class _KerasOptimizer(Optimizer):
     learning_rate = _Hyperparameter()
     #: Decoupled weight decay (None: off); assignable.
     weight_decay = _Hyperparameter()
-    # Keras's attributes without an implementation here: Keras's default (off), and any
-    # other value refused.
-    clipnorm, clipvalue, global_clipnorm = _Unsupported(), _Unsupported(), _Unsupported()
-    use_ema, ema_momentum, ema_overwrite_frequency = _Unsupported(False), _Unsupported(0.99), _Unsupported()
-    loss_scale_factor, gradient_accumulation_steps = _Unsupported(), _Unsupported()
+    # Keras's arguments without an implementation here (every class's constructor takes
+    # them, keyword-only): Keras's default (off), and any other value refused.
+    clipnorm = _Unsupported("clip each g in opt.grads to norm clipnorm with NumPy before step() "
+                            "(opt.clip_grad_norm_ clips their global norm)")
+    clipvalue = _Unsupported("np.clip(g, -clipvalue, clipvalue, out=g) for each g in opt.grads")
+    global_clipnorm = _Unsupported("opt.clip_grad_norm_(global_clipnorm) before step()")
+    use_ema = _Unsupported(_EMA_INSTEAD, False)
+    ema_momentum = _Unsupported(_EMA_INSTEAD, 0.99)
+    ema_overwrite_frequency = _Unsupported(_EMA_INSTEAD)
+    loss_scale_factor = _Unsupported("step(grad_scale=1/loss_scale_factor) with the scaled gradients")
+    gradient_accumulation_steps = _Unsupported(
+        "add n batches' gradients into opt.grads, then step(grad_scale=1/n)")
 
     def __init__(self, params: Params, defaults: Mapping[str, Any], *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 unsupported: Mapping[str, Any]) -> None:
+        for name, value in unsupported.items():
+            if name not in KerasUnsupported.__annotations__:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+            getattr(_KerasOptimizer, name).check(value, f"{type(self).__name__} {name}")
         self._lrs: list[Any] | None = None
         super().__init__(params, defaults, n_threads=n_threads, dtype=dtype, adopt=adopt,
                          master_dtype=master_dtype)
@@ -269,9 +311,13 @@ class _KerasOptimizer(Optimizer):
              skip_if_nonfinite: bool = False) -> bool:
         """One step (Keras's ``optimizer.apply(grads)``); see :meth:`flatopt.Optimizer.step`.
 
-        Each group's learning rate is evaluated once the arguments and hyperparameters
-        passed their checks, at the current iteration count, and checked before anything
-        is written (so a refused step does not consume a value of a stateful callable).
+        Once the arguments and hyperparameters passed their checks, each group's callable
+        learning rate is called, group by group, and its value checked, before anything
+        is written. A step refused by those first checks calls none. One refused for a
+        later group's value has already called the earlier groups', and a step skipped by
+        ``skip_if_nonfinite`` has called every group's: a schedule (called with the
+        iteration count, which does not advance) gives the same values at the next step;
+        a stateful callable's values are used up.
         """
         return super().step(grads, grad_scale=grad_scale, skip_if_nonfinite=skip_if_nonfinite)
 
@@ -301,11 +347,12 @@ class SGD(_KerasOptimizer):
     def __init__(self, params: Params, learning_rate: LearningRate = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
                                       nesterov=nesterov, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "momentum", where)
@@ -321,9 +368,6 @@ class SGD(_KerasOptimizer):
         mom = group["momentum"]
         kernels.keras_sgd(param, grad, seg["momentum"] if mom != 0 else param[:0], lr, mom,
                           group["nesterov"], wd, grad_scale, n_threads)
-
-    def _check_loaded_state(self, groups: list[dict[str, Any]], state: dict[str, Any]) -> None:
-        pass  # the momentum buffer appears when momentum is first non-zero
 
 
 class Adam(_KerasOptimizer):
@@ -344,12 +388,13 @@ class Adam(_KerasOptimizer):
                  beta_2: float = 0.999, epsilon: float = 1e-7, amsgrad: bool = False,
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
-                 master_dtype: npt.DTypeLike | None = None) -> None:
+                 master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, amsgrad=amsgrad,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
@@ -378,10 +423,10 @@ class AdamW(Adam):
                  weight_decay: float = 0.004, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-7, amsgrad: bool = False, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
-                 master_dtype: npt.DTypeLike | None = None) -> None:
+                 master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
-                         n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         n_threads=n_threads, dtype=dtype, adopt=adopt, master_dtype=master_dtype, **unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         super()._check_own(group, where)
@@ -406,12 +451,13 @@ class RMSprop(_KerasOptimizer):
                  momentum: float = 0.0, epsilon: float = 1e-7, centered: bool = False,
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
-                 master_dtype: npt.DTypeLike | None = None) -> None:
+                 master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
                                       epsilon=epsilon, centered=centered,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "rho", where)
@@ -448,11 +494,12 @@ class Adadelta(_KerasOptimizer):
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, rho: float = 0.95,
                  epsilon: float = 1e-7, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_unit(group, "rho", where)
@@ -474,8 +521,9 @@ class Adadelta(_KerasOptimizer):
 class Adagrad(_KerasOptimizer):
     """keras.optimizers.Adagrad: ``acc += g*g; p -= lr*g/sqrt(acc + epsilon)`` (epsilon
     inside the root), ``acc`` starting at ``initial_accumulator_value`` (default 0.1); a
-    change of that value before the first step refills it then, as Keras builds the
-    accumulator at its first step."""
+    change of that value before the first step refills it then (and in ``state_dict()``),
+    as Keras builds the accumulator at its first step: the refill overrides an
+    accumulator set by hand before it."""
 
     initial_accumulator_value = _Hyperparameter()
     epsilon = _Hyperparameter()
@@ -488,12 +536,13 @@ class Adagrad(_KerasOptimizer):
                  initial_accumulator_value: float = 0.1, epsilon: float = 1e-7,
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
-                 master_dtype: npt.DTypeLike | None = None) -> None:
+                 master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate,
                                       initial_accumulator_value=initial_accumulator_value,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         check_real(group["initial_accumulator_value"], f"{where} initial_accumulator_value", low=0.0)
@@ -510,12 +559,15 @@ class Adagrad(_KerasOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """See :meth:`flatopt.Optimizer.state_dict`; before the first step, an
         ``initial_accumulator_value`` changed since construction fills the accumulator
-        first, so that the snapshot holds what the first step would use."""
+        first (over one set by hand), so that the snapshot holds what the first step
+        would use. A group whose hyperparameters fail their checks is not refilled."""
         if self.state["step"] == 0:
             for gi, group in enumerate(self.param_groups):
-                value = group.get("initial_accumulator_value")
-                if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) >= 0:
-                    self._refill(gi, float(value))
+                try:  # the checks step() makes: a value that overflows the dtype is not written
+                    self._check_group(group, f"param_groups[{gi}]")
+                except (KeyError, TypeError, ValueError):  # a malformed group: step() will say so
+                    continue
+                self._refill(gi, group["initial_accumulator_value"])
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -555,11 +607,12 @@ class Adamax(_KerasOptimizer):
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
                  *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         _check_betas(group, where)
@@ -592,11 +645,12 @@ class Nadam(_KerasOptimizer):
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
                  *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
         self.state["u_product"] = [1.0] * len(self.param_groups)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
@@ -633,11 +687,12 @@ class Lion(_KerasOptimizer):
     def __init__(self, params: Params, learning_rate: LearningRate = 0.001, beta_1: float = 0.9,
                  beta_2: float = 0.99, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
-                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None) -> None:
+                 adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
+                 **unsupported: "Unpack[KerasUnsupported]") -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
-                         master_dtype=master_dtype)
+                         master_dtype=master_dtype, unsupported=unsupported)
 
     def _check_own(self, group: dict[str, Any], where: str) -> None:
         # Keras's range for beta_1: (0, 1] (0 would be SignSGD, 1 is the momentum alone).
