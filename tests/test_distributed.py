@@ -382,6 +382,63 @@ def check_zero(rank, world):
     assert_close(model, reference("Adam", kwargs))
 
 
+def check_a_step_on_gradients_reduced_in_place_raises(rank, world):
+    """gloo reduces the gradients in place (``p.grad`` then holds sums and scratch): a
+    second step on them (no zero_grad, or a backward pass accumulating onto them) raises
+    on every rank and changes nothing; after zero_grad (the optimizer's or the model's),
+    training goes on as if it had not been tried."""
+    runs = []
+    for tried in (True, False):
+        model = make_model()
+        opt = ShardedOptimizer(model.parameters(), ft.SGD, lr=0.05, momentum=0.9)
+        assert opt.collectives[0] == "reduce"
+        x, y = data()
+        b = BATCH // world
+
+        def backward(s):
+            ((model(x[s, rank * b:(rank + 1) * b], s, rank * b) - y[s, rank * b:(rank + 1) * b]) ** 2).mean().backward()
+        for s, zero in ((0, opt.zero_grad), (1, model.zero_grad), (2, opt.zero_grad)):
+            zero()
+            backward(s)
+            opt.step()
+            if tried and s > 0:  # (after a failed step, only the optimizer's zero_grad re-arms it)
+                before = [p.detach().clone() for p in model.parameters()]
+                raises_on_every_rank(opt.step, RuntimeError, "reduced in place", "zero_grad")
+                backward(s)  # accumulating onto them
+                raises_on_every_rank(opt.step, RuntimeError, "zero_grad")
+                assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        runs.append(model)
+    assert_close(runs[0], runs[1], 0.0)
+
+
+def check_grad_scale_is_checked_on_every_rank(rank, world):
+    """A grad_scale that overflows float32 only matters where float32 pieces are; a rank
+    without any must fail with the others, not go on to the parameter exchange."""
+    a = torch.nn.Parameter(torch.ones(40, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float32))
+    opt = ShardedOptimizer([a, b], ft.SGD, lr=1e-3)
+    (a.sum() + b.sum()).backward()
+    raises_on_every_rank(lambda: opt.step(grad_scale=1e39), ValueError, "grad_scale=1e+39", "overflows float32")
+    opt.step()  # the gradients were kept
+    assert bool((a < 1).all()) and bool((b < 1).all())
+
+
+def check_loaded_state_holds_only_this_ranks_pieces(rank, world):
+    """After load_state_dict(full) with a torch.optim class, the local state's tensors own
+    only this rank's pieces (views into the checkpoint's tensors kept it all alive)."""
+    model = make_model()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.Adam, lr=1e-2)
+    train(model, opt, data(), 0, 2, rank, world)
+    opt.consolidate_state_dict(to=0)
+    full = [opt.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(full, src=0)
+    opt.load_state_dict(full[0])
+    for entry in opt.local_optimizer.state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
+
+
 def check_zero_master(rank, world):
     """torch's ZeroRedundancyOptimizer over a bfloat16 model, flatopt.torch.Adam with
     float32 masters as its local optimizer (ZeRO gives every local group its defaults,
@@ -517,6 +574,7 @@ def check_bad_input(rank, world):
     for kwargs in ({}, {"master_dtype": torch.float32}):
         raises_on_every_rank(lambda: ShardedOptimizer(half, ft.Adam, **kwargs), TypeError,
                              "does not support 16-bit parameters", "ZeroRedundancyOptimizer")
+    ShardedOptimizer(half, torch.optim.Adam)  # torch.optim's class: 16-bit state, as torch's
     # At step time: one rank's parameter was replaced.
     before = [p.detach().clone() for p in model.parameters()]
     opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=0.1)
@@ -763,6 +821,8 @@ def check_local_step_failures_agree(rank, world):
     opt.param_groups[1]["warmup"] = 2
     opt.param_groups[0]["weight_decay"] = -0.0 if rank else 0.0
     opt.step()
+    opt.zero_grad()  # (a step on gradients a step reduced in place raises)
+    backward(model)
     opt.param_groups[0]["amsgrad"] = 1 if rank else True
     raises_on_every_rank(opt.step, ValueError, "hyperparameters differ", "'amsgrad'")
     opt.param_groups[0]["amsgrad"] = False
@@ -863,6 +923,9 @@ def job_checks(world, tmp):
             ("ddp-sharded", check_ddp_sharded),
             ("mixed-dtypes", check_mixed_dtypes),
             ("zero-flatopt-adam", check_zero),
+            ("step-on-gradients-reduced-in-place", check_a_step_on_gradients_reduced_in_place_raises),
+            ("grad-scale-checked-on-every-rank", check_grad_scale_is_checked_on_every_rank),
+            ("loaded-state-holds-this-ranks-pieces", check_loaded_state_holds_only_this_ranks_pieces),
             ("zero-flatopt-adam-bfloat16-master", check_zero_master),
             ("zero-flatopt-adam-bucket-view", check_zero_bucket_view),
             ("zero-flatopt-adam-add-param-group", check_zero_add_param_group),

@@ -58,7 +58,10 @@ trying each on tiny tensors):
   ``all_gather`` are 2 to 4 times slower, slower even than its ``all_reduce``. The
   gradient is reduced in place: afterwards ``p.grad`` holds the sum over ranks in this
   rank's chunk (the step divides by the world size inside the kernel) and unspecified
-  values elsewhere, until ``zero_grad()``.
+  values elsewhere, until ``zero_grad()``. So call ``zero_grad()`` (the optimizer's or the
+  model's) between steps: a ``step()`` whose gradients are still those a step reduced in
+  place (two steps on one backward pass, or a backward pass accumulating onto them) raises
+  on every rank and changes nothing, where torch.optim would reuse ``p.grad``.
 * other backends (NCCL and the like): ``reduce_scatter_tensor`` of the gradient into this
   rank's slice and ``all_gather_into_tensor`` of the parameters (under their newer names
   ``reduce_scatter_single``/``all_gather_single`` where torch has them); where a backend
@@ -217,19 +220,21 @@ class AttachGrad:
     gradients in the flat buffer (it reduces them in one collective); the single-process
     optimizers read them where autograd leaves them instead (see ``_packing``)."""
 
-    __slots__ = ("param", "view", "dirty", "sparse", "index")
+    __slots__ = ("param", "view", "dirty", "stale", "sparse", "index")
 
     param: "weakref.ref[torch.Tensor]"
     view: torch.Tensor
     dirty: npt.NDArray[np.bool_]
+    stale: npt.NDArray[np.bool_]
     sparse: npt.NDArray[np.bool_]
     index: int
 
     def __init__(self, param: torch.Tensor, view: torch.Tensor, dirty: npt.NDArray[np.bool_],
-                 sparse: npt.NDArray[np.bool_], index: int) -> None:
+                 stale: npt.NDArray[np.bool_], sparse: npt.NDArray[np.bool_], index: int) -> None:
         self.param = weakref.ref(param)
         self.view = view
         self.dirty = dirty
+        self.stale = stale
         self.sparse = sparse
         self.index = index
 
@@ -244,6 +249,7 @@ class AttachGrad:
             if self.dirty[self.index]:
                 self.view.zero_()
             self.dirty[self.index] = True
+            self.stale[self.index] = False
             p.grad = self.view
 
 
@@ -411,6 +417,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _param_views: list[torch.Tensor]
     _grad_views: list[torch.Tensor | None]
     _dirty: npt.NDArray[np.bool_]
+    # Per parameter: its p.grad view still holds what a step reduced in place (sums or a
+    # collective's scratch), not this rank's gradient; cleared where it is given back
+    # zeroed (zero_grad, AttachGrad) or refilled.
+    _stale: npt.NDArray[np.bool_]
     _sparse: npt.NDArray[np.bool_]
     _data_ptrs: list[int]
     _hooks: list[Any]
@@ -510,11 +520,12 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 raise ValueError(f"{where} has layout {p.layout}; only dense tensors are supported")
             if not p.is_floating_point():
                 raise TypeError(f"{where} has dtype {p.dtype}; parameters must be floating point")
-            if p.dtype in (torch.float16, torch.bfloat16):
+            if p.dtype in (torch.float16, torch.bfloat16) and issubclass(optimizer_class, _FlatOptimizer):
                 raise TypeError(
                     f"{where} has dtype {p.dtype}; ShardedOptimizer does not support 16-bit parameters "
-                    "(float32 master weights) yet: use float32 parameters, or torch's "
-                    "ZeroRedundancyOptimizer with a flatopt.torch class and master_dtype=torch.float32")
+                    "with flatopt.torch classes (float32 master weights) yet: use float32 parameters, a "
+                    "torch.optim class, or torch's ZeroRedundancyOptimizer with a flatopt.torch class and "
+                    "master_dtype=torch.float32")
             by_dtype.setdefault(p.dtype, []).append(k)
         self._buckets = [
             _Bucket(dtype, ks, [self._params[k].numel() for k in ks], self.world_size, self.rank,
@@ -644,6 +655,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         # Every parameter is in a bucket: no None is left.
         self._param_views = cast(list[torch.Tensor], param_views)
         self._dirty = np.zeros(self._n, dtype=bool)
+        self._stale = np.zeros(self._n, dtype=bool)
         self._sparse = np.zeros(self._n, dtype=bool)  # AttachGrad's flag; step() checks layouts
         for k, p in enumerate(self._params):
             grad = p.grad
@@ -657,7 +669,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if p.requires_grad:
                     # Tensor.register_hook is unannotated in torch (no typed alternative).
                     self._hooks.append(p.register_hook(  # type: ignore[no-untyped-call]
-                        AttachGrad(p, view, self._dirty, self._sparse, k)))
+                        AttachGrad(p, view, self._dirty, self._stale, self._sparse, k)))
         self._data_ptrs = [p.data_ptr() for p in self._params]
 
     def __del__(self) -> None:
@@ -704,6 +716,16 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         check_params(self.param_groups, self._param_lists, "ShardedOptimizer")
         check_still_bound(params, self._data_ptrs, "ShardedOptimizer")
         grads = [p.grad for p in params]
+        if self._stale.any():
+            stale = [k for k, (g, v) in enumerate(zip(grads, self._grad_views)) if g is v and self._stale[k]]
+            if stale:
+                raise RuntimeError(
+                    f"ShardedOptimizer: the gradients of {len(stale)} parameter(s) are still what the last "
+                    f"step() reduced in place ({self.collectives[0]}), not this rank's: call "
+                    "optimizer.zero_grad() or model.zero_grad() before the next backward pass (to "
+                    "accumulate gradients over several backward passes, call step() once, after the "
+                    "last; model.zero_grad(set_to_none=False) zeroes them unseen: use "
+                    "optimizer.zero_grad(set_to_none=False))")
         control = self._control
         if self.average_gradients and all(map(lambda g, v: g is v, grads, self._grad_views)):
             control[:self._n] = 1
@@ -728,6 +750,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 view = _own(self._grad_views[k])
                 view.copy_(g.detach())
                 self._dirty[k] = True
+                self._stale[k] = False
                 p.grad = view
         control[:self._n] = torch.from_numpy(has)
         if not self.average_gradients:   # read this rank's slice of each gradient
@@ -971,6 +994,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for b in self._buckets:
             _own(b.flat_grad).zero_()
         self._dirty[:] = False
+        self._stale[:] = False
         for p, view in zip(self._params, self._grad_views):
             if set_to_none:
                 p.grad = None
@@ -1015,6 +1039,11 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             try:
                 if type(grad_scale) is not float or grad_scale != 1.0:
                     grad_scale = check_real(grad_scale, "grad_scale")
+                    # On every rank, for every dtype: a rank without a piece of one would not
+                    # fail with the others.
+                    applied = grad_scale * self._pending_grad_scale / (self.world_size if self.average_gradients else 1)
+                    for dtype in {_NUMPY_DTYPES[b.dtype] for b in self._buckets if b.dtype in _NUMPY_DTYPES}:
+                        check_fits({f"grad_scale={grad_scale!r} (as applied)": applied}, dtype, "ShardedOptimizer.step")
                 check_bool(skip_if_nonfinite, "skip_if_nonfinite")
                 self._check_hyperparameters()
             except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
@@ -1041,6 +1070,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._pending_grad_scale = 1.0
         self.last_step_skipped = skip_if_nonfinite and self._stats(2.0)[1] > 0
         self._reduced = None
+        if self.average_gradients and self.collectives[0] != "reduce_scatter_tensor":
+            self._stale[:] = True   # (reduce_scatter_tensor leaves them as they were)
         if self.last_step_skipped:
             self.skipped_steps += 1
             return loss
@@ -1217,7 +1248,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             for name, value in entry.items():
                 if (isinstance(value, torch.Tensor) and value.shape == p.shape
                         and not (p.dim() == 0 and name in _SCALAR_STATE)):
-                    piece[name] = value.detach().reshape(-1)[s:e]
+                    piece[name] = value.detach().reshape(-1)[s:e].clone()  # not the whole tensor's memory
                 elif isinstance(value, torch.Tensor) and value.dim() > 0:
                     raise ValueError(
                         f"ShardedOptimizer: state[{ids[k]}][{name!r}] has shape {tuple(value.shape)}, "
