@@ -270,6 +270,8 @@ def check_checkpoint_to_one_process(rank, world, tmp):
         torch.save(full, os.path.join(tmp, "full.pt"))
     else:
         assert "shard" in full
+        with pytest.raises(ValueError, match="one rank's shard of a ShardedOptimizer"):
+            ft.Adam(make_model().parameters()).load_state_dict(full)
     # Reload this rank's shard, then continue on every rank.
     opt.load_state_dict(shard)
     train(model, opt, xy, 25, STEPS, rank, world)
@@ -654,6 +656,10 @@ def check_every_rank_agrees(rank, world):
     opt.param_groups[1]["lr"] = 0.1
     raises_on_every_rank(lambda: opt.step(grad_scale=nan if rank == world - 1 else 1.0), ValueError,
                          f"rank {world - 1}", "grad_scale", "combined and are kept")
+    # step()'s own arguments differing between ranks (one would skip, another step): it hung.
+    raises_on_every_rank(lambda: opt.step(skip_if_nonfinite=rank == 0), ValueError,
+                         "different arguments", "(1.0, True) on rank 0, (1.0, False) on rank 1")
+    raises_on_every_rank(lambda: opt.step(grad_scale=1.0 + rank), ValueError, "different arguments")
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
     opt.load_state_dict(opt.state_dict())  # between the reduction and the step: kept as reduced

@@ -281,8 +281,12 @@ def load_state_dict(opt: "_FlatOptimizer", state_dict: dict[str, Any]) -> None:
         if result is not None:
             state_dict = result
     opt._check_param_lists()
+    if "shard" in state_dict:
+        raise ValueError(f"{name}: this state_dict is one rank's shard of a ShardedOptimizer (it has a "
+                         "'shard' key): load it into that rank's ShardedOptimizer, or save a full one "
+                         "with consolidate_state_dict() and state_dict()")
     if set(state_dict) != {"state", "param_groups"}:
-        raise ValueError(f"{name}: state_dict must have keys 'state' and 'param_groups'")
+        raise ValueError(f"{name}: state_dict must have keys 'state' and 'param_groups', got {sorted(state_dict)}")
     saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
     if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
         raise ValueError(f"{name}: state_dict must have a list 'param_groups' and a dict 'state'")

@@ -762,7 +762,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     else:
                         view.copy_(g.detach().reshape(-1)[s:e])
 
-    def _reduce(self, error: Exception | None = None, code: int = 0) -> list[bool]:
+    def _reduce(self, error: Exception | None = None, code: int = 0, step_args: Any = None) -> list[bool]:
         """Agree that no rank failed its checks (``error``: this rank's, from :meth:`step`,
         with its ``code``) and that all hold the same hyperparameters, and, once per set of gradients, agree
         on the participating parameters and reduce the gradients into each rank's slice.
@@ -780,7 +780,9 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             except Exception as exc:  # noqa: BLE001 - every rank raises below
                 error, code = error or exc, _FAILED_GRADIENTS
         self._control[self._n] = code
-        digest = zlib.crc32(repr(self._hyperparameters()).encode())
+        # ``step_args`` (step()'s grad_scale and skip_if_nonfinite) must agree too: a rank
+        # that skipped while another stepped would wait in the parameter exchange.
+        digest = zlib.crc32(repr((self._hyperparameters(), step_args)).encode())
         self._control[self._n + 1:] = torch.tensor(list(digest.to_bytes(4, "little")), dtype=torch.uint8)
         group = self.process_group
         works = [self._gather(self._control_out, self._control, async_op=True)]
@@ -825,7 +827,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             self._raise_step_error(error, "; no rank changed its parameters or optimizer state" + kept)
         if not bool((rows[:, self._n + 1:] == rows[0, self._n + 1:]).all()):
             # The reduced gradients are kept: set the hyperparameters alike and step again.
-            self._raise_hyperparameter_error()
+            self._raise_hyperparameter_error(step_args)
         return mask
 
     def _check_hyperparameters(self) -> None:
@@ -864,9 +866,17 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         return [[(k, _canonical(group[k])) for k in sorted(group) if k != "params"]
                 for group in self.param_groups]
 
-    def _raise_hyperparameter_error(self) -> NoReturn:
-        groups = cast(list[list[list[tuple[str, Any]]]], [None] * self.world_size)  # filled below
-        dist.all_gather_object(groups, self._hyperparameters(), group=self.process_group)
+    def _raise_hyperparameter_error(self, step_args: Any = None) -> NoReturn:
+        reports = cast(list[tuple[Any, Any]], [None] * self.world_size)  # filled below
+        dist.all_gather_object(reports, (self._hyperparameters(), step_args), group=self.process_group)
+        for r, (_, args) in enumerate(reports):
+            if repr(args) != repr(reports[0][1]):
+                raise _mark_agreed(ValueError(
+                    f"ShardedOptimizer.step: the ranks called step() with different arguments: "
+                    f"(grad_scale, skip_if_nonfinite) = {reports[0][1]} on rank 0, {args} on rank {r}; "
+                    "no rank changed its parameters or optimizer state, and step() may be called "
+                    "again with the same arguments on every rank"))
+        groups = cast(list[list[list[tuple[str, Any]]]], [hyper for hyper, _ in reports])
         # Compared as the checksum compares them (by repr: NaN equals NaN there, True is
         # not 1.0), so that the difference the checksum saw is found.
         r, (gi, (a, b)) = next((r, next((gi, (a, b)) for gi, (a, b) in enumerate(zip(groups[0], other))
@@ -1051,7 +1061,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._consolidated = None
         agreed: Exception | None = None
         try:
-            mask = self._reduce(error, code)
+            mask = self._reduce(error, code, (grad_scale, skip_if_nonfinite))
         except Exception as exc:
             if not (code == _FAILED_GRADIENTS and error is not None):
                 raise
