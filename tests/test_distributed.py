@@ -441,6 +441,20 @@ def check_loaded_state_holds_only_this_ranks_pieces(rank, world):
                 assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
 
 
+def check_constructor_only_arguments_stay_out_of_the_groups(rank, world):
+    """n_threads (which may differ between ranks) goes to the local flatopt.torch optimizer,
+    not into param_groups and the checkpoints that other classes load."""
+    model = make_model()
+    opt = ShardedOptimizer(model.parameters(), ft.Adam, lr=1e-2, n_threads=1 + rank)
+    assert opt.local_optimizer._n_threads == 1 + rank
+    train(model, opt, data(), 0, 2, rank, world)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        full = opt.state_dict()
+        assert all("n_threads" not in g for g in [*opt.param_groups, *full["param_groups"]])
+        torch.optim.Adam(make_model().parameters()).load_state_dict(full)
+
+
 def check_zero_master(rank, world):
     """torch's ZeroRedundancyOptimizer over a bfloat16 model, flatopt.torch.Adam with
     float32 masters as its local optimizer (ZeRO gives every local group its defaults,
@@ -929,6 +943,7 @@ def job_checks(world, tmp):
             ("ddp-sharded", check_ddp_sharded),
             ("mixed-dtypes", check_mixed_dtypes),
             ("zero-flatopt-adam", check_zero),
+            ("constructor-only-arguments", check_constructor_only_arguments_stay_out_of_the_groups),
             ("step-on-gradients-reduced-in-place", check_a_step_on_gradients_reduced_in_place_raises),
             ("grad-scale-checked-on-every-rank", check_grad_scale_is_checked_on_every_rank),
             ("loaded-state-holds-this-ranks-pieces", check_loaded_state_holds_only_this_ranks_pieces),

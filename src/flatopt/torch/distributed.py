@@ -152,7 +152,7 @@ from .._norms import ClipGradNormMixin, check_norm_type
 from .._optimizer import _IMMUTABLE as _IMMUTABLE_NUMBERS
 from .._validation import check_bool, check_fits, check_real
 from ._packing import ParamList, check_params, check_still_bound, guard_params
-from ._base import _FlatOptimizer, hooked_step
+from ._base import _OPTIMIZER_WIDE, _FlatOptimizer, hooked_step
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
@@ -462,7 +462,10 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     f"{', '.join(c.__name__ for c in _ELEMENTWISE_TORCH)}), got {optimizer_class!r}")
             if isinstance(params, torch.Tensor):
                 raise TypeError(f"params must be an iterable of Tensors or dicts, got {torch.typename(params)}")
-            super().__init__(params, defaults)
+            # A flatopt.torch class's n_threads and master_dtype are the local optimizer's,
+            # not the groups' (they would spread into checkpoints and the classes loading them).
+            wide = _OPTIMIZER_WIDE if issubclass(optimizer_class, _FlatOptimizer) else ()
+            super().__init__(params, {k: v for k, v in defaults.items() if k not in wide})
             self._constructing = False
             self._setup(optimizer_class, defaults)
             signature = self._signature()
