@@ -191,10 +191,10 @@ class NAdam(_FlatOptimizer):
     # a scalar tensor whose dtype decides how the product rounds: torch's default scalar
     # dtype (float32 unless float64 is set) where a first step made it, the parameter's
     # dtype once load_state_dict cast it, a written tensor's own dtype.
-    # flatopt.torch.NAdam keeps them in three tensors per bucket (``bucket.scalars``):
-    # whether each parameter's is float32, and its value in a float32 and a float64 tensor,
-    # the one of its dtype (whose 0-d view is its state entry's "mu_product", so that copies
-    # of it have torch's dtype). The runs of a step are split where the values or dtypes
+    # flatopt.torch.NAdam keeps them in three arrays per bucket (``bucket.scalars``; NumPy's
+    # scalar access is the fast one): whether each parameter's is float32, and its value in
+    # a float32 and a float64 array, the one of its dtype (of which a 0-d tensor view is its
+    # state entry's "mu_product", so that copies of it have torch's dtype). The runs of a step are split where the values or dtypes
     # differ (``_run_keys``), so one value serves each kernel call: it is handed to
     # flatopt.NAdam (whose state holds one value per group) before the call, and the value
     # the call leaves there is given to the run's parameters after it (``_file_mu``).
@@ -202,13 +202,13 @@ class NAdam(_FlatOptimizer):
     _mu_pending: tuple[Bucket, int, tuple[int, int]] | None = None
 
     @staticmethod
-    def _mu(bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _mu(bucket: Bucket) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float64]]:
         """Whether each parameter's mu_product is float32; the float32 and float64 values."""
         if "mu_product" not in bucket.scalars:
             n = len(bucket.params)
-            bucket.scalars["mu_product_is_float32"] = torch.full((n,), _get_scalar_dtype() == torch.float32)
-            bucket.scalars["mu_product_float32"] = torch.ones(n, dtype=torch.float32)
-            bucket.scalars["mu_product"] = torch.ones(n, dtype=torch.float64)
+            bucket.scalars["mu_product_is_float32"] = np.full(n, _get_scalar_dtype() == torch.float32)
+            bucket.scalars["mu_product_float32"] = np.ones(n, dtype=np.float32)
+            bucket.scalars["mu_product"] = np.ones(n, dtype=np.float64)
         scalars = bucket.scalars
         return scalars["mu_product_is_float32"], scalars["mu_product_float32"], scalars["mu_product"]
 
@@ -216,12 +216,17 @@ class NAdam(_FlatOptimizer):
         # Called as a step plans its runs: a value still pending here is from a step that
         # raised during a kernel call, and is dropped.
         self._mu_pending = None
-        single, mu32, mu64 = (t.numpy() for t in self._mu(bucket))
-        return np.where(single, mu32, mu64) + 1j * single  # a run shares both: a complex key
+        single, mu32, mu64 = self._mu(bucket)
+        if single.all():  # the usual case: all of torch's default dtype
+            return mu32
+        if not single.any():
+            return mu64
+        keys: npt.NDArray[np.complex128] = np.where(single, mu32, mu64) + 1j * single
+        return keys  # a run shares both: a complex key
 
     def _live_extras(self, bucket: Bucket, i: int) -> dict[str, torch.Tensor]:
         single, mu32, mu64 = self._mu(bucket)
-        return {"mu_product": (mu32 if single[i] else mu64)[i]}
+        return {"mu_product": torch.from_numpy(mu32 if single[i] else mu64)[i]}
 
     def _file_mu(self) -> None:
         """Give the last kernel call's mu_product to the parameters of its run."""
@@ -285,9 +290,8 @@ class NAdam(_FlatOptimizer):
                 else:
                     in_float32.append(fresh)
             single, mu32, mu64 = self._mu(bucket)
-            single.copy_(torch.tensor(in_float32))
-            for mu in (mu32, mu64):
-                mu.copy_(torch.tensor([float(values.get(p, 1.0)) for p in bucket.params], dtype=torch.float64))
+            single[:] = in_float32
+            mu32[:] = mu64[:] = [float(values.get(p, 1.0)) for p in bucket.params]
         super()._install_state(stripped, loaded, known)  # makes the entries, of these views
 
 

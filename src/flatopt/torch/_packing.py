@@ -202,8 +202,9 @@ class Bucket:
         # (NumPy, which leaves it alone), so a change means a step count was written
         # through a state entry (``opt.state[p]["step"].fill_(0)``): see _runs.plan_runs.
         self.steps_version = self.steps._version
-        # Other per-parameter scalars of torch's state, one tensor each (NAdam's mu_product).
-        self.scalars: dict[str, torch.Tensor] = {}
+        # Other per-parameter scalars of torch's state, arrays of one value per parameter
+        # (NAdam's mu_product).
+        self.scalars: dict[str, npt.NDArray[Any]] = {}
         # dirty[i]: grad view i may hold values since the flat buffer was last zeroed.
         self.dirty = np.zeros(len(params), dtype=bool)
         self.data_ptrs: list[int] = []
