@@ -387,8 +387,8 @@ def check_zero(rank, world):
 def check_a_step_on_gradients_reduced_in_place_raises(rank, world):
     """gloo reduces the gradients in place (``p.grad`` then holds sums and scratch): a
     second step on them (no zero_grad, or a backward pass accumulating onto them) raises
-    on every rank and changes nothing; after zero_grad (the optimizer's or the model's),
-    training goes on as if it had not been tried."""
+    on every rank and changes nothing; zeroed by any means (the optimizer's or the model's
+    zero_grad, to None or in place), training goes on as if it had not been tried."""
     runs = []
     for tried in (True, False):
         model = make_model()
@@ -399,11 +399,18 @@ def check_a_step_on_gradients_reduced_in_place_raises(rank, world):
 
         def backward(s):
             ((model(x[s, rank * b:(rank + 1) * b], s, rank * b) - y[s, rank * b:(rank + 1) * b]) ** 2).mean().backward()
-        for s, zero in ((0, opt.zero_grad), (1, model.zero_grad), (2, opt.zero_grad)):
+
+        def in_place():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+        zeroings = [opt.zero_grad, lambda: model.zero_grad(set_to_none=False), in_place,
+                    model.zero_grad, opt.zero_grad]
+        for s, zero in enumerate(zeroings):
             zero()
             backward(s)
             opt.step()
-            if tried and s > 0:  # (after a failed step, only the optimizer's zero_grad re-arms it)
+            if tried and s >= 3:  # (after a failed step, only the optimizer's zero_grad re-arms it)
                 before = [p.detach().clone() for p in model.parameters()]
                 raises_on_every_rank(opt.step, RuntimeError, "reduced in place", "zero_grad")
                 backward(s)  # accumulating onto them
@@ -411,6 +418,7 @@ def check_a_step_on_gradients_reduced_in_place_raises(rank, world):
                 assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
         runs.append(model)
     assert_close(runs[0], runs[1], 0.0)
+    assert_close(runs[0], reference("SGD", dict(lr=0.05, momentum=0.9), steps=len(zeroings)))
 
 
 def check_grad_scale_is_checked_on_every_rank(rank, world):
@@ -722,6 +730,9 @@ def check_every_rank_agrees(rank, world):
     for a, b in zip(after, saved):
         assert all(torch.equal(a[k], b[k]) if isinstance(b[k], torch.Tensor) else a[k] == b[k] for k in b)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    opt.zero_grad()
+    backward(model)
+    opt.step(skip_if_nonfinite=np.True_ if rank == 0 else True, grad_scale=np.float64(1.0))  # equal values
 
 
 class EndOfData(Exception):

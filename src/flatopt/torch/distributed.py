@@ -152,7 +152,8 @@ from .._norms import ClipGradNormMixin, check_norm_type
 from .._optimizer import _IMMUTABLE as _IMMUTABLE_NUMBERS
 from .._validation import check_bool, check_fits, check_real
 from ._packing import ParamList, check_params, check_still_bound, guard_params
-from ._base import _OPTIMIZER_WIDE, _FlatOptimizer, hooked_step
+from ._base import _FlatOptimizer, hooked_step
+from ._checkpoint import OPTIMIZER_WIDE
 
 if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
     from torch.optim.optimizer import ParamsT
@@ -214,31 +215,59 @@ def _span(tensors: Sequence[torch.Tensor], n: int) -> torch.Tensor | None:
     return span
 
 
+class StaleWatch:
+    """Which gradients a step reduced in place are still those sums (``stale``, one flag
+    per parameter, shared by the buckets): after such a step, the bucket's flat gradient
+    buffer's version counter (every view shares it) is noted; at the first sight of it
+    afterwards (its first gradient hook, or the next step's checks, whichever comes
+    first) a changed version means other code rewrote the gradients (zeroed them in
+    place: ``model.zero_grad(set_to_none=False)``), and the bucket's flags are cleared;
+    an unchanged one, that a backward pass is about to accumulate onto the sums."""
+
+    __slots__ = ("members", "stale", "version")
+
+    def __init__(self, members: list[int], stale: npt.NDArray[np.bool_]) -> None:
+        self.members = np.asarray(members, dtype=np.intp)
+        self.stale = stale
+        self.version: int | None = None
+
+    def mark(self, version: int) -> None:
+        self.stale[self.members] = True
+        self.version = version
+
+    def see(self, version: int) -> None:
+        if self.version is not None:
+            if version != self.version:
+                self.stale[self.members] = False
+            self.version = None
+
+
 class AttachGrad:
     """Gradient hook: give a parameter whose ``grad`` is None its flat-buffer view back,
     zeroed, just before autograd accumulates into it. The sharded optimizer keeps
     gradients in the flat buffer (it reduces them in one collective); the single-process
     optimizers read them where autograd leaves them instead (see ``_packing``)."""
 
-    __slots__ = ("param", "view", "dirty", "stale", "sparse", "index")
+    __slots__ = ("param", "view", "dirty", "watch", "sparse", "index")
 
     param: "weakref.ref[torch.Tensor]"
     view: torch.Tensor
     dirty: npt.NDArray[np.bool_]
-    stale: npt.NDArray[np.bool_]
+    watch: StaleWatch
     sparse: npt.NDArray[np.bool_]
     index: int
 
     def __init__(self, param: torch.Tensor, view: torch.Tensor, dirty: npt.NDArray[np.bool_],
-                 stale: npt.NDArray[np.bool_], sparse: npt.NDArray[np.bool_], index: int) -> None:
+                 watch: StaleWatch, sparse: npt.NDArray[np.bool_], index: int) -> None:
         self.param = weakref.ref(param)
         self.view = view
         self.dirty = dirty
-        self.stale = stale
+        self.watch = watch
         self.sparse = sparse
         self.index = index
 
     def __call__(self, grad: torch.Tensor) -> None:
+        self.watch.see(self.view._version)
         if grad.layout != torch.strided:
             # Leave sparse gradients alone (a dense view would silently absorb them);
             # step() rejects them.
@@ -249,7 +278,7 @@ class AttachGrad:
             if self.dirty[self.index]:
                 self.view.zero_()
             self.dirty[self.index] = True
-            self.stale[self.index] = False
+            self.watch.stale[self.index] = False
             p.grad = self.view
 
 
@@ -421,6 +450,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     # collective's scratch), not this rank's gradient; cleared where it is given back
     # zeroed (zero_grad, AttachGrad) or refilled.
     _stale: npt.NDArray[np.bool_]
+    _watches: list[StaleWatch]   # per bucket
     _sparse: npt.NDArray[np.bool_]
     _data_ptrs: list[int]
     _hooks: list[Any]
@@ -464,7 +494,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 raise TypeError(f"params must be an iterable of Tensors or dicts, got {torch.typename(params)}")
             # A flatopt.torch class's n_threads and master_dtype are the local optimizer's,
             # not the groups' (they would spread into checkpoints and the classes loading them).
-            wide = _OPTIMIZER_WIDE if issubclass(optimizer_class, _FlatOptimizer) else ()
+            wide = OPTIMIZER_WIDE if issubclass(optimizer_class, _FlatOptimizer) else ()
             super().__init__(params, {k: v for k, v in defaults.items() if k not in wide})
             self._constructing = False
             self._setup(optimizer_class, defaults)
@@ -659,6 +689,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._param_views = cast(list[torch.Tensor], param_views)
         self._dirty = np.zeros(self._n, dtype=bool)
         self._stale = np.zeros(self._n, dtype=bool)
+        self._watches = [StaleWatch(b.indices, self._stale) for b in self._buckets]
+        watch_of = {k: w for b, w in zip(self._buckets, self._watches) for k in b.indices}
         self._sparse = np.zeros(self._n, dtype=bool)  # AttachGrad's flag; step() checks layouts
         for k, p in enumerate(self._params):
             grad = p.grad
@@ -672,7 +704,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                 if p.requires_grad:
                     # Tensor.register_hook is unannotated in torch (no typed alternative).
                     self._hooks.append(p.register_hook(  # type: ignore[no-untyped-call]
-                        AttachGrad(p, view, self._dirty, self._stale, self._sparse, k)))
+                        AttachGrad(p, view, self._dirty, watch_of[k], self._sparse, k)))
         self._data_ptrs = [p.data_ptr() for p in self._params]
 
     def __del__(self) -> None:
@@ -719,6 +751,9 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         check_params(self.param_groups, self._param_lists, "ShardedOptimizer")
         check_still_bound(params, self._data_ptrs, "ShardedOptimizer")
         grads = [p.grad for p in params]
+        for b, watch in zip(self._buckets, self._watches):
+            if b.flat_grad is not None:
+                watch.see(b.flat_grad._version)
         if self._stale.any():
             stale = [k for k, (g, v) in enumerate(zip(grads, self._grad_views)) if g is v and self._stale[k]]
             if stale:
@@ -1008,6 +1043,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             _own(b.flat_grad).zero_()
         self._dirty[:] = False
         self._stale[:] = False
+        for watch in self._watches:
+            watch.version = None
         for p, view in zip(self._params, self._grad_views):
             if set_to_none:
                 p.grad = None
@@ -1057,7 +1094,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     applied = grad_scale * self._pending_grad_scale / (self.world_size if self.average_gradients else 1)
                     for dtype in {_NUMPY_DTYPES[b.dtype] for b in self._buckets if b.dtype in _NUMPY_DTYPES}:
                         check_fits({f"grad_scale={grad_scale!r} (as applied)": applied}, dtype, "ShardedOptimizer.step")
-                check_bool(skip_if_nonfinite, "skip_if_nonfinite")
+                skip_if_nonfinite = check_bool(skip_if_nonfinite, "skip_if_nonfinite")  # (np.True_: True)
                 self._check_hyperparameters()
             except Exception as exc:  # noqa: BLE001 - every rank raises in _reduce
                 error, code = exc, _FAILED_CHECK
@@ -1083,10 +1120,9 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         self._pending_grad_scale = 1.0
         self.last_step_skipped = skip_if_nonfinite and self._stats(2.0)[1] > 0
         self._reduced = None
-        if self.average_gradients and self.collectives[0] != "reduce_scatter_tensor":
-            self._stale[:] = True   # (reduce_scatter_tensor leaves them as they were)
         if self.last_step_skipped:
             self.skipped_steps += 1
+            self._mark_stale()
             return loss
         local = self.local_optimizer
         self._sync_local_groups()
@@ -1128,7 +1164,15 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for b in self._buckets:
             self._refresh_params(b)
             b.locate()
+        self._mark_stale()
         return loss
+
+    def _mark_stale(self) -> None:
+        """After a step: the gradients a collective reduced in place hold its sums now
+        (reduce_scatter_tensor leaves them as they were; so does a world of one)."""
+        if self.average_gradients and self.collectives[0] != "reduce_scatter_tensor" and self.world_size > 1:
+            for b, watch in zip(self._buckets, self._watches):
+                watch.mark(_own(b.flat_grad)._version)
 
     def _sync_local_groups(self) -> None:
         """Copy the hyperparameters (LR schedulers edit ``param_groups``) into the local
