@@ -600,6 +600,33 @@ def _nadam_resumed(cls, how, **kw):
     return ps, opt
 
 
+def test_nadam_mu_product_takes_the_default_dtype_of_its_first_step():
+    """torch makes a parameter's mu_product at its first step, in the default scalar dtype
+    of then: set to float64 after the optimizer was built (or after a parameter's state
+    was removed), the product rounds in float64."""
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+        opt = cls(ps, lr=0.1, **kw)
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(torch.float64)
+            for k in range(40):
+                if k == 20:
+                    del opt.state[ps[1]]
+                for p in ps:
+                    p.grad = torch.full((3,), 1.0 + k, dtype=torch.float64)
+                opt.step()
+        finally:
+            torch.set_default_dtype(previous)
+        return ps, opt
+    (ours, opt), (theirs, ref) = run(ft.NAdam), run(torch.optim.NAdam, foreach=False)
+    for p, q in zip(ours, theirs):
+        assert opt.state[p]["mu_product"].dtype == ref.state[q]["mu_product"].dtype == torch.float64
+        assert float(opt.state[p]["mu_product"]) == float(ref.state[q]["mu_product"])
+        assert_close(p.detach(), q.detach())
+
+
 @pytest.mark.parametrize("how", ["added", "absent", "copied", "written"])
 def test_nadam_mu_product_rounds_in_torchs_dtype_for_each_parameter(how):
     """Each parameter's mu_product is a scalar of its own dtype in torch, which decides how

@@ -154,10 +154,10 @@ Differences from torch.optim
   its first step.
 * ``NAdam``: each parameter's ``mu_product`` is a scalar tensor of torch's dtype for it
   (the default scalar dtype where a first step made it, the parameter's dtype after
-  ``load_state_dict``, an assigned entry's own), and the product rounds in that dtype,
-  as in torch; but assigning a tensor to the key of a live entry
-  (``opt.state[p]["mu_product"] = t``) copies ``t`` into it, in the entry's dtype, where
-  torch replaces the tensor (assign the whole entry to change its dtype).
+  ``load_state_dict``, an assigned entry's own, float32 for a 16-bit one), and the
+  product rounds in that dtype, as in torch; but assigning a tensor to the key of a live
+  entry (``opt.state[p]["mu_product"] = t``) copies ``t`` into it, in the entry's dtype,
+  where torch replaces the tensor (assign the whole entry to change its dtype).
 
 Importing this module imports torch; ``import flatopt`` never does.
 """

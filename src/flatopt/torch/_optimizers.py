@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import _adam_variants, _adaptive, _momentum
 from .._optimizer import Optimizer as NumpyOptimizer
+from . import _checkpoint
 from ._base import _FlatOptimizer
 from ._packing import Bucket, _get_scalar_dtype
 
@@ -194,10 +195,11 @@ class NAdam(_FlatOptimizer):
     # flatopt.torch.NAdam keeps them in three arrays per bucket (``bucket.scalars``; NumPy's
     # scalar access is the fast one): whether each parameter's is float32, and its value in
     # a float32 and a float64 array, the one of its dtype (of which a 0-d tensor view is its
-    # state entry's "mu_product", so that copies of it have torch's dtype). The runs of a step are split where the values or dtypes
-    # differ (``_run_keys``), so one value serves each kernel call: it is handed to
-    # flatopt.NAdam (whose state holds one value per group) before the call, and the value
-    # the call leaves there is given to the run's parameters after it (``_file_mu``).
+    # state entry's "mu_product", so that copies of it have torch's dtype). The runs of a
+    # step are split where the values or dtypes differ (``_run_keys``), so one value serves
+    # each kernel call: it is handed to flatopt.NAdam (whose state holds one value per
+    # group) before the call, and the value the call leaves there is given to the run's
+    # parameters after it (``_file_mu``).
 
     _mu_pending: tuple[Bucket, int, tuple[int, int]] | None = None
 
@@ -217,6 +219,14 @@ class NAdam(_FlatOptimizer):
         # raised during a kernel call, and is dropped.
         self._mu_pending = None
         single, mu32, mu64 = self._mu(bucket)
+        fresh = bucket.counts == 0
+        if fresh.any():  # torch makes a first step's value in its default dtype of then
+            default = _get_scalar_dtype() == torch.float32
+            changed = np.flatnonzero(fresh & (single != default))
+            if changed.size:
+                single[changed] = default
+                (mu32 if default else mu64)[changed] = (mu64 if default else mu32)[changed]
+                _checkpoint.refresh_entries(self, bucket, changed.tolist())  # views of the other array
         if single.all():  # the usual case: all of torch's default dtype
             return mu32
         if not single.any():
