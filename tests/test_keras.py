@@ -434,6 +434,8 @@ def test_unsupported_keras_arguments_accept_only_keras_defaults(name):
     import inspect
     cls = getattr(fk, name)
     last = list(inspect.signature(cls).parameters.values())[-1]
+    import typing
+    assert typing.get_type_hints(cls.__init__)["unsupported"]  # (tools that read the hints)
     assert (last.name, last.kind) == ("unsupported", inspect.Parameter.VAR_KEYWORD)
     assert list(fk.KerasUnsupported.__annotations__) == [k for k, _, _ in UNSUPPORTED]
     with pytest.raises(TypeError, match=rf"{name}\(\) got an unexpected keyword argument 'clip_norm'"):

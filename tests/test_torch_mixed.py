@@ -473,3 +473,22 @@ def test_a_group_may_repeat_the_optimizers_master_dtype():
     assert len(opt.param_groups) == 2
     with pytest.raises(ValueError, match="master_dtype=torch.float32 differs"):
         ft.Adam([{"params": [torch.nn.Parameter(torch.ones(2))], "master_dtype": torch.float32}])
+
+
+def test_a_checkpoint_whose_groups_hold_master_dtype_loads_anywhere():
+    """torch's ZeroRedundancyOptimizer saves its defaults, master_dtype and n_threads among
+    them, in every group: they are the optimizer's own, not the checkpoint's, so any
+    flatopt.torch optimizer loads it (torch.optim does)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([w], lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group.update(master_dtype=torch.float32, n_threads=1)
+    for cls in (ft.Adam, torch.optim.Adam):
+        other = cls([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+        other.load_state_dict(copy.deepcopy(saved))
+        assert torch.equal(other.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+        if cls is ft.Adam:
+            assert "master_dtype" not in other.param_groups[0]

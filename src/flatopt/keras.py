@@ -58,8 +58,9 @@ with ``weight_decay=None``, or ``0.0`` for AdamW, which requires a number as Ker
 
 import inspect
 import numbers
+import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict, TypeGuard
+from typing import Any, TypedDict, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -69,7 +70,9 @@ from ._dispatch import kernels
 from ._optimizer import Grads, Optimizer, Params
 from ._validation import FloatArray, KernelGrad, Segment, check_bool, check_fits, check_real, describe
 
-if TYPE_CHECKING:  # typing.Unpack is Python 3.11's
+if sys.version_info >= (3, 11):  # at run time too: typing.get_type_hints reads the signatures
+    from typing import Unpack
+else:
     from typing_extensions import Unpack
 
 
@@ -348,7 +351,7 @@ class SGD(_KerasOptimizer):
                  nesterov: bool = False, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, momentum=momentum,
                                       nesterov=nesterov, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -389,7 +392,7 @@ class Adam(_KerasOptimizer):
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
                  master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, amsgrad=amsgrad,
                                       weight_decay=weight_decay),
@@ -424,7 +427,7 @@ class AdamW(Adam):
                  epsilon: float = 1e-7, amsgrad: bool = False, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
                  master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay,
                          n_threads=n_threads, dtype=dtype, adopt=adopt, master_dtype=master_dtype, **unsupported)
 
@@ -452,7 +455,7 @@ class RMSprop(_KerasOptimizer):
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
                  master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, momentum=momentum,
                                       epsilon=epsilon, centered=centered,
                                       weight_decay=weight_decay),
@@ -495,7 +498,7 @@ class Adadelta(_KerasOptimizer):
                  epsilon: float = 1e-7, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, rho=rho, epsilon=epsilon,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -537,7 +540,7 @@ class Adagrad(_KerasOptimizer):
                  weight_decay: float | None = None, *, n_threads: int | None = None,
                  dtype: npt.DTypeLike | None = None, adopt: bool = False,
                  master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate,
                                       initial_accumulator_value=initial_accumulator_value,
                                       epsilon=epsilon, weight_decay=weight_decay),
@@ -608,7 +611,7 @@ class Adamax(_KerasOptimizer):
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
                  *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -646,7 +649,7 @@ class Nadam(_KerasOptimizer):
                  beta_2: float = 0.999, epsilon: float = 1e-7, weight_decay: float | None = None,
                  *, n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       epsilon=epsilon, weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,
@@ -688,7 +691,7 @@ class Lion(_KerasOptimizer):
                  beta_2: float = 0.99, weight_decay: float | None = None, *,
                  n_threads: int | None = None, dtype: npt.DTypeLike | None = None,
                  adopt: bool = False, master_dtype: npt.DTypeLike | None = None,
-                 **unsupported: "Unpack[KerasUnsupported]") -> None:
+                 **unsupported: Unpack[KerasUnsupported]) -> None:
         super().__init__(params, dict(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                                       weight_decay=weight_decay),
                          n_threads=n_threads, dtype=dtype, adopt=adopt,

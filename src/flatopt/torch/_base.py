@@ -33,8 +33,6 @@ if TYPE_CHECKING:  # torch.optim's own alias (torch >= 2.2); quoted where used
 # torch.optim arguments that select an implementation, not the update. foreach and fused
 # are kept (they are part of torch's state dict) but ignored; the others must be False.
 _IMPLEMENTATION_FLAGS = {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
-#: Constructor arguments that are not per group (a group may only repeat the optimizer's).
-_OPTIMIZER_WIDE = ("n_threads", "master_dtype")
 
 #: A hook called before the kernel runs over a run of parameters (see ``_before_update``).
 BeforeUpdate = Callable[["_packing.Bucket", int, dict[str, Any], int, "_runs.Advance"], None]
@@ -146,7 +144,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
             raise TypeError(f"{cls.__name__}.__init__ lacks argument(s) {missing} of flatopt.{numpy_class.__name__}")
         cls._unsupported_defaults = {
             p.name: p.default for p in list(own.values())[2:]
-            if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name not in _OPTIMIZER_WIDE}
+            if p.name not in hyper and p.name not in _IMPLEMENTATION_FLAGS and p.name not in _checkpoint.OPTIMIZER_WIDE}
 
     def __init__(self, params: "ParamsT", defaults: dict[str, Any], *, n_threads: int | None = None,
                  master_dtype: torch.dtype | None = None) -> None:
@@ -285,7 +283,7 @@ class _FlatOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     def _constructor_defaults(self) -> dict[str, Any]:
         sig = inspect.signature(type(self).__init__).parameters
         return {k: p.default for k, p in sig.items()
-                if p.default is not inspect.Parameter.empty and k not in _OPTIMIZER_WIDE}
+                if p.default is not inspect.Parameter.empty and k not in _checkpoint.OPTIMIZER_WIDE}
 
     def _hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: _packing.as_python(group[k], k) for k in self._numpy_class._hyperparameters}

@@ -78,6 +78,11 @@ class ParamState(dict[str, Any]):
         return (dict, ({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.items()},))
 
 
+#: Constructor arguments that are not per group: a group may only repeat the
+#: optimizer's (torch's ZeroRedundancyOptimizer copies its defaults into each group), and
+#: a loaded checkpoint's groups leave them out.
+OPTIMIZER_WIDE = ("n_threads", "master_dtype")
+
 #: ``_FlatOptimizer._set_param_states``'s value for "remove this key".
 REMOVE = object()
 
@@ -221,7 +226,8 @@ def torch_defaults(opt: "_FlatOptimizer", saved_groups: list[dict[str, Any]]) ->
     """Copies of ``saved_groups`` (without params) with the keys a checkpoint from another
     torch version lacks filled in as torch's ``__setstate__`` does; for an optimizer
     without a torch twin, from the constructor's defaults."""
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in saved_groups]
+    groups = [{**{k: v for k, v in g.items() if k != "params" and k not in OPTIMIZER_WIDE}, "params": []}
+              for g in saved_groups]
     torch_class = opt._torch_class
     if torch_class is not None:
         shell = torch_class.__new__(torch_class)
