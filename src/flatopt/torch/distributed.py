@@ -235,10 +235,14 @@ class StaleWatch:
         self.stale[self.members] = True
         self.version = version
 
+    def clear(self) -> None:
+        self.stale[self.members] = False
+        self.version = None
+
     def see(self, version: int) -> None:
         if self.version is not None:
             if version != self.version:
-                self.stale[self.members] = False
+                self.clear()
             self.version = None
 
 
@@ -448,7 +452,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
     _dirty: npt.NDArray[np.bool_]
     # Per parameter: its p.grad view still holds what a step reduced in place (sums or a
     # collective's scratch), not this rank's gradient; cleared where it is given back
-    # zeroed (zero_grad, AttachGrad) or refilled.
+    # zeroed (zero_grad, AttachGrad), refilled, or rewritten in place (see StaleWatch).
     _stale: npt.NDArray[np.bool_]
     _watches: list[StaleWatch]   # per bucket
     _sparse: npt.NDArray[np.bool_]
@@ -762,8 +766,7 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
                     f"step() reduced in place ({self.collectives[0]}), not this rank's: call "
                     "optimizer.zero_grad() or model.zero_grad() before the next backward pass (to "
                     "accumulate gradients over several backward passes, call step() once, after the "
-                    "last; model.zero_grad(set_to_none=False) zeroes them unseen: use "
-                    "optimizer.zero_grad(set_to_none=False))")
+                    "last)")
         control = self._control
         if self.average_gradients and all(map(lambda g, v: g is v, grads, self._grad_views)):
             control[:self._n] = 1
@@ -1042,9 +1045,8 @@ class ShardedOptimizer(ClipGradNormMixin, torch.optim.Optimizer):
         for b in self._buckets:
             _own(b.flat_grad).zero_()
         self._dirty[:] = False
-        self._stale[:] = False
         for watch in self._watches:
-            watch.version = None
+            watch.clear()
         for p, view in zip(self._params, self._grad_views):
             if set_to_none:
                 p.grad = None
